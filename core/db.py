@@ -1,0 +1,67 @@
+"""Database access: an engine per process and a unit of work that commits once or not at all."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from core.errors import RetryableConflict
+
+T = TypeVar("T")
+
+# SQLSTATEs that mean "another transaction got in the way; run it again".
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Accept the contract's postgresql:// form and pin the psycopg 3 driver."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, **kw) -> Engine:
+    if "poolclass" not in kw:
+        kw.update(pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+    return create_engine(
+        sqlalchemy_url(url),
+        connect_args={"connect_timeout": 5, "application_name": "payguard"},
+        **kw,
+    )
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """One unit of work: committed when the block ends normally, rolled back otherwise."""
+    with engine.begin() as conn:
+        yield conn
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, RetryableConflict):
+        return True
+    if isinstance(exc, DBAPIError) and not isinstance(exc, OperationalError):
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        return sqlstate in _RETRYABLE_SQLSTATES
+    return False
+
+
+def run_in_transaction(engine: Engine, fn: Callable[[Connection], T], *, attempts: int = 8) -> T:
+    """Run fn in a fresh transaction, again if a concurrent one won a race (bounded)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as conn:
+                return fn(conn)
+        except Exception as exc:
+            if attempt == attempts or not _is_retryable(exc):
+                raise
+            time.sleep(random.uniform(0, 0.002 * attempt))
+    raise AssertionError("unreachable")

@@ -1,0 +1,114 @@
+"""Organizations: the customers whose wallets, subscriptions, campaigns and Twilio subaccounts
+Payguard keeps. Creating one creates its wallet in the same transaction."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError
+
+from core.errors import InvalidInput, NotFound, Refused
+
+ORG_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
+SUBACCOUNT_RE = re.compile(r"^AC[0-9a-fA-F]{32}$")
+E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
+MESSAGING_SERVICE_RE = re.compile(r"^MG[0-9a-fA-F]{32}$")
+
+
+@dataclass(frozen=True)
+class Organization:
+    org_id: str
+    currency: str
+    segment_price_cents: int | None
+    twilio_subaccount_sid: str | None
+    sender: str | None
+    twilio_desired_status: str
+    twilio_status: str
+    created_at: datetime
+
+    def as_dict(self) -> dict:
+        return {
+            "org_id": self.org_id,
+            "currency": self.currency,
+            "segment_price_cents": self.segment_price_cents,
+            "twilio_subaccount_sid": self.twilio_subaccount_sid,
+            "sender": self.sender,
+            "twilio_desired_status": self.twilio_desired_status,
+            "twilio_status": self.twilio_status,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+def validate_org_id(org_id: object) -> str:
+    if not isinstance(org_id, str) or not ORG_ID_RE.match(org_id):
+        raise InvalidInput(
+            "organization id must be 1-100 characters of letters, digits, '.', '_', ':' or '-'"
+        )
+    return org_id
+
+
+def create(
+    conn: Connection,
+    org_id: str,
+    *,
+    currency: str = "USD",
+    twilio_subaccount_sid: str | None = None,
+    sender: str | None = None,
+    segment_price_cents: int | None = None,
+) -> Organization:
+    validate_org_id(org_id)
+    if not isinstance(currency, str) or not re.fullmatch(r"[A-Za-z]{3}", currency):
+        raise InvalidInput(f"currency must be a three-letter ISO code, got {currency!r}")
+    currency = currency.upper()
+    if twilio_subaccount_sid is not None and not SUBACCOUNT_RE.match(twilio_subaccount_sid):
+        raise InvalidInput("Twilio subaccount SID must look like AC followed by 32 hex digits")
+    if sender is not None and not (E164_RE.match(sender) or MESSAGING_SERVICE_RE.match(sender)):
+        raise InvalidInput("sender must be an E.164 number (+15551234567) or a Messaging Service SID")
+    if segment_price_cents is not None and (
+        isinstance(segment_price_cents, bool)
+        or not isinstance(segment_price_cents, int)
+        or segment_price_cents < 0
+    ):
+        raise InvalidInput("segment price must be a whole number of cents, zero or more")
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                text(
+                    "INSERT INTO organizations (org_id, currency, segment_price_cents, "
+                    "twilio_subaccount_sid, sender) VALUES (:o, :c, :p, :s, :snd)"
+                ),
+                {"o": org_id, "c": currency, "p": segment_price_cents,
+                 "s": twilio_subaccount_sid, "snd": sender},
+            )
+            conn.execute(
+                text("INSERT INTO wallets (org_id, currency) VALUES (:o, :c)"),
+                {"o": org_id, "c": currency},
+            )
+    except IntegrityError as exc:
+        if "twilio_subaccount_sid" in str(exc.orig):
+            raise Refused("that Twilio subaccount belongs to another organization") from None
+        raise Refused(f"organization {org_id!r} already exists") from None
+    return get(conn, org_id)
+
+
+def get(conn: Connection, org_id: str) -> Organization:
+    row = conn.execute(
+        text(
+            "SELECT org_id, currency, segment_price_cents, twilio_subaccount_sid, sender, "
+            "twilio_desired_status, twilio_status, created_at FROM organizations "
+            "WHERE org_id = :o"
+        ),
+        {"o": org_id},
+    ).first()
+    if row is None:
+        raise NotFound(f"unknown organization {org_id!r}")
+    return Organization(**row._mapping)
+
+
+def exists(conn: Connection, org_id: str) -> bool:
+    return conn.execute(
+        text("SELECT 1 FROM organizations WHERE org_id = :o"), {"o": org_id}
+    ).first() is not None

@@ -1,0 +1,122 @@
+"""Provider-neutral events: what a PayPal or Stripe webhook means for Payguard.
+
+Adapters (core/paypal_events.py, core/stripe_events.py) turn one verified payload into a
+list of these; core/handlers.py applies them. Amounts are integers of minor units, currencies
+upper-case ISO 4217, times aware UTC datetimes (None when the provider gave nothing usable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class PaymentCaptured:
+    """Money arrived for prepaid credit: credit the wallet once per payment_id."""
+
+    provider: str
+    payment_id: str
+    org_id: str | None
+    amount_cents: int
+    currency: str
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PaymentRefunded:
+    """Money went back (refund, reversal, lost dispute): claw back once per refund_id.
+
+    org_id may be None; the handler then finds it from the original payment_id."""
+
+    provider: str
+    refund_id: str
+    payment_id: str | None
+    org_id: str | None
+    amount_cents: int
+    currency: str
+    kind: str = "refund"  # refund | reversal | dispute_lost
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ChargebackOpened:
+    """A payment was forcibly reversed by the payer's bank: freeze with reason `chargeback`."""
+
+    provider: str
+    payment_id: str
+    org_id: str | None
+    subscription_id: str | None = None
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DisputeOpened:
+    """Freeze reason `dispute:<dispute_id>` for the organization of the disputed payments."""
+
+    provider: str
+    dispute_id: str
+    payment_ids: tuple[str, ...]
+    org_id: str | None = None
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DisputeClosed:
+    """Lift `dispute:<dispute_id>`; when lost, claw back `amount_cents` once."""
+
+    provider: str
+    dispute_id: str
+    payment_ids: tuple[str, ...]
+    org_id: str | None = None
+    lost: bool = False
+    amount_cents: int | None = None
+    currency: str | None = None
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SubscriptionChanged:
+    """The provider's subscription status, lower-case as the provider spells it."""
+
+    provider: str
+    subscription_id: str
+    org_id: str | None
+    status: str
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SubscriptionPayment:
+    """A subscription charge succeeded or failed; recorded, no wallet credit."""
+
+    provider: str
+    subscription_id: str
+    org_id: str | None
+    outcome: str  # paid | failed
+    payment_id: str | None = None
+    amount_cents: int | None = None
+    currency: str | None = None
+    status: str | None = None  # subscription status carried by the event, if any
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Known and stored, but no money or status moves (e.g. a capture still pending)."""
+
+    provider: str
+    what: str
+    details: dict = field(default_factory=dict)
+
+
+NormalizedEvent = (
+    PaymentCaptured
+    | PaymentRefunded
+    | ChargebackOpened
+    | DisputeOpened
+    | DisputeClosed
+    | SubscriptionChanged
+    | SubscriptionPayment
+    | Recorded
+)

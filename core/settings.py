@@ -1,0 +1,109 @@
+"""Typed settings, read once from the environment when a process starts (never at import)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CERT_PREFIXES = (
+    "https://api.paypal.com/v1/notifications/certs/,"
+    "https://api.sandbox.paypal.com/v1/notifications/certs/"
+)
+
+
+class ConfigError(Exception):
+    """A required variable is missing or malformed; the message names it in one line."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=True)
+
+    DATABASE_URL: str | None = None
+    REDIS_URL: str | None = None
+
+    PAYPAL_WEBHOOK_ID: str | None = None
+    PAYPAL_VERIFY: Literal["offline", "postback"] = "offline"
+    PAYPAL_CERT_URL_PREFIXES: str = DEFAULT_CERT_PREFIXES
+    PAYPAL_CA_BUNDLE: str | None = None
+    PAYPAL_API_BASE: str = "https://api-m.paypal.com"
+    PAYPAL_CLIENT_ID: str | None = None
+    PAYPAL_CLIENT_SECRET: str | None = None
+
+    STRIPE_WEBHOOK_SECRET: str | None = None
+    STRIPE_PAST_DUE_GRACE_HOURS: int = 72
+
+    TWILIO_ACCOUNT_SID: str | None = None
+    TWILIO_AUTH_TOKEN: str | None = None
+    TWILIO_API_BASE: str = "https://api.twilio.com"
+    PUBLIC_BASE_URL: str | None = None
+
+    SMS_SEGMENT_PRICE_CENTS: int = 1
+    HOLD_MAX_AGE_SECONDS: int = 3600
+    SUBSCRIPTION_STALE_SECONDS: int = 86400
+    LOG_FORMAT: Literal["json", "text"] = "json"
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _postgres_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+            raise ValueError("must be a postgresql:// URL")
+        return v
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// URL")
+        return v
+
+    @field_validator("SMS_SEGMENT_PRICE_CENTS")
+    @classmethod
+    def _positive_price(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be zero or more")
+        return v
+
+    @property
+    def cert_url_prefixes(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.PAYPAL_CERT_URL_PREFIXES.split(",") if p.strip())
+
+    @property
+    def stripe_secrets(self) -> tuple[str, ...]:
+        raw = self.STRIPE_WEBHOOK_SECRET or ""
+        return tuple(s.strip() for s in raw.split(",") if s.strip())
+
+    @property
+    def twilio_configured(self) -> bool:
+        return bool(self.TWILIO_ACCOUNT_SID)
+
+
+def load_settings(*required: str) -> Settings:
+    """Read the environment; raise ConfigError naming the first bad or missing variable."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err.get("loc", ())) or "environment"
+        raise ConfigError(f"configuration error: {name}: {err.get('msg')}") from None
+    for name in required:
+        if not getattr(settings, name):
+            raise ConfigError(f"configuration error: {name} is required but not set")
+    if settings.twilio_configured:
+        for name in ("TWILIO_AUTH_TOKEN", "PUBLIC_BASE_URL"):
+            if not getattr(settings, name):
+                raise ConfigError(
+                    f"configuration error: {name} is required when TWILIO_ACCOUNT_SID is set"
+                )
+    return settings
+
+
+def load_settings_or_exit(*required: str) -> Settings:
+    """For process entrypoints: one clear line on stderr and exit status 2."""
+    try:
+        return load_settings(*required)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(2) from None

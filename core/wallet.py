@@ -1,0 +1,672 @@
+"""The prepaid wallet ledger: every rule of money for one organization's balance.
+
+Each operation takes an open `Connection` and does not commit: the caller's unit of work
+(core.db.run_in_transaction) commits it together with whatever else the change implies
+(campaigns paused, a subscription recorded). Every change to a balance is one guarded
+statement that also appends its journal row, so the balance always equals the journal's sum
+and no read-then-write race can push it below zero. Idempotency lives in the database: a
+journal reference (or hold reference) is UNIQUE per organization, and money moves only when
+the journal row was inserted.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, text
+
+from core.errors import Conflict, InvalidInput, NotFound, Refused, RetryableConflict
+
+log = logging.getLogger(__name__)
+
+MAX_REFERENCE = 200
+DEBT_FREEZE = "debt"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One journal row. `duplicate` is True when the reference had already been applied."""
+
+    id: int
+    org_id: str
+    kind: str
+    amount_cents: int
+    debt_delta_cents: int
+    requested_cents: int
+    reference: str
+    balance_after_cents: int
+    debt_after_cents: int
+    actor: str
+    reason: str | None
+    created_at: datetime
+    duplicate: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "amount_cents": self.amount_cents,
+            "debt_delta_cents": self.debt_delta_cents,
+            "requested_cents": self.requested_cents,
+            "reference": self.reference,
+            "balance_after_cents": self.balance_after_cents,
+            "debt_after_cents": self.debt_after_cents,
+            "created_at": self.created_at.isoformat(),
+            "actor": self.actor,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class Hold:
+    id: int
+    org_id: str
+    reference: str
+    amount_cents: int
+    status: str
+    captured_cents: int | None
+    created_at: datetime
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class WalletState:
+    org_id: str
+    currency: str
+    balance_cents: int
+    held_cents: int
+    debt_cents: int
+    freeze_reasons: tuple[str, ...]
+
+    @property
+    def available_cents(self) -> int:
+        return self.balance_cents - self.held_cents
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.freeze_reasons)
+
+    def as_dict(self) -> dict:
+        return {
+            "org_id": self.org_id,
+            "currency": self.currency,
+            "balance_cents": self.balance_cents,
+            "held_cents": self.held_cents,
+            "available_cents": self.available_cents,
+            "debt_cents": self.debt_cents,
+            "frozen": self.frozen,
+            "freeze_reasons": list(self.freeze_reasons),
+        }
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    org_id: str
+    field: str
+    stored: int
+    expected: int
+
+    def as_dict(self) -> dict:
+        return {
+            "org_id": self.org_id,
+            "field": self.field,
+            "stored": self.stored,
+            "expected": self.expected,
+        }
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _amount(amount_cents: object) -> int:
+    if isinstance(amount_cents, bool) or not isinstance(amount_cents, int):
+        raise InvalidInput(f"amount must be a whole number of cents, got {amount_cents!r}")
+    if amount_cents <= 0:
+        raise InvalidInput(f"amount must be positive, got {amount_cents}")
+    return amount_cents
+
+
+def _reference(reference: object) -> str:
+    if not isinstance(reference, str) or not reference.strip():
+        raise InvalidInput("reference must be a non-empty string")
+    if len(reference) > MAX_REFERENCE:
+        raise InvalidInput(f"reference is over {MAX_REFERENCE} characters")
+    return reference
+
+
+def _text(name: str, value: object, limit: int = 500) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{name} must be a non-empty string")
+    if len(value) > limit:
+        raise InvalidInput(f"{name} is over {limit} characters")
+    return value
+
+
+def _currency(currency: str | None) -> str | None:
+    if currency is None:
+        return None
+    if not isinstance(currency, str) or len(currency) != 3 or not currency.isalpha():
+        raise InvalidInput(f"bad currency {currency!r}")
+    return currency.upper()
+
+
+# ---------------------------------------------------------------- statements
+
+_ENTRY_COLUMNS = (
+    "id, org_id, kind, amount_cents, debt_delta_cents, requested_cents, reference, "
+    "balance_after_cents, debt_after_cents, actor, reason, created_at"
+)
+
+_CREDIT = text(f"""
+WITH prev AS (
+    SELECT 1 FROM journal WHERE org_id = :org AND reference = :ref
+), cur AS (
+    SELECT org_id, debt_cents FROM wallets
+    WHERE org_id = :org AND (CAST(:cur AS text) IS NULL OR currency = CAST(:cur AS text))
+      AND NOT EXISTS (SELECT 1 FROM prev)
+    FOR UPDATE
+), w AS (
+    UPDATE wallets SET
+        balance_cents = wallets.balance_cents + greatest(:amt - cur.debt_cents, 0),
+        debt_cents = greatest(cur.debt_cents - :amt, 0),
+        updated_at = now()
+    FROM cur WHERE wallets.org_id = cur.org_id
+    RETURNING wallets.balance_cents, wallets.debt_cents, least(cur.debt_cents, :amt) AS paid
+), j AS (
+    INSERT INTO journal (org_id, kind, amount_cents, debt_delta_cents, requested_cents,
+                         reference, balance_after_cents, debt_after_cents, actor, reason)
+    SELECT :org, :kind, :amt - w.paid, -w.paid, :amt, :ref, w.balance_cents, w.debt_cents,
+           :actor, :reason
+    FROM w
+    ON CONFLICT ON CONSTRAINT journal_reference_once DO NOTHING
+    RETURNING {_ENTRY_COLUMNS}
+)
+SELECT (SELECT count(*) FROM w) AS updated, j.* FROM (SELECT 1) AS one LEFT JOIN j ON true
+""")
+
+_DEBIT = text(f"""
+WITH prev AS (
+    SELECT 1 FROM journal WHERE org_id = :org AND reference = :ref
+), w AS (
+    UPDATE wallets SET balance_cents = balance_cents - :amt, updated_at = now()
+    WHERE org_id = :org
+      AND (CAST(:check_freeze AS boolean) IS FALSE OR active_freezes = 0)
+      AND balance_cents - held_cents >= :amt
+      AND NOT EXISTS (SELECT 1 FROM prev)
+    RETURNING balance_cents, debt_cents
+), j AS (
+    INSERT INTO journal (org_id, kind, amount_cents, requested_cents, reference,
+                         balance_after_cents, debt_after_cents, actor, reason)
+    SELECT :org, :kind, -:amt, :amt, :ref, w.balance_cents, w.debt_cents, :actor, :reason
+    FROM w
+    ON CONFLICT ON CONSTRAINT journal_reference_once DO NOTHING
+    RETURNING {_ENTRY_COLUMNS}
+)
+SELECT (SELECT count(*) FROM w) AS updated, j.* FROM (SELECT 1) AS one LEFT JOIN j ON true
+""")
+
+_CLAWBACK = text(f"""
+WITH prev AS (
+    SELECT 1 FROM journal WHERE org_id = :org AND reference = :ref
+), cur AS (
+    SELECT org_id, balance_cents - held_cents AS available FROM wallets
+    WHERE org_id = :org AND (CAST(:cur AS text) IS NULL OR currency = CAST(:cur AS text))
+      AND NOT EXISTS (SELECT 1 FROM prev)
+    FOR UPDATE
+), w AS (
+    UPDATE wallets SET
+        balance_cents = wallets.balance_cents - least(:amt, cur.available),
+        debt_cents = wallets.debt_cents + (:amt - least(:amt, cur.available)),
+        updated_at = now()
+    FROM cur WHERE wallets.org_id = cur.org_id
+    RETURNING wallets.balance_cents, wallets.debt_cents, least(:amt, cur.available) AS taken
+), j AS (
+    INSERT INTO journal (org_id, kind, amount_cents, debt_delta_cents, requested_cents,
+                         reference, balance_after_cents, debt_after_cents, actor, reason)
+    SELECT :org, :kind, -w.taken, :amt - w.taken, :amt, :ref, w.balance_cents, w.debt_cents,
+           :actor, :reason
+    FROM w
+    ON CONFLICT ON CONSTRAINT journal_reference_once DO NOTHING
+    RETURNING {_ENTRY_COLUMNS}
+)
+SELECT (SELECT count(*) FROM w) AS updated, j.* FROM (SELECT 1) AS one LEFT JOIN j ON true
+""")
+
+_ENTRY_BY_REF = text(
+    f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE org_id = :org AND reference = :ref"
+)
+
+_HOLD_COLUMNS = "id, org_id, reference, amount_cents, status, captured_cents, created_at"
+
+_HOLD = text(f"""
+WITH prev AS (
+    SELECT 1 FROM holds WHERE org_id = :org AND reference = :ref
+), w AS (
+    UPDATE wallets SET held_cents = held_cents + :amt, updated_at = now()
+    WHERE org_id = :org AND active_freezes = 0 AND balance_cents - held_cents >= :amt
+      AND NOT EXISTS (SELECT 1 FROM prev)
+    RETURNING org_id
+), h AS (
+    INSERT INTO holds (org_id, reference, amount_cents)
+    SELECT :org, :ref, :amt FROM w
+    ON CONFLICT ON CONSTRAINT hold_reference_once DO NOTHING
+    RETURNING {_HOLD_COLUMNS}
+)
+SELECT (SELECT count(*) FROM w) AS updated, h.* FROM (SELECT 1) AS one LEFT JOIN h ON true
+""")
+
+_HOLD_BY_REF = text(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE org_id = :org AND reference = :ref")
+
+_CAPTURE = text(f"""
+WITH h AS (
+    UPDATE holds SET status = 'captured', settled_at = now(),
+        captured_cents = coalesce(CAST(:cap AS bigint), amount_cents)
+    WHERE org_id = :org AND reference = :ref AND status = 'open'
+      AND amount_cents >= coalesce(CAST(:cap AS bigint), amount_cents)
+    RETURNING {_HOLD_COLUMNS}
+), w AS (
+    UPDATE wallets SET held_cents = held_cents - h.amount_cents,
+        balance_cents = balance_cents - h.captured_cents, updated_at = now()
+    FROM h WHERE wallets.org_id = h.org_id
+    RETURNING wallets.balance_cents, wallets.debt_cents
+), j AS (
+    INSERT INTO journal (org_id, kind, amount_cents, requested_cents, reference,
+                         balance_after_cents, debt_after_cents, actor, reason)
+    SELECT h.org_id, 'capture', -h.captured_cents, h.captured_cents, 'hold:' || h.reference,
+           w.balance_cents, w.debt_cents, 'system', :reason
+    FROM h, w WHERE h.captured_cents > 0
+    RETURNING id
+)
+SELECT h.*, (SELECT count(*) FROM j) AS journaled FROM h
+""")
+
+_RELEASE = text(f"""
+WITH h AS (
+    UPDATE holds SET status = 'released', settled_at = now(), captured_cents = 0
+    WHERE org_id = :org AND reference = :ref AND status = 'open'
+    RETURNING {_HOLD_COLUMNS}
+), w AS (
+    UPDATE wallets SET held_cents = held_cents - h.amount_cents, updated_at = now()
+    FROM h WHERE wallets.org_id = h.org_id
+    RETURNING wallets.org_id
+)
+SELECT h.* FROM h, w
+""")
+
+_FREEZE = text("""
+WITH f AS (
+    INSERT INTO wallet_freezes (org_id, reason, actor, note)
+    SELECT :org, :reason, :actor, :note WHERE EXISTS (SELECT 1 FROM wallets WHERE org_id = :org)
+    ON CONFLICT (org_id, reason) WHERE lifted_at IS NULL DO NOTHING
+    RETURNING id
+)
+UPDATE wallets SET active_freezes = active_freezes + 1, updated_at = now()
+FROM f WHERE wallets.org_id = :org
+RETURNING active_freezes
+""")
+
+_UNFREEZE = text("""
+WITH f AS (
+    UPDATE wallet_freezes SET lifted_at = now(), lifted_by = :actor, lift_note = :note
+    WHERE org_id = :org AND reason = :reason AND lifted_at IS NULL
+    RETURNING id
+)
+UPDATE wallets SET active_freezes = active_freezes - 1, updated_at = now()
+FROM f WHERE wallets.org_id = :org
+RETURNING active_freezes
+""")
+
+_WALLET = text("""
+SELECT w.org_id, w.currency, w.balance_cents, w.held_cents, w.debt_cents,
+       coalesce(array_agg(f.reason ORDER BY f.created_at, f.id)
+                FILTER (WHERE f.id IS NOT NULL), '{}') AS reasons
+FROM wallets w
+LEFT JOIN wallet_freezes f ON f.org_id = w.org_id AND f.lifted_at IS NULL
+WHERE w.org_id = :org
+GROUP BY w.org_id
+""")
+
+_VERIFY = text("""
+SELECT w.org_id, w.balance_cents, coalesce(j.total, 0) AS journal_balance,
+       w.debt_cents, coalesce(j.debt, 0) AS journal_debt,
+       w.held_cents, coalesce(h.total, 0) AS open_holds,
+       w.active_freezes, coalesce(f.n, 0) AS freezes
+FROM wallets w
+LEFT JOIN (SELECT org_id, sum(amount_cents) AS total, sum(debt_delta_cents) AS debt
+           FROM journal GROUP BY org_id) j ON j.org_id = w.org_id
+LEFT JOIN (SELECT org_id, sum(amount_cents) AS total FROM holds WHERE status = 'open'
+           GROUP BY org_id) h ON h.org_id = w.org_id
+LEFT JOIN (SELECT org_id, count(*) AS n FROM wallet_freezes WHERE lifted_at IS NULL
+           GROUP BY org_id) f ON f.org_id = w.org_id
+WHERE (CAST(:org AS text) IS NULL OR w.org_id = CAST(:org AS text))
+  AND (w.balance_cents <> coalesce(j.total, 0) OR w.debt_cents <> coalesce(j.debt, 0)
+       OR w.held_cents <> coalesce(h.total, 0) OR w.active_freezes <> coalesce(f.n, 0))
+ORDER BY w.org_id
+""")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _entry(row, duplicate: bool = False) -> Entry:
+    return Entry(
+        id=row.id,
+        org_id=row.org_id,
+        kind=row.kind,
+        amount_cents=row.amount_cents,
+        debt_delta_cents=row.debt_delta_cents,
+        requested_cents=row.requested_cents,
+        reference=row.reference,
+        balance_after_cents=row.balance_after_cents,
+        debt_after_cents=row.debt_after_cents,
+        actor=row.actor,
+        reason=row.reason,
+        created_at=row.created_at,
+        duplicate=duplicate,
+    )
+
+
+def _hold(row, duplicate: bool = False) -> Hold:
+    return Hold(
+        id=row.id,
+        org_id=row.org_id,
+        reference=row.reference,
+        amount_cents=row.amount_cents,
+        status=row.status,
+        captured_cents=row.captured_cents,
+        created_at=row.created_at,
+        duplicate=duplicate,
+    )
+
+
+def _wallet_row(conn: Connection, org_id: str):
+    row = conn.execute(
+        text("SELECT currency, balance_cents, held_cents, active_freezes FROM wallets "
+             "WHERE org_id = :org"),
+        {"org": org_id},
+    ).first()
+    if row is None:
+        raise NotFound(f"unknown organization {org_id!r}")
+    return row
+
+
+def _existing_entry(conn: Connection, org_id: str, ref: str, kinds: tuple[str, ...], amt: int):
+    """The first result of an already-applied reference, or a Conflict if it differs."""
+    row = conn.execute(_ENTRY_BY_REF, {"org": org_id, "ref": ref}).first()
+    if row is None:
+        return None
+    if row.kind not in kinds or row.requested_cents != amt:
+        log.warning(
+            "ledger reference conflict",
+            extra={"org_id": org_id, "reference": ref, "kind": row.kind,
+                   "amount_cents": row.requested_cents, "new_amount_cents": amt},
+        )
+        raise Conflict(
+            f"reference {ref!r} was already used for {row.kind} of {row.requested_cents} cents"
+        )
+    return _entry(row, duplicate=True)
+
+
+def _apply(conn: Connection, stmt, params: dict, kinds: tuple[str, ...]):
+    """Run a guarded money statement; return (row, None) or (None, why-nothing-moved)."""
+    row = conn.execute(stmt, params).one()
+    if row.id is not None:
+        return _entry(row), None
+    if row.updated:
+        # The wallet moved but the journal insert lost a race with the same reference:
+        # undo the whole unit of work and run it again, when the winner will be visible.
+        raise RetryableConflict(f"reference {params['ref']!r} applied concurrently")
+    existing = _existing_entry(conn, params["org"], params["ref"], kinds, params["amt"])
+    return existing, "duplicate" if existing else "refused"
+
+
+# ---------------------------------------------------------------- operations
+
+
+def credit(
+    conn: Connection,
+    org_id: str,
+    amount_cents: int,
+    reference: str,
+    *,
+    currency: str | None = None,
+    kind: str = "credit",
+    actor: str = "system",
+    reason: str | None = None,
+) -> Entry:
+    """Add money; debt is paid first. The same reference again returns the first result."""
+    params = {
+        "org": org_id, "amt": _amount(amount_cents), "ref": _reference(reference),
+        "cur": _currency(currency), "kind": kind, "actor": actor, "reason": reason,
+    }
+    entry, why = _apply(conn, _CREDIT, params, (kind,))
+    if entry is None:
+        wallet = _wallet_row(conn, org_id)
+        raise InvalidInput(
+            f"currency {params['cur']} is not the wallet's currency {wallet.currency}"
+        )
+    if why is None and entry.debt_delta_cents < 0 and entry.debt_after_cents == 0:
+        unfreeze(conn, org_id, DEBT_FREEZE, actor="system", note=f"debt repaid by {reference}")
+    return entry
+
+
+def debit(
+    conn: Connection,
+    org_id: str,
+    amount_cents: int,
+    reference: str,
+    *,
+    kind: str = "debit",
+    actor: str = "system",
+    reason: str | None = None,
+    check_freeze: bool = True,
+) -> Entry:
+    """Take money from what is available; refused when frozen or short. Idempotent."""
+    params = {
+        "org": org_id, "amt": _amount(amount_cents), "ref": _reference(reference),
+        "kind": kind, "actor": actor, "reason": reason, "check_freeze": check_freeze,
+    }
+    entry, _ = _apply(conn, _DEBIT, params, (kind,))
+    if entry is None:
+        wallet = _wallet_row(conn, org_id)
+        if check_freeze and wallet.active_freezes:
+            raise Refused(f"wallet of {org_id!r} is frozen")
+        raise Refused(
+            f"insufficient funds: {wallet.balance_cents - wallet.held_cents} cents available, "
+            f"{amount_cents} needed"
+        )
+    return entry
+
+
+def clawback(
+    conn: Connection,
+    org_id: str,
+    amount_cents: int,
+    reference: str,
+    *,
+    currency: str | None = None,
+    kind: str = "clawback",
+    actor: str = "system",
+    reason: str | None = None,
+) -> Entry:
+    """Take back a refunded or charged-back payment: what is available now, the rest as debt.
+
+    Any debt freezes the wallet with reason `debt` until credits have paid it."""
+    params = {
+        "org": org_id, "amt": _amount(amount_cents), "ref": _reference(reference),
+        "cur": _currency(currency), "kind": kind, "actor": actor, "reason": reason,
+    }
+    entry, why = _apply(conn, _CLAWBACK, params, (kind,))
+    if entry is None:
+        wallet = _wallet_row(conn, org_id)
+        raise InvalidInput(
+            f"currency {params['cur']} is not the wallet's currency {wallet.currency}"
+        )
+    if why is None and entry.debt_delta_cents > 0:
+        freeze(conn, org_id, DEBT_FREEZE, actor="system", note=f"debt from {reference}")
+    return entry
+
+
+def adjust(
+    conn: Connection,
+    org_id: str,
+    amount_cents: int,
+    *,
+    reason: str,
+    actor: str,
+    reference: str | None = None,
+) -> Entry:
+    """An operator's signed correction, journaled with who and why; never below zero.
+
+    A positive adjustment is a credit (it pays debt first); a negative one is a debit that
+    works on a frozen wallet too, but only from what is available."""
+    if isinstance(amount_cents, bool) or not isinstance(amount_cents, int) or amount_cents == 0:
+        raise InvalidInput("adjustment must be a non-zero whole number of cents")
+    _text("reason", reason)
+    _text("actor", actor, 200)
+    ref = _reference(reference) if reference is not None else f"adjust:{uuid.uuid4()}"
+    if amount_cents > 0:
+        return credit(conn, org_id, amount_cents, ref, kind="adjustment", actor=actor,
+                      reason=reason)
+    try:
+        return debit(conn, org_id, -amount_cents, ref, kind="adjustment", actor=actor,
+                     reason=reason, check_freeze=False)
+    except Refused as exc:
+        raise Refused(f"adjustment would take the balance below zero ({exc})") from None
+
+
+def hold(conn: Connection, org_id: str, amount_cents: int, reference: str) -> Hold:
+    """Set money aside for a send; refused when frozen or short. Idempotent by reference."""
+    params = {"org": org_id, "amt": _amount(amount_cents), "ref": _reference(reference)}
+    row = conn.execute(_HOLD, params).one()
+    if row.id is not None:
+        return _hold(row)
+    if row.updated:
+        raise RetryableConflict(f"hold {reference!r} placed concurrently")
+    existing = conn.execute(_HOLD_BY_REF, params).first()
+    if existing is not None:
+        if existing.amount_cents != amount_cents:
+            raise Conflict(f"hold {reference!r} exists for {existing.amount_cents} cents")
+        return _hold(existing, duplicate=True)
+    wallet = _wallet_row(conn, org_id)
+    if wallet.active_freezes:
+        raise Refused(f"wallet of {org_id!r} is frozen")
+    raise Refused(
+        f"insufficient funds: {wallet.balance_cents - wallet.held_cents} cents available, "
+        f"{amount_cents} needed"
+    )
+
+
+def capture(
+    conn: Connection, org_id: str, reference: str, amount_cents: int | None = None,
+    *, reason: str | None = None,
+) -> Hold:
+    """Charge a held amount (all of it by default, at most all); the rest is released.
+
+    Captured or released exactly once: a second capture returns the first result."""
+    if amount_cents is not None and (
+        isinstance(amount_cents, bool) or not isinstance(amount_cents, int) or amount_cents < 0
+    ):
+        raise InvalidInput("capture amount must be a whole number of cents, zero or more")
+    params = {"org": org_id, "ref": _reference(reference), "cap": amount_cents,
+              "reason": reason}
+    row = conn.execute(_CAPTURE, params).first()
+    if row is not None:
+        return _hold(row)
+    existing = conn.execute(_HOLD_BY_REF, params).first()
+    if existing is None:
+        raise NotFound(f"no hold {reference!r} for {org_id!r}")
+    if existing.status == "captured":
+        return _hold(existing, duplicate=True)
+    if existing.status == "released":
+        raise Conflict(f"hold {reference!r} was already released")
+    raise InvalidInput(
+        f"cannot capture {amount_cents} cents from a hold of {existing.amount_cents}"
+    )
+
+
+def release(conn: Connection, org_id: str, reference: str) -> Hold:
+    """Give a hold back to the available balance, once."""
+    params = {"org": org_id, "ref": _reference(reference)}
+    row = conn.execute(_RELEASE, params).first()
+    if row is not None:
+        return _hold(row)
+    existing = conn.execute(_HOLD_BY_REF, params).first()
+    if existing is None:
+        raise NotFound(f"no hold {reference!r} for {org_id!r}")
+    if existing.status == "released":
+        return _hold(existing, duplicate=True)
+    raise Conflict(f"hold {reference!r} was already captured")
+
+
+def freeze(conn: Connection, org_id: str, reason: str, *, actor: str,
+           note: str | None = None) -> bool:
+    """Add one freeze reason; True if it was not already active."""
+    _text("reason", reason, 200)
+    _text("actor", actor, 200)
+    row = conn.execute(
+        _FREEZE, {"org": org_id, "reason": reason, "actor": actor, "note": note}
+    ).first()
+    if row is None:
+        _wallet_row(conn, org_id)
+        return False
+    return True
+
+
+def unfreeze(conn: Connection, org_id: str, reason: str, *, actor: str,
+             note: str | None = None) -> bool:
+    """Lift one freeze reason; True if it was active. Other reasons stay."""
+    _text("reason", reason, 200)
+    _text("actor", actor, 200)
+    row = conn.execute(
+        _UNFREEZE, {"org": org_id, "reason": reason, "actor": actor, "note": note}
+    ).first()
+    if row is None:
+        _wallet_row(conn, org_id)
+        return False
+    return True
+
+
+def show(conn: Connection, org_id: str) -> WalletState:
+    row = conn.execute(_WALLET, {"org": org_id}).first()
+    if row is None:
+        raise NotFound(f"unknown organization {org_id!r}")
+    return WalletState(
+        org_id=row.org_id,
+        currency=row.currency,
+        balance_cents=row.balance_cents,
+        held_cents=row.held_cents,
+        debt_cents=row.debt_cents,
+        freeze_reasons=tuple(row.reasons),
+    )
+
+
+def history(conn: Connection, org_id: str, limit: int = 50) -> list[Entry]:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+        raise InvalidInput("limit must be between 1 and 10000")
+    _wallet_row(conn, org_id)
+    rows = conn.execute(
+        text(f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE org_id = :org "
+             "ORDER BY id DESC LIMIT :limit"),
+        {"org": org_id, "limit": limit},
+    )
+    return [_entry(r) for r in rows]
+
+
+def verify(conn: Connection, org_id: str | None = None) -> list[Mismatch]:
+    """Every stored figure against what the journal, holds and freezes say it must be."""
+    if org_id is not None:
+        _wallet_row(conn, org_id)
+    mismatches = []
+    for r in conn.execute(_VERIFY, {"org": org_id}):
+        pairs = (
+            ("balance_cents", r.balance_cents, r.journal_balance),
+            ("debt_cents", r.debt_cents, r.journal_debt),
+            ("held_cents", r.held_cents, r.open_holds),
+            ("active_freezes", r.active_freezes, r.freezes),
+        )
+        mismatches += [Mismatch(r.org_id, f, int(s), int(e)) for f, s, e in pairs if s != e]
+    return mismatches
