@@ -35,3 +35,8 @@ class ParkEvent(PayguardError):
 
 class TransientError(PayguardError):
     """Something outside Payguard failed for now; the same call may succeed later."""
+
+
+class NotYetApplicable(ParkEvent):
+    """The event depends on something not seen yet (a refund before its capture):
+    retry for a while, then park."""

@@ -66,7 +66,9 @@ def create(
     if twilio_subaccount_sid is not None and not SUBACCOUNT_RE.match(twilio_subaccount_sid):
         raise InvalidInput("Twilio subaccount SID must look like AC followed by 32 hex digits")
     if sender is not None and not (E164_RE.match(sender) or MESSAGING_SERVICE_RE.match(sender)):
-        raise InvalidInput("sender must be an E.164 number (+15551234567) or a Messaging Service SID")
+        raise InvalidInput(
+            "sender must be an E.164 number (+15551234567) or a Messaging Service SID"
+        )
     if segment_price_cents is not None and (
         isinstance(segment_price_cents, bool)
         or not isinstance(segment_price_cents, int)
@@ -80,8 +82,13 @@ def create(
                     "INSERT INTO organizations (org_id, currency, segment_price_cents, "
                     "twilio_subaccount_sid, sender) VALUES (:o, :c, :p, :s, :snd)"
                 ),
-                {"o": org_id, "c": currency, "p": segment_price_cents,
-                 "s": twilio_subaccount_sid, "snd": sender},
+                {
+                    "o": org_id,
+                    "c": currency,
+                    "p": segment_price_cents,
+                    "s": twilio_subaccount_sid,
+                    "snd": sender,
+                },
             )
             conn.execute(
                 text("INSERT INTO wallets (org_id, currency) VALUES (:o, :c)"),
@@ -109,6 +116,7 @@ def get(conn: Connection, org_id: str) -> Organization:
 
 
 def exists(conn: Connection, org_id: str) -> bool:
-    return conn.execute(
-        text("SELECT 1 FROM organizations WHERE org_id = :o"), {"o": org_id}
-    ).first() is not None
+    return (
+        conn.execute(text("SELECT 1 FROM organizations WHERE org_id = :o"), {"o": org_id}).first()
+        is not None
+    )

@@ -45,10 +45,22 @@ class Settings(BaseSettings):
     SUBSCRIPTION_STALE_SECONDS: int = 86400
     LOG_FORMAT: Literal["json", "text"] = "json"
 
+    # Delivery and retry tuning (tests shorten these; production keeps the defaults).
+    TASK_MAX_RETRIES: int = 8
+    TASK_RETRY_BASE_SECONDS: float = 2.0
+    TASK_RETRY_MAX_SECONDS: float = 300.0
+    BROKER_VISIBILITY_TIMEOUT: int = 3600
+    EVENT_REDELIVER_SECONDS: float = 600.0
+    OUTBOX_GRACE_SECONDS: float = 2.0
+    RELAY_INTERVAL_SECONDS: float = 2.0
+    BROKER_PUBLISH_TIMEOUT: float = 0.5
+
     @field_validator("DATABASE_URL")
     @classmethod
     def _postgres_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        if v is not None and not v.startswith(
+            ("postgresql://", "postgres://", "postgresql+psycopg://")
+        ):
             raise ValueError("must be a postgresql:// URL")
         return v
 
@@ -64,6 +76,14 @@ class Settings(BaseSettings):
     def _positive_price(cls, v: int) -> int:
         if v < 0:
             raise ValueError("must be zero or more")
+        return v
+
+    @field_validator("BROKER_VISIBILITY_TIMEOUT")
+    @classmethod
+    def _visibility_covers_retries(cls, v: int, info) -> int:
+        longest = info.data.get("TASK_RETRY_MAX_SECONDS", 300.0)
+        if v <= longest:
+            raise ValueError("must be longer than TASK_RETRY_MAX_SECONDS (the longest countdown)")
         return v
 
     @property

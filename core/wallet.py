@@ -384,8 +384,10 @@ def _hold(row, duplicate: bool = False) -> Hold:
 
 def _wallet_row(conn: Connection, org_id: str):
     row = conn.execute(
-        text("SELECT currency, balance_cents, held_cents, active_freezes FROM wallets "
-             "WHERE org_id = :org"),
+        text(
+            "SELECT currency, balance_cents, held_cents, active_freezes FROM wallets "
+            "WHERE org_id = :org"
+        ),
         {"org": org_id},
     ).first()
     if row is None:
@@ -401,8 +403,13 @@ def _existing_entry(conn: Connection, org_id: str, ref: str, kinds: tuple[str, .
     if row.kind not in kinds or row.requested_cents != amt:
         log.warning(
             "ledger reference conflict",
-            extra={"org_id": org_id, "reference": ref, "kind": row.kind,
-                   "amount_cents": row.requested_cents, "new_amount_cents": amt},
+            extra={
+                "org_id": org_id,
+                "reference": ref,
+                "kind": row.kind,
+                "amount_cents": row.requested_cents,
+                "new_amount_cents": amt,
+            },
         )
         raise Conflict(
             f"reference {ref!r} was already used for {row.kind} of {row.requested_cents} cents"
@@ -439,8 +446,13 @@ def credit(
 ) -> Entry:
     """Add money; debt is paid first. The same reference again returns the first result."""
     params = {
-        "org": org_id, "amt": _amount(amount_cents), "ref": _reference(reference),
-        "cur": _currency(currency), "kind": kind, "actor": actor, "reason": reason,
+        "org": org_id,
+        "amt": _amount(amount_cents),
+        "ref": _reference(reference),
+        "cur": _currency(currency),
+        "kind": kind,
+        "actor": actor,
+        "reason": reason,
     }
     entry, why = _apply(conn, _CREDIT, params, (kind,))
     if entry is None:
@@ -466,8 +478,13 @@ def debit(
 ) -> Entry:
     """Take money from what is available; refused when frozen or short. Idempotent."""
     params = {
-        "org": org_id, "amt": _amount(amount_cents), "ref": _reference(reference),
-        "kind": kind, "actor": actor, "reason": reason, "check_freeze": check_freeze,
+        "org": org_id,
+        "amt": _amount(amount_cents),
+        "ref": _reference(reference),
+        "kind": kind,
+        "actor": actor,
+        "reason": reason,
+        "check_freeze": check_freeze,
     }
     entry, _ = _apply(conn, _DEBIT, params, (kind,))
     if entry is None:
@@ -496,8 +513,13 @@ def clawback(
 
     Any debt freezes the wallet with reason `debt` until credits have paid it."""
     params = {
-        "org": org_id, "amt": _amount(amount_cents), "ref": _reference(reference),
-        "cur": _currency(currency), "kind": kind, "actor": actor, "reason": reason,
+        "org": org_id,
+        "amt": _amount(amount_cents),
+        "ref": _reference(reference),
+        "cur": _currency(currency),
+        "kind": kind,
+        "actor": actor,
+        "reason": reason,
     }
     entry, why = _apply(conn, _CLAWBACK, params, (kind,))
     if entry is None:
@@ -529,11 +551,20 @@ def adjust(
     _text("actor", actor, 200)
     ref = _reference(reference) if reference is not None else f"adjust:{uuid.uuid4()}"
     if amount_cents > 0:
-        return credit(conn, org_id, amount_cents, ref, kind="adjustment", actor=actor,
-                      reason=reason)
+        return credit(
+            conn, org_id, amount_cents, ref, kind="adjustment", actor=actor, reason=reason
+        )
     try:
-        return debit(conn, org_id, -amount_cents, ref, kind="adjustment", actor=actor,
-                     reason=reason, check_freeze=False)
+        return debit(
+            conn,
+            org_id,
+            -amount_cents,
+            ref,
+            kind="adjustment",
+            actor=actor,
+            reason=reason,
+            check_freeze=False,
+        )
     except Refused as exc:
         raise Refused(f"adjustment would take the balance below zero ({exc})") from None
 
@@ -561,8 +592,12 @@ def hold(conn: Connection, org_id: str, amount_cents: int, reference: str) -> Ho
 
 
 def capture(
-    conn: Connection, org_id: str, reference: str, amount_cents: int | None = None,
-    *, reason: str | None = None,
+    conn: Connection,
+    org_id: str,
+    reference: str,
+    amount_cents: int | None = None,
+    *,
+    reason: str | None = None,
 ) -> Hold:
     """Charge a held amount (all of it by default, at most all); the rest is released.
 
@@ -571,8 +606,7 @@ def capture(
         isinstance(amount_cents, bool) or not isinstance(amount_cents, int) or amount_cents < 0
     ):
         raise InvalidInput("capture amount must be a whole number of cents, zero or more")
-    params = {"org": org_id, "ref": _reference(reference), "cap": amount_cents,
-              "reason": reason}
+    params = {"org": org_id, "ref": _reference(reference), "cap": amount_cents, "reason": reason}
     row = conn.execute(_CAPTURE, params).first()
     if row is not None:
         return _hold(row)
@@ -602,8 +636,9 @@ def release(conn: Connection, org_id: str, reference: str) -> Hold:
     raise Conflict(f"hold {reference!r} was already captured")
 
 
-def freeze(conn: Connection, org_id: str, reason: str, *, actor: str,
-           note: str | None = None) -> bool:
+def freeze(
+    conn: Connection, org_id: str, reason: str, *, actor: str, note: str | None = None
+) -> bool:
     """Add one freeze reason; True if it was not already active."""
     _text("reason", reason, 200)
     _text("actor", actor, 200)
@@ -616,8 +651,9 @@ def freeze(conn: Connection, org_id: str, reason: str, *, actor: str,
     return True
 
 
-def unfreeze(conn: Connection, org_id: str, reason: str, *, actor: str,
-             note: str | None = None) -> bool:
+def unfreeze(
+    conn: Connection, org_id: str, reason: str, *, actor: str, note: str | None = None
+) -> bool:
     """Lift one freeze reason; True if it was active. Other reasons stay."""
     _text("reason", reason, 200)
     _text("actor", actor, 200)
@@ -649,8 +685,10 @@ def history(conn: Connection, org_id: str, limit: int = 50) -> list[Entry]:
         raise InvalidInput("limit must be between 1 and 10000")
     _wallet_row(conn, org_id)
     rows = conn.execute(
-        text(f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE org_id = :org "
-             "ORDER BY id DESC LIMIT :limit"),
+        text(
+            f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE org_id = :org "
+            "ORDER BY id DESC LIMIT :limit"
+        ),
         {"org": org_id, "limit": limit},
     )
     return [_entry(r) for r in rows]

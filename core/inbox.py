@@ -1,0 +1,273 @@
+"""The durable webhook inbox and the outbox that feeds Celery.
+
+A verified webhook is stored together with an outbox row in one transaction; only then does
+the receiver answer 200. Publishing to the broker happens after commit and may fail: the
+beat relay republishes whatever was not published (or was published long ago and is still
+unprocessed), so a broker outage or a dead worker never loses an acknowledged event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, text
+
+from core.errors import InvalidInput, NotFound, Refused
+
+STATUSES = ("received", "processed", "ignored", "parked", "failed")
+REPLAYABLE = ("parked", "failed")
+PROCESS_EVENT_TASK = "payguard.process_event"
+
+# Headers worth keeping with the raw body (for audit and postback re-verification).
+_KEPT_HEADERS = {
+    "content-type",
+    "user-agent",
+    "paypal-transmission-id",
+    "paypal-transmission-time",
+    "paypal-transmission-sig",
+    "paypal-cert-url",
+    "paypal-auth-algo",
+    "paypal-auth-version",
+    "stripe-signature",
+}
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    id: int
+    provider: str
+    event_id: str
+    event_type: str
+    status: str
+    attempts: int
+    last_error: str | None
+    org_id: str | None
+    received_at: datetime
+    processed_at: datetime | None
+    duplicate: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "status": self.status,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "org_id": self.org_id,
+            "received_at": self.received_at.isoformat(),
+            "processed_at": self.processed_at.isoformat() if self.processed_at else None,
+        }
+
+
+_COLUMNS = (
+    "id, provider, event_id, event_type, status, attempts, last_error, org_id, "
+    "received_at, processed_at"
+)
+
+_STORE = text(f"""
+WITH e AS (
+    INSERT INTO webhook_events (provider, event_id, event_type, headers, body)
+    VALUES (:provider, :event_id, :event_type, CAST(:headers AS jsonb), :body)
+    ON CONFLICT ON CONSTRAINT webhook_event_once DO NOTHING
+    RETURNING {_COLUMNS}
+), o AS (
+    INSERT INTO outbox (task, args)
+    SELECT '{PROCESS_EVENT_TASK}', jsonb_build_array(e.id) FROM e
+    RETURNING id
+)
+SELECT e.*, (SELECT id FROM o) AS outbox_id FROM e
+""")
+
+
+def _row(row, duplicate: bool = False) -> StoredEvent:
+    m = row._mapping
+    return StoredEvent(**{k: m[k] for k in _COLUMNS.split(", ")}, duplicate=duplicate)
+
+
+def store(
+    conn: Connection,
+    provider: str,
+    event_id: str,
+    event_type: str,
+    headers: Mapping[str, str],
+    body: bytes,
+) -> tuple[StoredEvent, int | None]:
+    """Store a verified event and its outbox row; (event, outbox id) or (first event, None)."""
+    if not event_id or len(event_id) > 255:
+        raise InvalidInput("event id must be 1-255 characters")
+    if not event_type or len(event_type) > 255:
+        raise InvalidInput("event type must be 1-255 characters")
+    kept = {k.lower(): v for k, v in headers.items() if k.lower() in _KEPT_HEADERS}
+    row = conn.execute(
+        _STORE,
+        {
+            "provider": provider,
+            "event_id": event_id,
+            "event_type": event_type,
+            "headers": json.dumps(kept),
+            "body": body,
+        },
+    ).first()
+    if row is not None:
+        return _row(row), row.outbox_id
+    existing = conn.execute(
+        text(f"SELECT {_COLUMNS} FROM webhook_events WHERE provider = :p AND event_id = :e"),
+        {"p": provider, "e": event_id},
+    ).one()
+    return _row(existing, duplicate=True), None
+
+
+def get(conn: Connection, inbox_id: int) -> StoredEvent:
+    row = conn.execute(
+        text(f"SELECT {_COLUMNS} FROM webhook_events WHERE id = :id"), {"id": inbox_id}
+    ).first()
+    if row is None:
+        raise NotFound(f"no event with id {inbox_id}")
+    return _row(row)
+
+
+def lock_for_processing(conn: Connection, inbox_id: int):
+    """The event row, locked, with its body and headers; None if it is not `received`."""
+    return conn.execute(
+        text(
+            "SELECT id, provider, event_id, event_type, status, headers, body, received_at "
+            "FROM webhook_events WHERE id = :id AND status = 'received' FOR UPDATE"
+        ),
+        {"id": inbox_id},
+    ).first()
+
+
+def finish(
+    conn: Connection,
+    inbox_id: int,
+    status: str,
+    *,
+    error: str | None = None,
+    org_id: str | None = None,
+) -> None:
+    """Move an event out of `received` (processed, ignored, parked or failed)."""
+    assert status in STATUSES and status != "received"
+    conn.execute(
+        text(
+            "UPDATE webhook_events SET status = :s, last_error = :err, "
+            "org_id = coalesce(:org, org_id), attempts = attempts + 1, "
+            "processed_at = CASE WHEN :s IN ('processed', 'ignored') THEN now() "
+            "ELSE processed_at END "
+            "WHERE id = :id AND status = 'received'"
+        ),
+        {"s": status, "err": error, "org": org_id, "id": inbox_id},
+    )
+
+
+def record_attempt(conn: Connection, inbox_id: int, error: str) -> None:
+    conn.execute(
+        text("UPDATE webhook_events SET attempts = attempts + 1, last_error = :err WHERE id = :id"),
+        {"err": error[:2000], "id": inbox_id},
+    )
+
+
+def list_events(
+    conn: Connection, *, status: str | None = None, provider: str | None = None, limit: int = 100
+) -> list[StoredEvent]:
+    if status is not None and status not in STATUSES:
+        raise InvalidInput(f"status must be one of {', '.join(STATUSES)}")
+    rows = conn.execute(
+        text(
+            f"SELECT {_COLUMNS} FROM webhook_events "
+            "WHERE (CAST(:s AS text) IS NULL OR status = CAST(:s AS text)) "
+            "AND (CAST(:p AS text) IS NULL OR provider = CAST(:p AS text)) "
+            "ORDER BY id DESC LIMIT :limit"
+        ),
+        {"s": status, "p": provider, "limit": limit},
+    )
+    return [_row(r) for r in rows]
+
+
+def replay(conn: Connection, inbox_id: int, *, actor: str) -> tuple[StoredEvent, int]:
+    """Put a parked or failed event back to `received` and queue it again."""
+    row = conn.execute(
+        text(
+            f"UPDATE webhook_events SET status = 'received', last_error = NULL "
+            f"WHERE id = :id AND status IN ('parked', 'failed') RETURNING {_COLUMNS}"
+        ),
+        {"id": inbox_id},
+    ).first()
+    if row is None:
+        current = get(conn, inbox_id)
+        raise Refused(
+            f"event {inbox_id} is {current.status}; only parked or failed events can be replayed"
+        )
+    outbox_id = enqueue(conn, PROCESS_EVENT_TASK, [inbox_id])
+    conn.execute(
+        text(
+            "INSERT INTO audit_log (actor, action, org_id, details) "
+            "VALUES (:a, 'events.replay', :org, CAST(:d AS jsonb))"
+        ),
+        {"a": actor, "org": row.org_id, "d": json.dumps({"inbox_id": inbox_id})},
+    )
+    return _row(row), outbox_id
+
+
+# ---------------------------------------------------------------- outbox
+
+
+def enqueue(conn: Connection, task: str, args: list) -> int:
+    """Queue a task to be published after this transaction commits (by the caller or relay)."""
+    return conn.execute(
+        text("INSERT INTO outbox (task, args) VALUES (:t, CAST(:a AS jsonb)) RETURNING id"),
+        {"t": task, "a": json.dumps(args)},
+    ).scalar_one()
+
+
+def mark_published(conn: Connection, outbox_ids: list[int]) -> None:
+    if outbox_ids:
+        conn.execute(
+            text(
+                "UPDATE outbox SET published_at = now(), attempts = attempts + 1 "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": outbox_ids},
+        )
+
+
+def claim_for_relay(
+    conn: Connection, *, limit: int, grace_seconds: float, redeliver_seconds: float
+) -> list:
+    """Outbox rows to publish now, locked so a second relay skips them.
+
+    Unpublished rows older than `grace_seconds` (the receiver publishes right after commit;
+    the grace keeps the relay from racing it), and event rows published more than
+    `redeliver_seconds` ago whose event is still `received` (a worker died holding it)."""
+    return list(
+        conn.execute(
+            text("""
+SELECT o.id, o.task, o.args FROM outbox o
+LEFT JOIN webhook_events e
+       ON o.task = :pe AND e.id = (o.args->>0)::bigint
+WHERE (o.published_at IS NULL AND o.created_at < now() - make_interval(secs => :grace))
+   OR (o.published_at IS NOT NULL AND o.task = :pe AND e.status = 'received'
+       AND o.published_at < now() - make_interval(secs => :redeliver))
+ORDER BY o.id
+LIMIT :limit
+FOR UPDATE OF o SKIP LOCKED
+"""),
+            {
+                "pe": PROCESS_EVENT_TASK,
+                "grace": grace_seconds,
+                "redeliver": redeliver_seconds,
+                "limit": limit,
+            },
+        )
+    )
+
+
+def record_publish_failure(conn: Connection, outbox_id: int, error: str) -> None:
+    conn.execute(
+        text("UPDATE outbox SET attempts = attempts + 1, last_error = :e WHERE id = :id"),
+        {"e": error[:1000], "id": outbox_id},
+    )

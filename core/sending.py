@@ -1,0 +1,314 @@
+"""May this organization send? The one decision every send and `payguard status` use, and
+the campaign and Twilio-subaccount consequences of its answer.
+
+`reconcile` runs in the same transaction as every change that can flip the answer (a
+payment, a subscription change, a freeze, a balance running out): campaigns Payguard paused
+resume by themselves, campaigns a user paused stay paused, and a lapsed subscription marks
+the Twilio subaccount to be suspended before any call to Twilio is made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection, text
+
+from core import inbox
+from core.errors import InvalidInput, NotFound, Refused
+from core.orgs import ORG_ID_RE
+from core.subscriptions import allows_sending
+
+log = logging.getLogger(__name__)
+
+SUBSCRIPTION_INACTIVE = "subscription_inactive"
+TWILIO_SUSPENDED = "twilio_suspended"
+WALLET_FROZEN = "wallet_frozen"
+INSUFFICIENT_BALANCE = "insufficient_balance"
+SYNC_TWILIO_TASK = "payguard.sync_twilio_account"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The knobs of the decision, taken from settings by the entrypoint."""
+
+    default_segment_price_cents: int = 1
+    past_due_grace: timedelta = timedelta(hours=72)
+
+
+@dataclass(frozen=True)
+class Decision:
+    org_id: str
+    reasons: tuple[str, ...]
+    subscription_status: str
+    subscription_allows: bool
+    twilio_status: str
+    twilio_desired_status: str
+    available_cents: int
+    segment_price_cents: int
+    freeze_reasons: tuple[str, ...] = field(default=())
+
+    @property
+    def can_send(self) -> bool:
+        return not self.reasons
+
+    def as_dict(self) -> dict:
+        return {
+            "org_id": self.org_id,
+            "can_send": self.can_send,
+            "reasons": list(self.reasons),
+            "subscription_status": self.subscription_status,
+            "twilio_status": self.twilio_status,
+            "twilio_desired_status": self.twilio_desired_status,
+            "available_cents": self.available_cents,
+            "segment_price_cents": self.segment_price_cents,
+            "freeze_reasons": list(self.freeze_reasons),
+        }
+
+
+_STATE = text("""
+SELECT o.org_id, o.segment_price_cents, o.twilio_desired_status, o.twilio_status,
+       w.balance_cents - w.held_cents AS available, w.active_freezes,
+       (SELECT coalesce(array_agg(f.reason ORDER BY f.id), '{}') FROM wallet_freezes f
+         WHERE f.org_id = o.org_id AND f.lifted_at IS NULL) AS freeze_reasons,
+       (SELECT coalesce(json_agg(json_build_object('status', s.status,
+                                                   'since', s.status_since)
+                                 ORDER BY s.status_since DESC), '[]')
+          FROM subscriptions s WHERE s.org_id = o.org_id AND s.status <> 'unknown') AS subs
+FROM organizations o JOIN wallets w ON w.org_id = o.org_id
+WHERE o.org_id = :org
+""")
+
+
+def _parse_ts(value: str) -> datetime:
+    ts = datetime.fromisoformat(value)
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def decide(
+    conn: Connection,
+    org_id: str,
+    policy: Policy,
+    *,
+    needed_cents: int | None = None,
+    now: datetime | None = None,
+) -> Decision:
+    """Every reason that applies; `needed_cents` defaults to the price of one segment."""
+    row = conn.execute(_STATE, {"org": org_id}).first()
+    if row is None:
+        raise NotFound(f"unknown organization {org_id!r}")
+    now = now or datetime.now(UTC)
+    price = (
+        row.segment_price_cents
+        if row.segment_price_cents is not None
+        else policy.default_segment_price_cents
+    )
+    subs = row.subs if isinstance(row.subs, list) else json.loads(row.subs)
+    if not subs:
+        sub_status, sub_allows = "none", True
+    else:
+        allowing = [
+            s
+            for s in subs
+            if allows_sending(s["status"], _parse_ts(s["since"]), now, policy.past_due_grace)
+        ]
+        sub_allows = bool(allowing)
+        sub_status = (allowing or subs)[0]["status"]
+    reasons = []
+    if not sub_allows:
+        reasons.append(SUBSCRIPTION_INACTIVE)
+    if "suspended" in (row.twilio_status, row.twilio_desired_status):
+        reasons.append(TWILIO_SUSPENDED)
+    if row.active_freezes:
+        reasons.append(WALLET_FROZEN)
+    needed = price if needed_cents is None else needed_cents
+    if row.available < needed:
+        reasons.append(INSUFFICIENT_BALANCE)
+    return Decision(
+        org_id=row.org_id,
+        reasons=tuple(reasons),
+        subscription_status=sub_status,
+        subscription_allows=sub_allows,
+        twilio_status=row.twilio_status,
+        twilio_desired_status=row.twilio_desired_status,
+        available_cents=row.available,
+        segment_price_cents=price,
+        freeze_reasons=tuple(row.freeze_reasons),
+    )
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    decision: Decision
+    paused: tuple[str, ...]
+    resumed: tuple[str, ...]
+    twilio_desired_changed: bool
+
+
+def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
+    """Bring campaigns and the subaccount's desired status in line with the decision."""
+    decision = decide(conn, org_id, policy)
+    if decision.can_send:
+        resumed = tuple(
+            conn.execute(
+                text(
+                    "UPDATE campaigns SET status = 'running', paused_by = NULL, "
+                    "pause_reason = NULL, updated_at = now() "
+                    "WHERE org_id = :o AND status = 'paused' AND paused_by = 'system' "
+                    "RETURNING campaign_id"
+                ),
+                {"o": org_id},
+            ).scalars()
+        )
+        paused: tuple[str, ...] = ()
+    else:
+        reason = ",".join(decision.reasons)
+        paused = tuple(
+            conn.execute(
+                text(
+                    "UPDATE campaigns SET status = 'paused', paused_by = 'system', "
+                    "pause_reason = :r, updated_at = now() "
+                    "WHERE org_id = :o AND (status = 'running' OR "
+                    "(paused_by = 'system' AND pause_reason IS DISTINCT FROM :r)) "
+                    "RETURNING campaign_id"
+                ),
+                {"o": org_id, "r": reason},
+            ).scalars()
+        )
+        resumed = ()
+    desired = "active" if decision.subscription_allows else "suspended"
+    changed = (
+        conn.execute(
+            text(
+                "UPDATE organizations SET twilio_desired_status = :d "
+                "WHERE org_id = :o AND twilio_desired_status <> :d RETURNING org_id"
+            ),
+            {"o": org_id, "d": desired},
+        ).first()
+        is not None
+    )
+    if changed:
+        inbox.enqueue(conn, SYNC_TWILIO_TASK, [org_id])
+        decision = decide(conn, org_id, policy)
+    if paused or resumed or changed:
+        log.info(
+            "sending state reconciled",
+            extra={
+                "org_id": org_id,
+                "paused": list(paused),
+                "resumed": list(resumed),
+                "twilio_desired_status": desired,
+                "reasons": list(decision.reasons),
+            },
+        )
+    return Reconciled(decision, paused, resumed, changed)
+
+
+# ---------------------------------------------------------------- campaigns
+
+
+@dataclass(frozen=True)
+class Campaign:
+    campaign_id: str
+    status: str
+    paused_by: str | None
+    pause_reason: str | None
+
+    def as_dict(self) -> dict:
+        return {
+            "campaign_id": self.campaign_id,
+            "status": self.status,
+            "paused_by": self.paused_by,
+            "pause_reason": self.pause_reason,
+        }
+
+
+def _campaign_id(campaign_id: object) -> str:
+    if not isinstance(campaign_id, str) or not ORG_ID_RE.match(campaign_id):
+        raise InvalidInput("campaign id must be 1-100 letters, digits, '.', '_', ':' or '-'")
+    return campaign_id
+
+
+def _campaign(conn: Connection, org_id: str, campaign_id: str) -> Campaign:
+    row = conn.execute(
+        text(
+            "SELECT campaign_id, status, paused_by, pause_reason FROM campaigns "
+            "WHERE org_id = :o AND campaign_id = :c"
+        ),
+        {"o": org_id, "c": campaign_id},
+    ).first()
+    if row is None:
+        raise NotFound(f"no campaign {campaign_id!r} for {org_id!r}")
+    return Campaign(**row._mapping)
+
+
+def create_campaign(conn: Connection, org_id: str, campaign_id: str, policy: Policy) -> Campaign:
+    """A new campaign runs, or waits paused by the system if the organization may not send."""
+    _campaign_id(campaign_id)
+    decision = decide(conn, org_id, policy)
+    inserted = conn.execute(
+        text(
+            "INSERT INTO campaigns (org_id, campaign_id, status, paused_by, pause_reason) "
+            "VALUES (:o, :c, :s, :by, :r) ON CONFLICT DO NOTHING RETURNING campaign_id"
+        ),
+        {
+            "o": org_id,
+            "c": campaign_id,
+            "s": "running" if decision.can_send else "paused",
+            "by": None if decision.can_send else "system",
+            "r": None if decision.can_send else ",".join(decision.reasons),
+        },
+    ).first()
+    if inserted is None:
+        raise Refused(f"campaign {campaign_id!r} already exists")
+    return _campaign(conn, org_id, campaign_id)
+
+
+def pause_campaign(conn: Connection, org_id: str, campaign_id: str) -> Campaign:
+    """The user's own pause: it stays until the user resumes, whatever Payguard decides."""
+    _campaign_id(campaign_id)
+    conn.execute(
+        text(
+            "UPDATE campaigns SET status = 'paused', paused_by = 'user', "
+            "pause_reason = 'paused by user', updated_at = now() "
+            "WHERE org_id = :o AND campaign_id = :c"
+        ),
+        {"o": org_id, "c": campaign_id},
+    )
+    return _campaign(conn, org_id, campaign_id)
+
+
+def resume_campaign(conn: Connection, org_id: str, campaign_id: str, policy: Policy) -> Campaign:
+    """The user's resume; refused with the reasons while the organization may not send."""
+    _campaign_id(campaign_id)
+    current = _campaign(conn, org_id, campaign_id)
+    decision = decide(conn, org_id, policy)
+    if not decision.can_send:
+        raise Refused(f"cannot resume: {', '.join(decision.reasons)}")
+    if current.status == "paused":
+        conn.execute(
+            text(
+                "UPDATE campaigns SET status = 'running', paused_by = NULL, "
+                "pause_reason = NULL, updated_at = now() "
+                "WHERE org_id = :o AND campaign_id = :c"
+            ),
+            {"o": org_id, "c": campaign_id},
+        )
+    return _campaign(conn, org_id, campaign_id)
+
+
+def list_campaigns(conn: Connection, org_id: str) -> list[Campaign]:
+    if not conn.execute(
+        text("SELECT 1 FROM organizations WHERE org_id = :o"), {"o": org_id}
+    ).first():
+        raise NotFound(f"unknown organization {org_id!r}")
+    rows = conn.execute(
+        text(
+            "SELECT campaign_id, status, paused_by, pause_reason FROM campaigns "
+            "WHERE org_id = :o ORDER BY campaign_id"
+        ),
+        {"o": org_id},
+    )
+    return [Campaign(**r._mapping) for r in rows]

@@ -1,0 +1,1 @@
+"""The Flask webhook receiver (gunicorn: `webhook_receiver.app:create_app()`)."""

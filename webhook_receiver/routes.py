@@ -1,0 +1,104 @@
+"""HTTP routes: each verifies, stores, enqueues and answers in a few lines."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from webhook_receiver.app import (
+    BadRequest,
+    Receiver,
+    Unavailable,
+    accept,
+    answer,
+    parse_json_object,
+    raw_body,
+    readiness,
+)
+
+blueprint = Blueprint("payguard", __name__)
+
+
+def _receiver() -> Receiver:
+    return current_app.extensions["payguard"]
+
+
+@blueprint.errorhandler(BadRequest)
+def _bad_request(exc: BadRequest) -> Response:
+    provider = request.path.rsplit("/", 1)[-1]
+    _receiver().metrics.VERIFY_FAILURES.labels(provider, exc.cause).inc()
+    _receiver().metrics.WEBHOOKS.labels(provider, "400").inc()
+    return answer(400, error=str(exc), cause=exc.cause)
+
+
+@blueprint.errorhandler(Unavailable)
+def _unavailable(exc: Unavailable) -> Response:
+    _receiver().metrics.WEBHOOKS.labels(request.path.rsplit("/", 1)[-1], "503").inc()
+    return answer(503, error=str(exc))
+
+
+@blueprint.errorhandler(RequestEntityTooLarge)
+def _too_large(exc: RequestEntityTooLarge) -> Response:
+    _receiver().metrics.WEBHOOKS.labels(request.path.rsplit("/", 1)[-1], "413").inc()
+    return answer(413, error="body over 1 MiB")
+
+
+@blueprint.post("/webhooks/paypal")
+def paypal_webhook() -> Response:
+    from core import paypal_events
+    from core.errors import MalformedEvent
+    from core.paypal_verify import InvalidWebhook, VerificationUnavailable
+
+    receiver = _receiver()
+    if receiver.paypal_verifier is None:
+        return answer(404, error="PayPal is not configured")
+    body = raw_body()
+    try:
+        receiver.paypal_verifier.verify(request.headers, body)
+    except InvalidWebhook as exc:
+        raise BadRequest(exc.cause, f"verification failed: {exc}") from None
+    except VerificationUnavailable as exc:
+        receiver.metrics.VERIFY_FAILURES.labels("paypal", "unavailable").inc()
+        raise Unavailable(f"verification unavailable: {exc}") from None
+    try:
+        event_id, event_type = paypal_events.event_meta(parse_json_object(body))
+    except MalformedEvent as exc:
+        raise BadRequest("payload", str(exc)) from None
+    response = accept(receiver, "paypal", event_id, event_type, dict(request.headers), body)
+    receiver.metrics.WEBHOOKS.labels("paypal", "200").inc()
+    return response
+
+
+@blueprint.post("/webhooks/stripe")
+def stripe_webhook() -> Response:
+    from core.stripe_verify import InvalidStripeWebhook, verify_stripe
+
+    receiver = _receiver()
+    secrets = receiver.settings.stripe_secrets
+    if not secrets:
+        return answer(404, error="Stripe is not configured")
+    body = raw_body()
+    try:
+        event = verify_stripe(body, request.headers.get("Stripe-Signature"), secrets)
+    except InvalidStripeWebhook as exc:
+        raise BadRequest(exc.cause, f"verification failed: {exc}") from None
+    response = accept(receiver, "stripe", event["id"], event["type"], dict(request.headers), body)
+    receiver.metrics.WEBHOOKS.labels("stripe", "200").inc()
+    return response
+
+
+@blueprint.get("/healthz")
+def healthz() -> Response:
+    return answer(200, status="ok")
+
+
+@blueprint.get("/readyz")
+def readyz() -> Response:
+    ok, checks = readiness(_receiver())
+    return answer(200 if ok else 503, status="ready" if ok else "unavailable", checks=checks)
+
+
+@blueprint.get("/metrics")
+def metrics() -> Response:
+    body, content_type = _receiver().metrics.render()
+    return Response(body, content_type=content_type)

@@ -1,0 +1,1 @@
+"""Celery entrypoint: the app, its tasks and the beat schedule. Tasks load by id and call core."""

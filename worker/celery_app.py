@@ -1,0 +1,53 @@
+"""The Celery app. Its configuration is computed from settings when Celery first needs it
+(at process start), not when this module is imported."""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from worker import runtime
+
+QUEUES = ("payguard.events", "payguard.send", "payguard.twilio", "payguard.beat")
+
+
+def _config() -> dict:
+    s = runtime.settings()
+    from worker.schedule import beat_schedule
+
+    return {
+        "broker_url": s.REDIS_URL,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Longer than any retry countdown, or an ETA'd retry would be delivered twice.
+            "visibility_timeout": s.BROKER_VISIBILITY_TIMEOUT,
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+        },
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": "payguard.events",
+        "task_routes": {
+            "payguard.process_event": {"queue": "payguard.events"},
+            "payguard.send_message": {"queue": "payguard.send"},
+            "payguard.sync_twilio_account": {"queue": "payguard.twilio"},
+            "payguard.beat.*": {"queue": "payguard.beat"},
+        },
+        "beat_schedule": beat_schedule(s),
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+    }
+
+
+app = Celery("payguard", include=["worker.tasks", "worker.beat_jobs"])
+app.add_defaults(_config)
+
+
+@worker_process_init.connect
+def _fresh_resources(**_: object) -> None:
+    runtime.reset_after_fork()

@@ -1,0 +1,59 @@
+"""Per-process resources for worker and beat: settings, engine, gateway, built on first use.
+
+Nothing is built at import; a forked Celery child drops what it inherited and builds its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+from core.db import make_engine
+from core.sending import Policy
+from core.settings import Settings, load_settings_or_exit
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def settings() -> Settings:
+    with _lock:
+        if "settings" not in _state:
+            _state["settings"] = load_settings_or_exit("DATABASE_URL", "REDIS_URL")
+        return _state["settings"]
+
+
+def engine():
+    s = settings()
+    with _lock:
+        if "engine" not in _state:
+            _state["engine"] = make_engine(s.DATABASE_URL or "", pool_size=4, max_overflow=4)
+        return _state["engine"]
+
+
+def policy() -> Policy:
+    s = settings()
+    return Policy(
+        default_segment_price_cents=s.SMS_SEGMENT_PRICE_CENTS,
+        past_due_grace=timedelta(hours=s.STRIPE_PAST_DUE_GRACE_HOURS),
+    )
+
+
+def gateway():
+    s = settings()
+    with _lock:
+        if "gateway" not in _state:
+            from core.twilio_gateway import build_gateway
+
+            _state["gateway"] = build_gateway(s)
+        return _state["gateway"]
+
+
+def reset_after_fork() -> None:
+    """A forked child must not share its parent's sockets."""
+    with _lock:
+        engine = _state.pop("engine", None)
+        if engine is not None:
+            engine.dispose(close=False)
+        _state.pop("gateway", None)

@@ -1,0 +1,104 @@
+"""Celery tasks: load by id, call core in one unit of work, retry transient errors only."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from celery import Task
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from core import handlers, inbox, twilio_accounts
+from core.db import run_in_transaction
+from core.errors import NotYetApplicable, ParkEvent, RetryableConflict, TransientError
+from worker import runtime
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (OperationalError, RetryableConflict, TransientError, ConnectionError, TimeoutError)
+
+
+def backoff(retries: int) -> float:
+    """Exponential backoff with full jitter, capped (the broker's visibility timeout is longer)."""
+    s = runtime.settings()
+    ceiling = min(s.TASK_RETRY_MAX_SECONDS, s.TASK_RETRY_BASE_SECONDS * (2**retries))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _settle(inbox_id: int, status: str, error: str) -> None:
+    run_in_transaction(
+        runtime.engine(), lambda conn: inbox.finish(conn, inbox_id, status, error=error[:2000])
+    )
+
+
+@app.task(
+    name="payguard.process_event",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+)
+def process_event(self: Task, inbox_id: int) -> str:
+    """Apply one stored webhook event exactly once."""
+    retries = self.request.retries
+    max_retries = runtime.settings().TASK_MAX_RETRIES
+    try:
+        outcome = run_in_transaction(
+            runtime.engine(), lambda conn: handlers.process(conn, inbox_id, runtime.policy())
+        )
+        return outcome.status
+    except NotYetApplicable as exc:
+        if retries < max_retries:
+            raise self.retry(countdown=backoff(retries), exc=exc) from None
+        _settle(inbox_id, "parked", str(exc))
+        log.warning("event parked", extra={"inbox_id": inbox_id, "reason": str(exc)})
+        return "parked"
+    except ParkEvent as exc:
+        _settle(inbox_id, "parked", str(exc))
+        log.warning("event parked", extra={"inbox_id": inbox_id, "reason": str(exc)})
+        return "parked"
+    except TRANSIENT as exc:
+        _note_attempt(inbox_id, exc)
+        if retries < max_retries:
+            raise self.retry(countdown=backoff(retries), exc=exc) from None
+        _settle(inbox_id, "failed", f"retries exhausted: {exc}")
+        log.error("event failed", extra={"inbox_id": inbox_id, "error": str(exc)})
+        return "failed"
+    except DBAPIError as exc:
+        # Not a connection problem: a constraint or a bug. Retrying will not help.
+        _settle(inbox_id, "failed", f"database refused: {exc.orig}")
+        log.exception("event failed", extra={"inbox_id": inbox_id})
+        return "failed"
+    except Exception as exc:
+        _settle(inbox_id, "failed", f"{type(exc).__name__}: {exc}")
+        log.exception("event failed", extra={"inbox_id": inbox_id})
+        return "failed"
+
+
+def _note_attempt(inbox_id: int, exc: Exception) -> None:
+    try:
+        run_in_transaction(
+            runtime.engine(), lambda conn: inbox.record_attempt(conn, inbox_id, repr(exc))
+        )
+    except Exception:  # the database itself may be what is down
+        log.warning("could not record attempt", extra={"inbox_id": inbox_id})
+
+
+@app.task(
+    name="payguard.sync_twilio_account",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+)
+def sync_twilio_account(self: Task, org_id: str) -> str:
+    """Suspend or reactivate one subaccount until Twilio agrees with the desired status."""
+    result = twilio_accounts.converge_one(
+        runtime.engine(), runtime.gateway(), org_id, runtime.policy()
+    )
+    if result == "retry":
+        if self.request.retries < runtime.settings().TASK_MAX_RETRIES:
+            raise self.retry(countdown=backoff(self.request.retries))
+        return "gave_up"  # the converge beat job tries again later
+    return result
