@@ -72,9 +72,9 @@ def create_app(settings: Settings | None = None, *, paypal_clock: Callable | Non
     return app
 
 
-def answer(status: int, **body: Any) -> Response:
+def answer(http_status: int, /, **body: Any) -> Response:
     response = jsonify(body)
-    response.status_code = status
+    response.status_code = http_status
     return response
 
 

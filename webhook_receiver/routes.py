@@ -102,3 +102,38 @@ def readyz() -> Response:
 def metrics() -> Response:
     body, content_type = _receiver().metrics.render()
     return Response(body, content_type=content_type)
+
+
+@blueprint.post("/webhooks/twilio/status")
+def twilio_status() -> Response:
+    from core import messages
+    from core.db import run_in_transaction
+    from core.twilio_gateway import validate_status_callback
+
+    receiver = _receiver()
+    s = receiver.settings
+    url = f"{(s.PUBLIC_BASE_URL or request.host_url).rstrip('/')}/webhooks/twilio/status"
+    token = s.TWILIO_AUTH_TOKEN or ""
+    if not validate_status_callback(
+        token, url, request.form, request.headers.get("X-Twilio-Signature")
+    ):
+        receiver.metrics.WEBHOOKS.labels("twilio", "403").inc()
+        return answer(403, error="invalid X-Twilio-Signature")
+    sid, status = request.form.get("MessageSid"), request.form.get("MessageStatus")
+    if not sid or not status:
+        raise BadRequest("payload", "MessageSid and MessageStatus are required")
+    try:
+        new = run_in_transaction(
+            receiver.engine,
+            lambda c: messages.apply_status_callback(
+                c,
+                sid,
+                status,
+                price=request.form.get("Price"),
+                price_unit=request.form.get("PriceUnit"),
+            ),
+        )
+    except Exception as exc:
+        raise Unavailable(f"storage unavailable: {type(exc).__name__}") from None
+    receiver.metrics.WEBHOOKS.labels("twilio", "200").inc()
+    return answer(200, status=new or "ignored")

@@ -102,3 +102,58 @@ def sync_twilio_account(self: Task, org_id: str) -> str:
             raise self.retry(countdown=backoff(self.request.retries))
         return "gave_up"  # the converge beat job tries again later
     return result
+
+
+@app.task(
+    name="payguard.send_message",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+)
+def send_message(self: Task, message_id: str) -> str:
+    """Decide and hold, call Twilio once, settle the hold by its answer."""
+    from core import messages
+    from core.twilio_gateway import SendOutcome, SendResult
+
+    engine, policy, s = runtime.engine(), runtime.policy(), runtime.settings()
+    plan = run_in_transaction(engine, lambda c: messages.prepare(c, message_id, policy))
+    if plan is None:
+        return "nothing to send"
+    if not plan.subaccount_sid or not plan.sender:
+        result = SendResult(
+            SendOutcome.REJECTED, error_message="organization has no Twilio subaccount or sender"
+        )
+    else:
+        callback = (
+            f"{s.PUBLIC_BASE_URL.rstrip('/')}/webhooks/twilio/status" if s.PUBLIC_BASE_URL else None
+        )
+        try:
+            result = runtime.gateway().send_message(
+                plan.subaccount_sid, plan.sender, plan.to, plan.body, callback
+            )
+        except ValueError as exc:  # refused before any request was made
+            result = SendResult(SendOutcome.REJECTED, error_message=str(exc))
+    status = run_in_transaction(
+        engine, lambda c: messages.record_result(c, message_id, result, policy)
+    )
+    if status == "retrying":
+        if self.request.retries < s.TASK_MAX_RETRIES:
+            raise self.retry(countdown=backoff(self.request.retries))
+        run_in_transaction(
+            engine,
+            lambda c: messages.give_up(
+                c, message_id, policy, f"Twilio unreachable: {result.error_message}"
+            ),
+        )
+        return "not_sent"
+    log.info(
+        "message settled",
+        extra={
+            "message_id": message_id,
+            "org_id": plan.org_id,
+            "status": status,
+            "twilio_sid": result.sid,
+        },
+    )
+    return status

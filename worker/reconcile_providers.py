@@ -1,0 +1,64 @@
+"""Beat's repair of missed subscription webhooks: ask the provider, apply what it says."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from core import sending, subscriptions
+from core.db import run_in_transaction
+from core.errors import PayguardError
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BATCH = 100
+
+
+def refresh_stale(settings: Settings, engine: Engine, policy: sending.Policy) -> int:
+    if not (settings.PAYPAL_CLIENT_ID and settings.PAYPAL_CLIENT_SECRET):
+        return 0
+    from core.provider_api import PayPalApi
+
+    api = PayPalApi(
+        settings.PAYPAL_API_BASE, settings.PAYPAL_CLIENT_ID, settings.PAYPAL_CLIENT_SECRET
+    )
+    stale = run_in_transaction(
+        engine,
+        lambda c: [
+            r
+            for r in subscriptions.stale(
+                c, timedelta(seconds=settings.SUBSCRIPTION_STALE_SECONDS), BATCH
+            )
+            if r.provider == "paypal"
+        ],
+    )
+    changed = 0
+    for row in stale:
+        try:
+            status, when = api.subscription_status(row.subscription_id)
+        except PayguardError as exc:
+            log.warning(
+                "subscription refresh failed",
+                extra={"subscription_id": row.subscription_id, "error": str(exc)},
+            )
+            continue
+
+        def apply(conn, row=row, status=status, when=when) -> bool:
+            applied = subscriptions.apply_status(
+                conn, "paypal", row.subscription_id, row.org_id, status, when or datetime.now(UTC)
+            )
+            subscriptions.mark_checked(conn, "paypal", row.subscription_id)
+            if applied.org_id:
+                sending.reconcile(conn, applied.org_id, policy)
+            return applied.changed
+
+        if run_in_transaction(engine, apply):
+            changed += 1
+            log.info(
+                "subscription refreshed from PayPal",
+                extra={"subscription_id": row.subscription_id, "status": status},
+            )
+    return changed
