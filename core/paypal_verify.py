@@ -26,6 +26,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -280,8 +281,7 @@ class CertificateFetcher:
         self._max_bytes = max_bytes
         self._cache: dict[str, bytes] = {}
         self._lock = threading.Lock()
-        # One in-flight fetch per URL, so a burst of webhooks makes one request.
-        self._inflight: dict[str, threading.Lock] = {}
+        self._inflight: dict[str, Future[bytes]] = {}
 
     def preload(self, url: str, cert_pem: bytes) -> None:
         """Seed the cache (tests, or a certificate shipped with the deployment)."""
@@ -291,26 +291,43 @@ class CertificateFetcher:
             self._cache[url] = cert_pem
 
     def get(self, url: str) -> bytes:
+        """The PEM certificate at ``url``: from the cache, or fetched once and cached.
+
+        Concurrent first requests for one URL share a single fetch and its outcome, so a
+        burst of webhooks while PayPal is slow costs one timeout, not one each.
+        """
         check_cert_url(url, self._prefixes)
         with self._lock:
             cached = self._cache.get(url)
             if cached is not None:
                 return cached
-            url_lock = self._inflight.setdefault(url, threading.Lock())
+            flight = self._inflight.get(url)
+            leader = flight is None
+            if flight is None:
+                flight = self._inflight[url] = Future()
+        if not leader:
+            # Fresh exceptions per waiter: one exception object raised in many threads would
+            # have its traceback rewritten by each of them.
+            try:
+                return flight.result()
+            except InvalidWebhook as exc:
+                raise InvalidWebhook(exc.cause, exc.detail) from None
+            except VerificationUnavailable as exc:
+                raise VerificationUnavailable(str(exc)) from None
         try:
-            with url_lock:
-                with self._lock:
-                    cached = self._cache.get(url)
-                if cached is not None:
-                    return cached
-                pem = self._fetch(url)
-                with self._lock:
-                    self._cache[url] = pem
-                return pem
-        finally:
+            pem = self._fetch(url)
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        else:
+            flight.set_result(pem)
             with self._lock:
-                if self._inflight.get(url) is url_lock and not url_lock.locked():
-                    del self._inflight[url]
+                self._cache[url] = pem
+            return pem
+        finally:
+            # A failure is not remembered: the next webhook after this burst tries again.
+            with self._lock:
+                del self._inflight[url]
 
     def _fetch(self, url: str) -> bytes:
         try:

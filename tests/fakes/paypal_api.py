@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from time import sleep
 from typing import Any
 
 from cryptography import x509
@@ -299,6 +300,7 @@ class _Canned:
     body: bytes
     headers: dict[str, str]
     send_length: bool
+    delay: float = 0.0
 
 
 class FakePayPal:
@@ -405,11 +407,13 @@ class FakePayPal:
         status: int = 200,
         headers: dict[str, str] | None = None,
         send_length: bool = True,
+        delay: float = 0.0,
     ) -> str:
         """Answer GET ``path`` with this; return its full URL. ``send_length=False`` streams
-        the body without Content-Length (then closes), to test read limits."""
+        the body without Content-Length (then closes), to test read limits; ``delay`` seconds
+        pass before the answer, to make concurrent requests overlap."""
         with self._lock:
-            self._routes[path] = _Canned(status, body, dict(headers or {}), send_length)
+            self._routes[path] = _Canned(status, body, dict(headers or {}), send_length, delay)
         return self.url(path)
 
     def serve_cert(self, path: str, cert_pem: bytes) -> str:
@@ -521,6 +525,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         canned = self.server.fake._get(self.path)
+        if canned.delay:
+            sleep(canned.delay)
         self.send_response(canned.status)
         for name, value in canned.headers.items():
             self.send_header(name, value)

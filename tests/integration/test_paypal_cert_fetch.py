@@ -91,7 +91,9 @@ def test_url_tricks_are_refused_without_a_single_connection(paypal, signer, tric
 # --------------------------------------------------------------------------- fetching
 
 
-def test_fetch_over_https_with_the_configured_ca_bundle_verifies(https_paypal, ca, signer, tmp_path):
+def test_fetch_over_https_with_the_configured_ca_bundle_verifies(
+    https_paypal, ca, signer, tmp_path
+):
     cert_url = https_paypal.install_signing_cert(signer)
     verifier = offline([https_paypal.cert_prefix], ca_bundle=ca.write_bundle(tmp_path))
     verifier.verify(signer.sign(WEBHOOK_ID, BODY, cert_url), BODY)
@@ -127,27 +129,45 @@ def test_second_verify_makes_no_second_fetch(paypal, signer):
     assert paypal.cert_hits[CERTS_PATH + "CERT-fake-paypal"] == 1
 
 
-def test_concurrent_first_verifies_fetch_once(paypal, signer):
-    cert_url = paypal.install_signing_cert(signer)
-    verifier = offline([paypal.cert_prefix])
-    headers = signer.sign(WEBHOOK_ID, BODY, cert_url)
+def _verify_concurrently(verifier, headers, body, threads: int = 8) -> list[BaseException]:
     errors: list[BaseException] = []
-    start = threading.Barrier(8)
+    start = threading.Barrier(threads)
 
     def run() -> None:
         start.wait()
         try:
-            verifier.verify(headers, BODY)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+            verifier.verify(headers, body)
+        except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=run) for _ in range(8)]
-    for t in threads:
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
+    return errors
+
+
+def test_concurrent_first_verifies_fetch_once(paypal, signer):
+    cert_url = paypal.serve(CERTS_PATH + "CERT-slow", signer.cert_pem, delay=0.2)
+    verifier = offline([paypal.cert_prefix])
+    errors = _verify_concurrently(verifier, signer.sign(WEBHOOK_ID, BODY, cert_url), BODY)
     assert errors == []
-    assert paypal.cert_hits[CERTS_PATH + "CERT-fake-paypal"] == 1
+    assert paypal.cert_hits[CERTS_PATH + "CERT-slow"] == 1
+
+
+def test_concurrent_first_verifies_share_one_failure_and_the_next_one_retries(paypal, signer):
+    cert_url = paypal.serve(CERTS_PATH + "CERT-down", b"busy", status=503, delay=0.2)
+    verifier = offline([paypal.cert_prefix])
+    headers = signer.sign(WEBHOOK_ID, BODY, cert_url)
+    errors = _verify_concurrently(verifier, headers, BODY)
+    assert len(errors) == 8
+    assert all(isinstance(e, VerificationUnavailable) for e in errors)
+    assert paypal.cert_hits[CERTS_PATH + "CERT-down"] == 1
+
+    paypal.serve_cert(CERTS_PATH + "CERT-down", signer.cert_pem)
+    verifier.verify(headers, BODY)
+    assert paypal.cert_hits[CERTS_PATH + "CERT-down"] == 2
 
 
 def test_redirect_is_not_followed(paypal, signer):
@@ -319,9 +339,7 @@ def test_postback_server_down_is_unavailable(signer):
         b"",
     ],
 )
-def test_postback_body_that_is_not_one_json_object_is_refused_before_any_call(
-    paypal, signer, body
-):
+def test_postback_body_that_is_not_one_json_object_is_refused_before_any_call(paypal, signer, body):
     with pytest.raises(InvalidWebhook) as exc:
         postback(paypal).verify(signer.sign(WEBHOOK_ID, body, "https://x.test/c"), body)
     assert exc.value.cause == "body"
@@ -330,7 +348,9 @@ def test_postback_body_that_is_not_one_json_object_is_refused_before_any_call(
 
 def test_postback_refuses_a_cert_url_outside_the_prefixes_before_any_call(paypal, signer):
     paypal.register_event(BODY)
-    verifier = postback(paypal, cert_url_prefixes=["https://api.paypal.com/v1/notifications/certs/"])
+    verifier = postback(
+        paypal, cert_url_prefixes=["https://api.paypal.com/v1/notifications/certs/"]
+    )
     headers = signer.sign(WEBHOOK_ID, BODY, "https://evil.test/v1/notifications/certs/C")
     with pytest.raises(InvalidWebhook) as exc:
         verifier.verify(headers, BODY)

@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from werkzeug.datastructures import Headers
 
@@ -37,7 +38,8 @@ FIXTURE_NAME = "simulator-transmissions.json"
 FIXTURE_CANDIDATES = [
     Path(os.environ.get("PAYGUARD_PAYPAL_FIXTURES", "/nonexistent")) / FIXTURE_NAME,
     Path(__file__).resolve().parents[1] / "fixtures" / "paypal" / FIXTURE_NAME,
-    Path("/work/shared/fixtures/paypal") / FIXTURE_NAME,
+    # shared/ sits beside the repository, on a developer's machine and in CI's clean clone.
+    Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "paypal" / FIXTURE_NAME,
 ]
 
 
@@ -110,7 +112,9 @@ def _change_one_char(value: str) -> str:
     # Change the first alphanumeric character; stays base64 / stays a plausible id or time.
     for i, ch in enumerate(value):
         if ch.isalnum():
-            replacement = "B" if ch == "A" else ("1" if ch == "0" else ("A" if ch.isalpha() else "0"))
+            replacement = (
+                "B" if ch == "A" else ("1" if ch == "0" else ("A" if ch.isalpha() else "0"))
+            )
             return value[:i] + replacement + value[i + 1 :]
     raise AssertionError(value)
 
@@ -221,7 +225,9 @@ def test_certificate_for_another_name_is_refused(signer):
 
 def test_certificate_naming_paypal_only_in_san_is_accepted(signer):
     san_only = make_signing_cert(
-        "PayPal message verification", key=signer.key, san_dns=("messageverificationcerts.paypal.com",)
+        "PayPal message verification",
+        key=signer.key,
+        san_dns=("messageverificationcerts.paypal.com",),
     )
     body = b"{}"
     verify_signature(san_only.cert_pem, san_only.sign("WH-ID", body, CERT_URL), body, "WH-ID", NOW)
@@ -246,7 +252,9 @@ def test_signature_by_another_key_is_refused(signer):
 
 def test_non_rsa_certificate_is_refused():
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "messageverificationcerts.paypal.com")])
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "messageverificationcerts.paypal.com")]
+    )
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -257,8 +265,6 @@ def test_non_rsa_certificate_is_refused():
         .not_valid_after(NOW + timedelta(days=1))
         .sign(key, hashes.SHA256())
     )
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     headers = {
         "PAYPAL-TRANSMISSION-ID": "x",
         "PAYPAL-TRANSMISSION-TIME": "t",
@@ -371,7 +377,8 @@ def test_a_prefix_without_trailing_slash_is_still_a_directory():
 
 
 @pytest.mark.parametrize(
-    "prefix", ["ftp://h.test/certs/", "https:///certs/", "https://u@h.test/certs/", "https://h.test/c?x"]
+    "prefix",
+    ["ftp://h.test/certs/", "https:///certs/", "https://u@h.test/certs/", "https://h.test/c?x"],
 )
 def test_malformed_prefix_is_a_configuration_error(prefix):
     with pytest.raises(ValueError):
@@ -391,7 +398,9 @@ def test_url_outside_prefixes_is_refused_even_if_the_certificate_is_known(signer
     fetcher = CertificateFetcher(PAYPAL_PREFIXES)
     fetcher.preload(CERT_URL, signer.cert_pem)
     body = b"{}"
-    headers = signer.sign("WH", body, CERT_URL.replace("api.paypal.com", "api.paypal.com.evil.test"))
+    headers = signer.sign(
+        "WH", body, CERT_URL.replace("api.paypal.com", "api.paypal.com.evil.test")
+    )
     with pytest.raises(InvalidWebhook) as exc:
         OfflineVerifier("WH", fetcher).verify(headers, body)
     assert exc.value.cause == "cert_url"
