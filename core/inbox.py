@@ -235,6 +235,17 @@ def mark_published(conn: Connection, outbox_ids: list[int]) -> None:
         )
 
 
+def mark_task_published(conn: Connection, task: str, args: list) -> None:
+    """Mark the unpublished outbox rows of this task and arguments published."""
+    conn.execute(
+        text(
+            "UPDATE outbox SET published_at = now(), attempts = attempts + 1 "
+            "WHERE task = :t AND args = CAST(:a AS jsonb) AND published_at IS NULL"
+        ),
+        {"t": task, "a": json.dumps(args)},
+    )
+
+
 def claim_for_relay(
     conn: Connection, *, limit: int, grace_seconds: float, redeliver_seconds: float
 ) -> list:

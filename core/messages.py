@@ -157,8 +157,14 @@ class Plan:
     body: str
 
 
-def prepare(conn: Connection, message_id: str, policy: sending.Policy) -> Plan | None:
-    """Decide and hold, or block; None when there is nothing to send (any more)."""
+def prepare(
+    conn: Connection, message_id: str, policy: sending.Policy, attempt: str | None = None
+) -> Plan | None:
+    """Decide and hold, or block; None when there is nothing to send (any more).
+
+    `attempt` is the delivery's task id: a redelivery of the same task that finds the message
+    `sending` knows its own earlier run died during the call; a different (duplicate) task
+    leaves it to the run that owns it."""
     row = conn.execute(
         text(
             "SELECT m.message_id, m.org_id, m.campaign_id, m.to_number, m.body, m.status, "
@@ -171,6 +177,8 @@ def prepare(conn: Connection, message_id: str, policy: sending.Policy) -> Plan |
     if row is None:
         raise NotFound(f"no message {message_id!r}")
     if row.status == "sending":
+        if attempt is not None and row.send_attempt not in (None, attempt):
+            return None  # a duplicate delivery; the owning run settles it
         # A worker died during the Twilio call: it may have gone out. Never send again.
         _settle(conn, row, "unknown", capture=True, error="worker lost during the Twilio call")
         return None

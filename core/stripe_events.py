@@ -1,4 +1,4 @@
-"""What a verified Stripe event means for Payguard, and whether a subscription status may send.
+"""What a verified Stripe event means for Payguard.
 
 `normalize` turns one Stripe event (the dict `core.stripe_verify.verify_stripe` returns) into
 provider-neutral events from core/provider_events.py; an empty list means "a type Payguard
@@ -11,6 +11,10 @@ snapshot. The event's `created` is the moment Stripe took the snapshot in `data.
 the object's own timestamps (`created`, `canceled_at`, `current_period_start`) say when the
 object began or a period turned, not when this status was set, so they cannot order two
 snapshots. `created` has one-second resolution: two changes in the same second tie.
+
+Statuses leave as Stripe spells them (lower-case); whether one may send is decided for every
+provider in one place, core.subscriptions.allows_sending (active and trialing allow, past_due
+for a grace period, anything else, including a status Stripe adds later, blocks).
 
 Amounts are Stripe's integer minor units; currencies arrive lower-case and leave upper-case.
 
@@ -26,7 +30,7 @@ so such an event is only Recorded: the endpoint must subscribe to `refund.create
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from core.errors import MalformedEvent
@@ -43,11 +47,6 @@ from core.provider_events import (
 )
 
 PROVIDER = "stripe"
-
-SENDING_STATUSES = frozenset({"active", "trialing"})
-GRACE_STATUSES = frozenset({"past_due"})
-# unpaid, canceled, incomplete, incomplete_expired, paused and any status Stripe adds later
-# block sending: an unknown status fails closed.
 
 _REFUND_NOT_MOVING_MONEY = frozenset({"failed", "canceled"})
 
@@ -68,26 +67,6 @@ def normalize(event: dict[str, Any]) -> list[NormalizedEvent]:
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
         raise MalformedEvent(f"{event_type}: data.object must be an object")
     return handler(event, data["object"], _created_at(event))
-
-
-def allows_sending(
-    status: str, status_since: datetime | None, now: datetime, past_due_grace: timedelta
-) -> bool:
-    """May an organization whose Stripe subscription has `status` send messages now?
-
-    past_due allows sending for `past_due_grace` after `status_since` (the moment the
-    subscription became past_due; the boundary itself still allows), Stripe's own retries
-    usually settling it meanwhile.
-    Without `status_since` the grace cannot be measured, so past_due then blocks.
-    """
-    if now.tzinfo is None or (status_since is not None and status_since.tzinfo is None):
-        raise ValueError("allows_sending needs aware datetimes")
-    status = status.strip().lower()
-    if status in SENDING_STATUSES:
-        return True
-    if status in GRACE_STATUSES and status_since is not None:
-        return now - status_since <= past_due_grace
-    return False
 
 
 # -- payments ---------------------------------------------------------------------------

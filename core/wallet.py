@@ -654,9 +654,17 @@ def freeze(
 def unfreeze(
     conn: Connection, org_id: str, reason: str, *, actor: str, note: str | None = None
 ) -> bool:
-    """Lift one freeze reason; True if it was active. Other reasons stay."""
+    """Lift one freeze reason; True if it was active. Other reasons stay.
+
+    The `debt` freeze lifts only when the debt is paid: credits lift it themselves."""
     _text("reason", reason, 200)
     _text("actor", actor, 200)
+    if reason == DEBT_FREEZE:
+        debt = conn.execute(
+            text("SELECT debt_cents FROM wallets WHERE org_id = :o"), {"o": org_id}
+        ).scalar()
+        if debt:
+            raise Refused(f"the debt freeze stays until the debt of {debt} cents is paid")
     row = conn.execute(
         _UNFREEZE, {"org": org_id, "reason": reason, "actor": actor, "note": note}
     ).first()

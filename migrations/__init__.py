@@ -14,7 +14,8 @@ HERE = Path(__file__).resolve().parent
 def alembic_config(database_url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
-    cfg.set_main_option("sqlalchemy.url", database_url)
+    # ConfigParser interpolates '%': a percent-encoded password would break (and be printed).
+    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return cfg
 
 

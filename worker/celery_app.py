@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from worker import runtime
 
@@ -51,3 +51,20 @@ app.add_defaults(_config)
 @worker_process_init.connect
 def _fresh_resources(**_: object) -> None:
     runtime.reset_after_fork()
+
+
+def _task_context() -> dict:
+    from celery import current_task
+
+    if current_task and current_task.request and current_task.request.id:
+        return {"task_id": current_task.request.id, "task": current_task.name}
+    return {}
+
+
+@setup_logging.connect
+def _logging(loglevel: object = None, **_: object) -> None:
+    """Our formatter instead of Celery's: JSON lines carrying the task id."""
+    from core import logging_setup
+
+    logging_setup.configure(runtime.settings().LOG_FORMAT, str(loglevel or "INFO"))
+    logging_setup.add_context_provider(_task_context)

@@ -117,7 +117,8 @@ def send_message(self: Task, message_id: str) -> str:
     from core.twilio_gateway import SendOutcome, SendResult
 
     engine, policy, s = runtime.engine(), runtime.policy(), runtime.settings()
-    plan = run_in_transaction(engine, lambda c: messages.prepare(c, message_id, policy))
+    attempt = self.request.id
+    plan = run_in_transaction(engine, lambda c: messages.prepare(c, message_id, policy, attempt))
     if plan is None:
         return "nothing to send"
     if not plan.subaccount_sid or not plan.sender:

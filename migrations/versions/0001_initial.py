@@ -180,6 +180,7 @@ CREATE TABLE messages (
     status         text NOT NULL DEFAULT 'queued',
     block_reasons  jsonb NOT NULL DEFAULT '[]'::jsonb,
     twilio_sid     text UNIQUE,
+    send_attempt   text,
     charged_cents  bigint NOT NULL DEFAULT 0,
     refunded       boolean NOT NULL DEFAULT false,
     twilio_price   text,

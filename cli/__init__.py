@@ -1,0 +1,1 @@
+"""The `payguard` console: operators and the host application (entry point `cli.main:main`)."""

@@ -1,0 +1,584 @@
+"""The `payguard` console: parse the command line, read settings once, run one unit of work
+in `core`, print the result (one JSON object with --json), exit 0, 1 (refused) or 2 (bad usage).
+
+A command is a decorated function in the registry below; the runner gives it a connection
+inside one core.db.run_in_transaction unit (committed when it returns, rolled back when it
+raises, so a refusal leaves nothing half-written) and prints whatever dict it returns:
+
+    @command("wallet show", "the wallet", arg("org_id", metavar="ORG_ID"))
+    def wallet_show(ctx: Context, args: argparse.Namespace) -> dict:
+        return wallet.show(ctx.conn, args.org_id).as_dict()
+
+Refusals are core.errors exceptions; they are mapped to exit statuses in one place, `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from cli import output
+from core import audit, inbox, messages, orgs, sending, wallet
+from core.db import make_engine, run_in_transaction
+from core.errors import PayguardError
+from core.settings import ConfigError, Settings, load_settings
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+# ---------------------------------------------------------------- the registry
+
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+Result = dict[str, Any]
+
+
+def arg(*flags: str, **kwargs: Any) -> Arg:
+    """One argument, declared exactly as `ArgumentParser.add_argument` takes it."""
+    return flags, kwargs
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a command gets besides its arguments."""
+
+    settings: Settings | None  # None only for needs="nothing"
+    interactive: bool  # stderr is a terminal, so progress lines are welcome
+    transaction: Connection | None = None  # the unit of work, for needs="db" only
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def conn(self) -> Connection:
+        if self.transaction is None:
+            raise RuntimeError("only commands registered with needs='db' get a connection")
+        return self.transaction
+
+    def progress(self, message: str) -> None:
+        if self.interactive:
+            print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]
+    help: str
+    args: tuple[Arg, ...]
+    run: Callable[[Context, argparse.Namespace], Result]
+    # "db": DATABASE_URL and one transaction; "settings": DATABASE_URL, no connection
+    # (the command manages its own, e.g. Alembic); "nothing": no settings at all.
+    needs: Literal["db", "settings", "nothing"]
+    exit_status: Callable[[Result], int]
+    render: Callable[[Result], str]
+
+
+COMMANDS: dict[tuple[str, ...], Command] = {}
+GROUPS = {
+    "db": "the database schema",
+    "org": "organizations",
+    "wallet": "prepaid wallets",
+    "ledger": "the journal as a whole",
+    "campaign": "campaigns and their pauses",
+    "message": "the safe send path",
+    "events": "the webhook inbox",
+}
+
+
+def command(
+    name: str,
+    help: str,
+    *args: Arg,
+    needs: Literal["db", "settings", "nothing"] = "db",
+    exit_status: Callable[[Result], int] = lambda result: EXIT_OK,
+    render: Callable[[Result], str] = output.render,
+) -> Callable[[Callable[[Context, argparse.Namespace], Result]], Any]:
+    """Register `payguard NAME…`; the words of `name` become nested subcommands."""
+
+    def register(fn: Callable[[Context, argparse.Namespace], Result]) -> Any:
+        words = tuple(name.split())
+        if words in COMMANDS:
+            raise ValueError(f"command {name!r} is registered twice")
+        COMMANDS[words] = Command(words, help, args, fn, needs, exit_status, render)
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _policy(ctx: Context) -> sending.Policy:
+    assert ctx.settings is not None
+    return sending.Policy(
+        default_segment_price_cents=ctx.settings.SMS_SEGMENT_PRICE_CENTS,
+        past_due_grace=timedelta(hours=ctx.settings.STRIPE_PAST_DUE_GRACE_HOURS),
+    )
+
+
+def _audit(conn: Connection, *, actor: str, action: str, org_id: str, details: dict) -> None:
+    audit.record(conn, actor=actor, action=action, org_id=org_id, details=details)
+
+
+def _publish_after_commit(ctx: Context, task: str, args: list, outbox_id: int | None) -> None:
+    """Publish right after the commit when a broker is configured; the relay covers failures."""
+
+    def publish() -> None:
+        if not (ctx.settings and ctx.settings.REDIS_URL):
+            return
+        from worker.publisher import Publisher
+
+        publisher = Publisher(ctx.settings.REDIS_URL, ctx.settings.BROKER_PUBLISH_TIMEOUT)
+        try:
+            publisher.publish(task, args, task_id=f"outbox-{outbox_id}" if outbox_id else None)
+            engine = make_engine(ctx.settings.DATABASE_URL or "", pool_size=1, max_overflow=0)
+            try:
+                run_in_transaction(engine, lambda conn: inbox.mark_task_published(conn, task, args))
+            finally:
+                engine.dispose()
+        except Exception:
+            ctx.progress("broker unavailable: the outbox relay will publish it")
+        finally:
+            publisher.close()
+
+    ctx.after_commit.append(publish)
+
+
+def _wallet_count(conn: Connection, org_id: str | None) -> int:
+    return conn.execute(
+        text("SELECT count(*) FROM wallets WHERE CAST(:o AS text) IS NULL OR org_id = :o"),
+        {"o": org_id},
+    ).scalar_one()
+
+
+# ---------------------------------------------------------------- commands
+
+ORG_ID = arg("org_id", metavar="ORG_ID")
+ACTOR = arg("--actor", required=True, metavar="NAME", help="who is doing this")
+
+
+@command("db upgrade", "migrate the database to head (safe to run twice)", needs="settings")
+def db_upgrade(ctx: Context, args: argparse.Namespace) -> Result:
+    import migrations  # Alembic is slow to import and only this command needs it
+
+    assert ctx.settings and ctx.settings.DATABASE_URL
+    before = migrations.current(ctx.settings.DATABASE_URL)
+    revision = migrations.upgrade(ctx.settings.DATABASE_URL)
+    return {"revision": revision, "previous_revision": before, "changed": revision != before}
+
+
+@command(
+    "org create",
+    "register an organization and its wallet",
+    ORG_ID,
+    arg("--currency", default="USD", help="ISO 4217 code of the wallet (default USD)"),
+    arg("--twilio-subaccount", metavar="SID", help="its Twilio subaccount (AC…)"),
+    arg("--sender", metavar="E164_OR_MG_SID", help="a number or a Messaging Service SID"),
+    arg("--segment-price-cents", type=int, metavar="N", help="its own price per SMS segment"),
+)
+def org_create(ctx: Context, args: argparse.Namespace) -> Result:
+    org = orgs.create(
+        ctx.conn,
+        args.org_id,
+        currency=args.currency,
+        twilio_subaccount_sid=args.twilio_subaccount,
+        sender=args.sender,
+        segment_price_cents=args.segment_price_cents,
+    )
+    return {**org.as_dict(), "wallet": wallet.show(ctx.conn, org.org_id).as_dict()}
+
+
+@command("org show", "everything about one organization", ORG_ID)
+def org_show(ctx: Context, args: argparse.Namespace) -> Result:
+    org = orgs.get(ctx.conn, args.org_id)
+    return {
+        **org.as_dict(),
+        "subscription_status": sending.decide(
+            ctx.conn, org.org_id, _policy(ctx)
+        ).subscription_status,
+        "wallet": wallet.show(ctx.conn, org.org_id).as_dict(),
+    }
+
+
+@command("wallet show", "the wallet", ORG_ID)
+def wallet_show(ctx: Context, args: argparse.Namespace) -> Result:
+    return wallet.show(ctx.conn, args.org_id).as_dict()
+
+
+HISTORY_COLUMNS = (
+    "id", "created_at", "kind", "amount_cents", "balance_after_cents", "debt_after_cents",
+    "reference", "actor", "reason",
+)  # fmt: skip
+
+
+@command(
+    "wallet history",
+    "journal entries, newest first",
+    ORG_ID,
+    arg("--limit", type=int, default=50, metavar="N", help="at most N entries (default 50)"),
+    render=lambda result: output.render(result, {"entries": HISTORY_COLUMNS}),
+)
+def wallet_history(ctx: Context, args: argparse.Namespace) -> Result:
+    entries = wallet.history(ctx.conn, args.org_id, args.limit)
+    return {"org_id": args.org_id, "entries": [e.as_dict() for e in entries]}
+
+
+@command(
+    "wallet adjust",
+    "a signed manual adjustment, journaled; refused if it would go below zero",
+    ORG_ID,
+    # A negative positional such as -500 parses as a value because no option of this
+    # parser looks like a negative number; a test keeps it that way.
+    arg("amount_cents", type=int, metavar="AMOUNT_CENTS", help="500 adds, -500 takes"),
+    arg("--reason", required=True, metavar="TEXT", help="why, for the journal"),
+    ACTOR,
+    arg("--reference", metavar="REF", help="idempotency key: the same REF applies once"),
+)
+def wallet_adjust(ctx: Context, args: argparse.Namespace) -> Result:
+    entry = wallet.adjust(
+        ctx.conn, args.org_id, args.amount_cents,
+        reason=args.reason, actor=args.actor, reference=args.reference,
+    )  # fmt: skip
+    _audit(
+        ctx.conn, actor=args.actor, action="wallet.adjust", org_id=args.org_id,
+        details={"amount_cents": args.amount_cents, "reason": args.reason,
+                 "reference": entry.reference, "entry_id": entry.id,
+                 "duplicate": entry.duplicate},
+    )  # fmt: skip
+    # The wallet now, not entry.balance_after_cents: a repeated --reference returns the
+    # first entry, whose balance may be long gone.
+    sending.reconcile(ctx.conn, args.org_id, _policy(ctx))
+    state = wallet.show(ctx.conn, args.org_id)
+    return {
+        "org_id": args.org_id,
+        "entry_id": entry.id,
+        "amount_cents": entry.amount_cents,
+        "reference": entry.reference,
+        "duplicate": entry.duplicate,
+        "balance_cents": state.balance_cents,
+        "available_cents": state.available_cents,
+        "debt_cents": state.debt_cents,
+    }
+
+
+FREEZE_ARGS = (
+    ORG_ID,
+    arg("--reason", required=True, metavar="TEXT", help="the freeze reason to add or lift"),
+    ACTOR,
+)
+
+
+def _after_freeze(ctx: Context, args: argparse.Namespace, action: str, changed: bool) -> Result:
+    _audit(
+        ctx.conn, actor=args.actor, action=action, org_id=args.org_id,
+        details={"reason": args.reason, "changed": changed},
+    )  # fmt: skip
+    sending.reconcile(ctx.conn, args.org_id, _policy(ctx))  # pause or resume campaigns now
+    state = wallet.show(ctx.conn, args.org_id)
+    return {
+        "org_id": args.org_id,
+        "frozen": state.frozen,
+        "freeze_reasons": list(state.freeze_reasons),
+        "changed": changed,
+    }
+
+
+@command("wallet freeze", "add one freeze reason", *FREEZE_ARGS)
+def wallet_freeze(ctx: Context, args: argparse.Namespace) -> Result:
+    changed = wallet.freeze(ctx.conn, args.org_id, args.reason, actor=args.actor)
+    return _after_freeze(ctx, args, "wallet.freeze", changed)
+
+
+@command("wallet unfreeze", "lift one freeze reason (others stay)", *FREEZE_ARGS)
+def wallet_unfreeze(ctx: Context, args: argparse.Namespace) -> Result:
+    changed = wallet.unfreeze(ctx.conn, args.org_id, args.reason, actor=args.actor)
+    return _after_freeze(ctx, args, "wallet.unfreeze", changed)
+
+
+@command(
+    "ledger verify",
+    "every balance against its journal; exit 1 when any differs",
+    arg("--org", dest="org_id", metavar="ORG_ID", help="only this organization"),
+    exit_status=lambda result: EXIT_OK if result["ok"] else EXIT_REFUSED,
+)
+def ledger_verify(ctx: Context, args: argparse.Namespace) -> Result:
+    count = _wallet_count(ctx.conn, args.org_id)
+    ctx.progress(f"checking {count} wallet{'' if count == 1 else 's'}…")
+    mismatches = wallet.verify(ctx.conn, args.org_id)
+    return {
+        "ok": not mismatches,
+        "wallets_checked": count,
+        "mismatches": [m.as_dict() for m in mismatches],
+    }
+
+
+@command("status", "may this organization send, and why not", ORG_ID)
+def status(ctx: Context, args: argparse.Namespace) -> Result:
+    return sending.decide(ctx.conn, args.org_id, _policy(ctx)).as_dict()
+
+
+CAMPAIGN_ARGS = (ORG_ID, arg("campaign_id", metavar="CAMPAIGN_ID"))
+CAMPAIGN_COLUMNS = ("campaign_id", "status", "paused_by", "pause_reason")
+
+
+def _campaigns(ctx: Context, org_id: str, campaign: sending.Campaign | None = None) -> Result:
+    result: Result = {
+        "org_id": org_id,
+        "campaigns": [c.as_dict() for c in sending.list_campaigns(ctx.conn, org_id)],
+    }
+    if campaign is not None:
+        result.update(campaign.as_dict())
+    return result
+
+
+_CAMPAIGN_RENDER = {"render": lambda r: output.render(r, {"campaigns": CAMPAIGN_COLUMNS})}
+
+
+@command(
+    "campaign create",
+    "a campaign, running unless the organization may not send",
+    *CAMPAIGN_ARGS,
+    **_CAMPAIGN_RENDER,
+)
+def campaign_create(ctx: Context, args: argparse.Namespace) -> Result:
+    campaign = sending.create_campaign(ctx.conn, args.org_id, args.campaign_id, _policy(ctx))
+    return _campaigns(ctx, args.org_id, campaign)
+
+
+@command(
+    "campaign pause",
+    "the user's own pause (stays until the user resumes)",
+    *CAMPAIGN_ARGS,
+    **_CAMPAIGN_RENDER,
+)
+def campaign_pause(ctx: Context, args: argparse.Namespace) -> Result:
+    campaign = sending.pause_campaign(ctx.conn, args.org_id, args.campaign_id)
+    return _campaigns(ctx, args.org_id, campaign)
+
+
+@command(
+    "campaign resume",
+    "the user's resume; refused while the organization may not send",
+    *CAMPAIGN_ARGS,
+    **_CAMPAIGN_RENDER,
+)
+def campaign_resume(ctx: Context, args: argparse.Namespace) -> Result:
+    campaign = sending.resume_campaign(ctx.conn, args.org_id, args.campaign_id, _policy(ctx))
+    return _campaigns(ctx, args.org_id, campaign)
+
+
+@command("campaign list", "the organization's campaigns", ORG_ID, **_CAMPAIGN_RENDER)
+def campaign_list(ctx: Context, args: argparse.Namespace) -> Result:
+    return _campaigns(ctx, args.org_id)
+
+
+@command(
+    "message send",
+    "queue one SMS through the safe send path",
+    ORG_ID,
+    arg("--to", required=True, metavar="E164", help="the recipient, +15551234567"),
+    arg("--body", required=True, metavar="TEXT"),
+    arg("--campaign", dest="campaign_id", metavar="CAMPAIGN_ID"),
+)
+def message_send(ctx: Context, args: argparse.Namespace) -> Result:
+    message = messages.queue(
+        ctx.conn, args.org_id, args.to, args.body, _policy(ctx), args.campaign_id
+    )
+    _publish_after_commit(ctx, messages.SEND_TASK, [message.message_id], None)
+    return message.as_dict()
+
+
+@command("message show", "one message", arg("message_id", metavar="MESSAGE_ID"))
+def message_show(ctx: Context, args: argparse.Namespace) -> Result:
+    return messages.get(ctx.conn, args.message_id).as_dict()
+
+
+EVENT_COLUMNS = ("id", "provider", "event_id", "event_type", "status", "attempts", "last_error")
+
+
+@command(
+    "events list",
+    "the webhook inbox, newest first",
+    arg("--status", choices=inbox.STATUSES),
+    arg("--provider", choices=("paypal", "stripe")),
+    arg("--limit", type=int, default=100, metavar="N"),
+    render=lambda r: output.render(r, {"events": EVENT_COLUMNS}),
+)
+def events_list(ctx: Context, args: argparse.Namespace) -> Result:
+    events = inbox.list_events(
+        ctx.conn, status=args.status, provider=args.provider, limit=args.limit
+    )
+    return {"events": [e.as_dict() for e in events]}
+
+
+EVENT_ID = arg("id", type=int, metavar="ID", help="the inbox id (see events list)")
+
+
+@command("events show", "one inbox event", EVENT_ID)
+def events_show(ctx: Context, args: argparse.Namespace) -> Result:
+    return inbox.get(ctx.conn, args.id).as_dict()
+
+
+@command(
+    "events replay",
+    "queue a parked or failed event again",
+    EVENT_ID,
+    arg("--actor", default="operator", metavar="NAME"),
+)
+def events_replay(ctx: Context, args: argparse.Namespace) -> Result:
+    event, outbox_id = inbox.replay(ctx.conn, args.id, actor=args.actor)
+    _publish_after_commit(ctx, inbox.PROCESS_EVENT_TASK, [event.id], outbox_id)
+    return event.as_dict()
+
+
+@command(
+    "dev",
+    "the whole stack on this machine (embedded PostgreSQL and Redis unless the URLs are set)",
+    needs="nothing",
+    exit_status=lambda result: result["exit_status"],
+    render=lambda result: "",
+)
+def dev(ctx: Context, args: argparse.Namespace) -> Result:
+    from cli.devstack import run_dev  # embedded services are dev-only dependencies
+
+    status = run_dev(Path("Procfile"), Path("var/dev"))
+    return {"exit_status": status if isinstance(status, int) else EXIT_OK}
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class UsageError(Exception):
+    def __init__(self, message: str, usage: str, prog: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse would print and exit; raising lets main answer in JSON when asked to.
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.format_usage(), self.prog)
+
+
+def _add_json_flag(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's default must not overwrite a --json given before it.
+    parser.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS,
+        help="print one JSON object on stdout",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    root = _Parser(
+        prog="payguard",
+        description="Payguard operations: organizations, wallets, the ledger, the dev stack.",
+        allow_abbrev=False,
+    )
+    _add_json_flag(root)
+    parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {(): root}
+    children: dict[tuple[str, ...], Any] = {}
+    for words, cmd in COMMANDS.items():
+        for depth in range(1, len(words) + 1):
+            prefix = words[:depth]
+            if prefix in parsers:
+                continue
+            parent = words[: depth - 1]
+            if parent not in children:
+                children[parent] = parsers[parent].add_subparsers(
+                    title="commands", metavar="COMMAND", required=True
+                )
+            helptext = cmd.help if prefix == words else GROUPS.get(prefix[-1], "")
+            parser = children[parent].add_parser(
+                prefix[-1], help=helptext, description=helptext, allow_abbrev=False
+            )
+            _add_json_flag(parser)
+            parsers[prefix] = parser
+        for flags, kwargs in cmd.args:
+            parsers[words].add_argument(*flags, **kwargs)
+        parsers[words].set_defaults(command_=cmd)
+    return root
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    # Decided before parsing so that usage errors, too, can answer in JSON.
+    for word in argv:
+        if word == "--":
+            return False
+        if word == "--json":
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- running
+
+
+def _execute(cmd: Command, args: argparse.Namespace) -> Result:
+    interactive = sys.stderr.isatty()
+    if cmd.needs == "nothing":
+        return cmd.run(Context(None, interactive), args)
+    settings = load_settings("DATABASE_URL")
+    if cmd.needs == "settings":
+        return cmd.run(Context(settings, interactive), args)
+    assert settings.DATABASE_URL
+    engine = make_engine(settings.DATABASE_URL, pool_size=1, max_overflow=0)
+    try:
+        hooks: list[Callable[[], None]] = []
+        result = run_in_transaction(
+            engine, lambda conn: cmd.run(Context(settings, interactive, conn, hooks), args)
+        )
+        for hook in hooks:
+            hook()
+        return result
+    finally:
+        engine.dispose()
+
+
+def _one_line(exc: DBAPIError) -> str:
+    return " ".join(str(exc.orig).split())
+
+
+def _fail(message: str, status: int, as_json: bool, prog: str = "payguard") -> int:
+    print(f"{prog}: {message}", file=sys.stderr)
+    if as_json:
+        output.emit_json({"error": message})
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = _wants_json(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        sys.stderr.write(exc.usage)
+        return _fail(str(exc), EXIT_USAGE, as_json, f"{exc.prog}: error")
+    cmd: Command = args.command_
+    try:
+        result = _execute(cmd, args)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE, as_json)
+    except PayguardError as exc:
+        return _fail(str(exc), EXIT_REFUSED, as_json)
+    except OperationalError as exc:
+        return _fail(f"database unavailable: {_one_line(exc)}", EXIT_REFUSED, as_json)
+    except DBAPIError as exc:
+        return _fail(f"database error: {_one_line(exc)}", EXIT_REFUSED, as_json)
+    except Exception as exc:
+        if as_json:  # still one JSON object on stdout; the traceback goes to stderr only,
+            # as the message may quote configuration (a URL with its password).
+            output.emit_json({"error": f"internal error ({type(exc).__name__}), see stderr"})
+        raise
+    if as_json:
+        output.emit_json(result)
+    elif text_form := cmd.render(result):
+        print(text_form)
+    return cmd.exit_status(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
