@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 # PayPal reports the money of a lost dispute as its own PAYMENT.CAPTURE.REVERSED event;
 # clawing back on the dispute's resolution too would take the money twice.
 _DISPUTE_LOSS_ARRIVES_SEPARATELY = {"paypal"}
+# Stripe announces one Checkout payment by two events (checkout.session.completed and
+# payment_intent.succeeded) whose organization hints need not both be set.
+_PAYMENT_ANNOUNCED_TWICE = {"stripe"}
+
+# A PayPal refund's custom_id is whatever the refund request set, not necessarily the org the
+# capture credited: only the capture we credited says whose money goes back.
+_REFUND_NEEDS_ITS_PAYMENT = {"paypal"}
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,22 @@ def _money(fn, *args, **kwargs):
 
 
 def credit_payment(conn: Connection, ev: PaymentCaptured) -> str:
+    if not ev.org_id:
+        # Stripe announces a Checkout payment twice, and only the session is sure to name the
+        # organization: its payment intent, often delivered first, may not.
+        credited_to = _payment_org(conn, ev.provider, [ev.payment_id])
+        if credited_to:
+            return credited_to
+        if ev.provider in _PAYMENT_ANNOUNCED_TWICE:
+            raise NotYetApplicable(f"payment {ev.payment_id} names no organization yet")
     org_id = _known_org(conn, ev.org_id, "payment")
+    # Journal references are unique per organization only: the payment row, claimed before
+    # any money moves, keeps two announcements naming two organizations from crediting both.
+    owner = _claim_payment(conn, ev, org_id)
+    if owner != org_id:
+        raise ParkEvent(
+            f"{ev.provider} payment {ev.payment_id} names {org_id!r} but was credited to {owner!r}"
+        )
     _money(
         wallet.credit,
         conn,
@@ -147,24 +169,39 @@ def credit_payment(conn: Connection, ev: PaymentCaptured) -> str:
         currency=ev.currency,
         reason=f"{ev.provider} payment {ev.payment_id}",
     )
-    conn.execute(
-        text(
-            "INSERT INTO payments (provider, payment_id, org_id, kind, amount_cents, currency) "
-            "VALUES (:p, :id, :o, 'payment', :a, :c) ON CONFLICT DO NOTHING"
-        ),
-        {
-            "p": ev.provider,
-            "id": ev.payment_id,
-            "o": org_id,
-            "a": ev.amount_cents,
-            "c": ev.currency,
-        },
-    )
     return org_id
 
 
+def _claim_payment(conn: Connection, ev: PaymentCaptured, org_id: str) -> str:
+    """Record the payment for `org_id` unless it is recorded already; its organization.
+
+    A concurrent claim of the same payment waits on the primary key until this one commits."""
+    params = {
+        "p": ev.provider,
+        "id": ev.payment_id,
+        "o": org_id,
+        "a": ev.amount_cents,
+        "c": ev.currency,
+    }
+    claimed = conn.execute(
+        text(
+            "INSERT INTO payments (provider, payment_id, org_id, kind, amount_cents, currency) "
+            "VALUES (:p, :id, :o, 'payment', :a, :c) ON CONFLICT DO NOTHING RETURNING org_id"
+        ),
+        params,
+    ).scalar()
+    if claimed is not None:
+        return claimed
+    # A separate statement: its snapshot sees the claim a concurrent transaction committed.
+    return conn.execute(
+        text("SELECT org_id FROM payments WHERE provider = :p AND payment_id = :id"), params
+    ).scalar_one()
+
+
 def claw_back_refund(conn: Connection, ev: PaymentRefunded) -> str:
-    org_id = ev.org_id or _payment_org(conn, ev.provider, [ev.payment_id])
+    org_id = _payment_org(conn, ev.provider, [ev.payment_id])
+    if not org_id and ev.provider not in _REFUND_NEEDS_ITS_PAYMENT:
+        org_id = ev.org_id
     if not org_id:
         raise NotYetApplicable(f"refund {ev.refund_id} of unknown payment {ev.payment_id}")
     org_id = _known_org(conn, org_id, "refund")

@@ -1,15 +1,39 @@
 """Asking the providers' REST APIs what a subscription's status is now, for the reconciliation
-of missed webhooks. An adapter like core/twilio_gateway.py: the only place these calls live."""
+of missed webhooks. An adapter like core/twilio_gateway.py: the only place these calls live.
+
+Each adapter answers `subscription_status(id) -> (status lower-case, when it was set or None)`
+and raises NotFound when the provider has no such subscription, TransientError for anything
+else that went wrong (the next reconciliation run asks again).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from datetime import datetime
+from typing import Protocol
 
 import requests
+import stripe
 
 from core.errors import NotFound, TransientError
+from core.settings import Settings
+
+
+class SubscriptionApi(Protocol):
+    def subscription_status(self, subscription_id: str) -> tuple[str, datetime | None]: ...
+
+
+def build_subscription_apis(settings: Settings) -> dict[str, SubscriptionApi]:
+    """The providers that can be asked, by provider name: those with API credentials set."""
+    apis: dict[str, SubscriptionApi] = {}
+    if settings.PAYPAL_CLIENT_ID and settings.PAYPAL_CLIENT_SECRET:
+        apis["paypal"] = PayPalApi(
+            settings.PAYPAL_API_BASE, settings.PAYPAL_CLIENT_ID, settings.PAYPAL_CLIENT_SECRET
+        )
+    if settings.STRIPE_API_KEY:
+        apis["stripe"] = StripeApi(settings.STRIPE_API_BASE, settings.STRIPE_API_KEY)
+    return apis
 
 
 class PayPalApi:
@@ -64,3 +88,35 @@ class PayPalApi:
         body = r.json()
         when = parse_time(body.get("status_update_time")) or parse_time(body.get("update_time"))
         return str(body["status"]).lower(), when
+
+
+class StripeApi:
+    """GET /v1/subscriptions/{id} through the stripe package, against STRIPE_API_BASE."""
+
+    def __init__(self, api_base: str, api_key: str, timeout: float = 10.0) -> None:
+        self.api_base = api_base.rstrip("/")
+        self._client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": self.api_base},
+            # The next reconciliation run is the retry; a beat job must not sleep on backoff.
+            max_network_retries=0,
+            http_client=stripe.RequestsClient(timeout=timeout),
+        )
+
+    def subscription_status(self, subscription_id: str) -> tuple[str, datetime | None]:
+        try:
+            subscription = self._client.v1.subscriptions.retrieve(subscription_id)
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                raise NotFound(f"Stripe has no subscription {subscription_id}") from None
+            raise TransientError(f"Stripe API refused: {exc.user_message or exc}") from None
+        except stripe.StripeError as exc:
+            raise TransientError(
+                f"Stripe API failed ({type(exc).__name__}, {exc.http_status})"
+            ) from None
+        status = getattr(subscription, "status", None)
+        if not isinstance(status, str) or not status:
+            raise TransientError(f"Stripe answered subscription {subscription_id} without status")
+        # A subscription carries no time its status was set (see core/stripe_events.py), so
+        # the answer is as of now: the caller dates it with its own clock.
+        return status.lower(), None

@@ -150,6 +150,22 @@ class Reconciled:
 def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
     """Bring campaigns and the subaccount's desired status in line with the decision."""
     decision = decide(conn, org_id, policy)
+    # The subaccount first: its desired status is itself a reason, and campaigns paused below
+    # must carry every reason, or the next reconcile would rewrite them all again.
+    desired = "active" if decision.subscription_allows else "suspended"
+    changed = (
+        conn.execute(
+            text(
+                "UPDATE organizations SET twilio_desired_status = :d "
+                "WHERE org_id = :o AND twilio_desired_status <> :d RETURNING org_id"
+            ),
+            {"o": org_id, "d": desired},
+        ).first()
+        is not None
+    )
+    if changed:
+        inbox.enqueue(conn, SYNC_TWILIO_TASK, [org_id])
+        decision = decide(conn, org_id, policy)
     if decision.can_send:
         resumed = tuple(
             conn.execute(
@@ -178,20 +194,6 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
             ).scalars()
         )
         resumed = ()
-    desired = "active" if decision.subscription_allows else "suspended"
-    changed = (
-        conn.execute(
-            text(
-                "UPDATE organizations SET twilio_desired_status = :d "
-                "WHERE org_id = :o AND twilio_desired_status <> :d RETURNING org_id"
-            ),
-            {"o": org_id, "d": desired},
-        ).first()
-        is not None
-    )
-    if changed:
-        inbox.enqueue(conn, SYNC_TWILIO_TASK, [org_id])
-        decision = decide(conn, org_id, policy)
     if paused or resumed or changed:
         log.info(
             "sending state reconciled",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Port = Annotated[int, Field(ge=0, le=65535)]
 
 DEFAULT_CERT_PREFIXES = (
     "https://api.paypal.com/v1/notifications/certs/,"
@@ -34,6 +36,9 @@ class Settings(BaseSettings):
 
     STRIPE_WEBHOOK_SECRET: str | None = None
     STRIPE_PAST_DUE_GRACE_HOURS: int = 72
+    # Reconciliation of missed subscription webhooks; unset, Stripe subscriptions are not asked.
+    STRIPE_API_KEY: str | None = None
+    STRIPE_API_BASE: str = "https://api.stripe.com"
 
     TWILIO_ACCOUNT_SID: str | None = None
     TWILIO_AUTH_TOKEN: str | None = None
@@ -54,6 +59,10 @@ class Settings(BaseSettings):
     OUTBOX_GRACE_SECONDS: float = 2.0
     RELAY_INTERVAL_SECONDS: float = 2.0
     BROKER_PUBLISH_TIMEOUT: float = 0.5
+
+    # Prometheus /metrics of the worker's main process and of beat (0: not served).
+    WORKER_METRICS_PORT: Port = 9808
+    BEAT_METRICS_PORT: Port = 9809
 
     @field_validator("DATABASE_URL")
     @classmethod

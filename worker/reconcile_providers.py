@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from core import sending, subscriptions
 from core.db import run_in_transaction
 from core.errors import PayguardError
+from core.provider_api import build_subscription_apis
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -18,13 +19,11 @@ BATCH = 100
 
 
 def refresh_stale(settings: Settings, engine: Engine, policy: sending.Policy) -> int:
-    if not (settings.PAYPAL_CLIENT_ID and settings.PAYPAL_CLIENT_SECRET):
+    """Refresh stale subscriptions of every provider whose API credentials are set; return
+    how many changed status."""
+    apis = build_subscription_apis(settings)
+    if not apis:
         return 0
-    from core.provider_api import PayPalApi
-
-    api = PayPalApi(
-        settings.PAYPAL_API_BASE, settings.PAYPAL_CLIENT_ID, settings.PAYPAL_CLIENT_SECRET
-    )
     stale = run_in_transaction(
         engine,
         lambda c: [
@@ -32,25 +31,34 @@ def refresh_stale(settings: Settings, engine: Engine, policy: sending.Policy) ->
             for r in subscriptions.stale(
                 c, timedelta(seconds=settings.SUBSCRIPTION_STALE_SECONDS), BATCH
             )
-            if r.provider == "paypal"
+            if r.provider in apis
         ],
     )
     changed = 0
     for row in stale:
         try:
-            status, when = api.subscription_status(row.subscription_id)
+            status, when = apis[row.provider].subscription_status(row.subscription_id)
         except PayguardError as exc:
             log.warning(
                 "subscription refresh failed",
-                extra={"subscription_id": row.subscription_id, "error": str(exc)},
+                extra={
+                    "provider": row.provider,
+                    "subscription_id": row.subscription_id,
+                    "error": str(exc),
+                },
             )
             continue
 
         def apply(conn, row=row, status=status, when=when) -> bool:
             applied = subscriptions.apply_status(
-                conn, "paypal", row.subscription_id, row.org_id, status, when or datetime.now(UTC)
+                conn,
+                row.provider,
+                row.subscription_id,
+                row.org_id,
+                status,
+                when or datetime.now(UTC),
             )
-            subscriptions.mark_checked(conn, "paypal", row.subscription_id)
+            subscriptions.mark_checked(conn, row.provider, row.subscription_id)
             if applied.org_id:
                 sending.reconcile(conn, applied.org_id, policy)
             return applied.changed
@@ -58,7 +66,11 @@ def refresh_stale(settings: Settings, engine: Engine, policy: sending.Policy) ->
         if run_in_transaction(engine, apply):
             changed += 1
             log.info(
-                "subscription refreshed from PayPal",
-                extra={"subscription_id": row.subscription_id, "status": status},
+                "subscription refreshed from its provider",
+                extra={
+                    "provider": row.provider,
+                    "subscription_id": row.subscription_id,
+                    "status": status,
+                },
             )
     return changed

@@ -1,9 +1,9 @@
-"""What each Stripe event means for Payguard, and which subscription statuses may send."""
+"""What each Stripe event means for Payguard."""
 
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 
@@ -17,7 +17,7 @@ from core.provider_events import (
     SubscriptionChanged,
     SubscriptionPayment,
 )
-from core.stripe_events import HANDLED_TYPES, allows_sending, normalize
+from core.stripe_events import HANDLED_TYPES, normalize
 from tests.fakes import stripe_payloads as sp
 
 CREATED = 1_760_000_000
@@ -451,45 +451,3 @@ def test_wrong_shape_is_malformed(event, change):
 def test_non_event_is_malformed(event):
     with pytest.raises(MalformedEvent):
         normalize(event)
-
-
-# -- may it send ------------------------------------------------------------------------
-
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-GRACE = timedelta(days=3)
-
-
-@pytest.mark.parametrize("status", ["active", "trialing"])
-def test_active_and_trialing_allow_sending(status):
-    assert allows_sending(status, None, NOW, GRACE)
-
-
-@pytest.mark.parametrize(
-    "status",
-    ["unpaid", "canceled", "incomplete", "incomplete_expired", "paused", "something_new", ""],
-)
-def test_other_statuses_block_sending(status):
-    assert not allows_sending(status, NOW - timedelta(minutes=1), NOW, GRACE)
-
-
-@pytest.mark.parametrize(
-    ("since", "allowed"),
-    [
-        (NOW, True),
-        (NOW - timedelta(days=2, hours=23), True),
-        (NOW - GRACE, True),
-        (NOW - GRACE - timedelta(seconds=1), False),
-        (NOW - timedelta(days=10), False),
-    ],
-)
-def test_past_due_allows_sending_only_within_grace(since, allowed):
-    assert allows_sending("past_due", since, NOW, GRACE) is allowed
-
-
-def test_past_due_without_a_start_blocks_sending():
-    assert not allows_sending("past_due", None, NOW, GRACE)
-
-
-def test_naive_datetimes_are_refused():
-    with pytest.raises(ValueError):
-        allows_sending("past_due", NOW.replace(tzinfo=None), NOW, GRACE)
