@@ -237,9 +237,11 @@ def open_dispute(conn: Connection, ev: DisputeOpened) -> str:
     if not org_id:
         raise NotYetApplicable(f"dispute {ev.dispute_id} of unknown payments")
     org_id = _known_org(conn, org_id, "dispute")
-    wallet.freeze(
-        conn, org_id, f"dispute:{ev.dispute_id}", actor=ev.provider, note="dispute opened"
-    )
+    reason = f"dispute:{ev.dispute_id}"
+    # Providers order nothing: a dispute already closed must not freeze when its opening
+    # arrives late, or nothing would ever lift that freeze.
+    if not wallet.ever_lifted(conn, org_id, reason):
+        wallet.freeze(conn, org_id, reason, actor=ev.provider, note="dispute opened")
     return org_id
 
 
@@ -259,13 +261,12 @@ def close_dispute(conn: Connection, ev: DisputeClosed) -> str:
             kind="dispute_lost",
             reason=f"{ev.provider} dispute {ev.dispute_id} lost",
         )
-    wallet.unfreeze(
-        conn,
-        org_id,
-        f"dispute:{ev.dispute_id}",
-        actor=ev.provider,
-        note="dispute lost" if ev.lost else "dispute closed",
-    )
+    reason, note = f"dispute:{ev.dispute_id}", "dispute lost" if ev.lost else "dispute closed"
+    if not wallet.unfreeze(conn, org_id, reason, actor=ev.provider, note=note):
+        if not wallet.ever_lifted(conn, org_id, reason):
+            wallet.record_lifted(
+                conn, org_id, reason, actor=ev.provider, note=f"{note} before it was opened"
+            )
     return org_id
 
 

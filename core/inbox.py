@@ -98,11 +98,13 @@ def store(
     body: bytes,
 ) -> tuple[StoredEvent, int | None]:
     """Store a verified event and its outbox row; (event, outbox id) or (first event, None)."""
-    if not event_id or len(event_id) > 255:
-        raise InvalidInput("event id must be 1-255 characters")
-    if not event_type or len(event_type) > 255:
-        raise InvalidInput("event type must be 1-255 characters")
-    kept = {k.lower(): v for k, v in headers.items() if k.lower() in _KEPT_HEADERS}
+    for name, value in (("event id", event_id), ("event type", event_type)):
+        if not value or len(value) > 255 or not value.isprintable():
+            raise InvalidInput(f"{name} must be 1-255 printable characters")
+    # PostgreSQL text and jsonb cannot hold NUL; nothing legitimate in a header has one.
+    kept = {
+        k.lower(): v.replace("\x00", "") for k, v in headers.items() if k.lower() in _KEPT_HEADERS
+    }
     row = conn.execute(
         _STORE,
         {

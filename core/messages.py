@@ -168,7 +168,7 @@ def prepare(
     row = conn.execute(
         text(
             "SELECT m.message_id, m.org_id, m.campaign_id, m.to_number, m.body, m.status, "
-            "m.price_cents, o.twilio_subaccount_sid, o.sender FROM messages m "
+            "m.price_cents, m.send_attempt, o.twilio_subaccount_sid, o.sender FROM messages m "
             "JOIN organizations o ON o.org_id = m.org_id "
             "WHERE m.message_id = :m FOR UPDATE OF m"
         ),
@@ -185,36 +185,48 @@ def prepare(
     if row.status not in ("queued", "retrying"):
         return None
     if row.status == "queued":
-        reasons = list(
-            sending.decide(conn, row.org_id, policy, needed_cents=row.price_cents).reasons
-        )
-        if row.campaign_id and _campaign_paused(conn, row.org_id, row.campaign_id):
-            reasons.append(CAMPAIGN_PAUSED)
+        reasons = _refusals(conn, row, policy, needed_cents=row.price_cents)
         if not reasons and row.price_cents > 0:
             try:
                 wallet.hold(conn, row.org_id, row.price_cents, hold_reference(message_id))
             except Refused:
                 # Another send took the last of the balance between decision and hold.
-                reasons = list(
-                    sending.decide(conn, row.org_id, policy, needed_cents=row.price_cents).reasons
-                ) or [sending.INSUFFICIENT_BALANCE]
-        if reasons:
-            conn.execute(
-                text(
-                    "UPDATE messages SET status = 'blocked', block_reasons = CAST(:r AS jsonb), "
-                    "updated_at = now() WHERE message_id = :m"
-                ),
-                {"r": json.dumps(reasons), "m": message_id},
-            )
-            sending.reconcile(conn, row.org_id, policy)
-            return None
+                reasons = _refusals(conn, row, policy, needed_cents=row.price_cents) or [
+                    sending.INSUFFICIENT_BALANCE
+                ]
+    else:
+        # A retry: the hold is already ours, but whatever blocked sending since (a lapsed
+        # subscription, a suspension, a freeze, a pause) stops it before it reaches Twilio.
+        reasons = _refusals(conn, row, policy, needed_cents=0)
+        if reasons and row.price_cents > 0:
+            wallet.release(conn, row.org_id, hold_reference(message_id))
+    if reasons:
+        conn.execute(
+            text(
+                "UPDATE messages SET status = 'blocked', block_reasons = CAST(:r AS jsonb), "
+                "updated_at = now() WHERE message_id = :m"
+            ),
+            {"r": json.dumps(reasons), "m": message_id},
+        )
+        sending.reconcile(conn, row.org_id, policy)
+        return None
     conn.execute(
-        text("UPDATE messages SET status = 'sending', updated_at = now() WHERE message_id = :m"),
-        {"m": message_id},
+        text(
+            "UPDATE messages SET status = 'sending', send_attempt = :a, updated_at = now() "
+            "WHERE message_id = :m"
+        ),
+        {"a": attempt, "m": message_id},
     )
     return Plan(
         message_id, row.org_id, row.twilio_subaccount_sid, row.sender, row.to_number, row.body
     )
+
+
+def _refusals(conn: Connection, row, policy: sending.Policy, *, needed_cents: int) -> list[str]:
+    reasons = list(sending.decide(conn, row.org_id, policy, needed_cents=needed_cents).reasons)
+    if row.campaign_id and _campaign_paused(conn, row.org_id, row.campaign_id):
+        reasons.append(CAMPAIGN_PAUSED)
+    return reasons
 
 
 def _campaign_paused(conn: Connection, org_id: str, campaign_id: str) -> bool:
@@ -330,8 +342,11 @@ def apply_status_callback(
     *,
     price: str | None = None,
     price_unit: str | None = None,
+    policy: sending.Policy | None = None,
 ) -> str | None:
-    """Move a message forward only; `failed` refunds its charge once. Returns the new status."""
+    """Move a message forward only; `failed` refunds its charge once. Returns the new status.
+
+    A refund can make sending possible again, so it reconciles campaigns in the same unit."""
     status = status.lower()
     if status not in CALLBACK_STATUSES:
         return None
@@ -370,6 +385,7 @@ def apply_status_callback(
         conn.execute(
             text("UPDATE messages SET refunded = true WHERE message_id = :m"), {"m": row.message_id}
         )
+        sending.reconcile(conn, row.org_id, policy or sending.Policy())
     return status
 
 

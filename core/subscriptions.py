@@ -112,17 +112,21 @@ def org_of(conn: Connection, provider: str, subscription_id: str) -> str | None:
     ).scalar()
 
 
-def stale(conn: Connection, older_than: timedelta, limit: int) -> list:
-    """Subscriptions whose last event or check is older than `older_than` (missed webhooks)."""
+def stale(
+    conn: Connection, older_than: timedelta, limit: int, providers: list[str] | None = None
+) -> list:
+    """Subscriptions whose last event or check is older than `older_than` (missed webhooks),
+    of the given providers only, so a provider nobody can ask never crowds out the rest."""
     return list(
         conn.execute(
             text(
                 "SELECT provider, subscription_id, org_id, status FROM subscriptions "
                 "WHERE greatest(last_event_at, coalesce(checked_at, last_event_at)) < :cut "
+                "AND (CAST(:providers AS text[]) IS NULL OR provider = ANY(:providers)) "
                 "ORDER BY greatest(last_event_at, coalesce(checked_at, last_event_at)) "
                 "LIMIT :limit FOR UPDATE SKIP LOCKED"
             ),
-            {"cut": datetime.now(UTC) - older_than, "limit": limit},
+            {"cut": datetime.now(UTC) - older_than, "limit": limit, "providers": providers},
         )
     )
 

@@ -674,6 +674,33 @@ def unfreeze(
     return True
 
 
+def ever_lifted(conn: Connection, org_id: str, reason: str) -> bool:
+    """Whether a freeze with this reason was ever lifted (or closed before it was opened)."""
+    return (
+        conn.execute(
+            text(
+                "SELECT 1 FROM wallet_freezes WHERE org_id = :org AND reason = :reason "
+                "AND lifted_at IS NOT NULL LIMIT 1"
+            ),
+            {"org": org_id, "reason": reason},
+        ).first()
+        is not None
+    )
+
+
+def record_lifted(conn: Connection, org_id: str, reason: str, *, actor: str, note: str) -> None:
+    """Remember that a reason is already settled, without ever freezing the wallet for it
+    (a dispute closed before its opening arrived)."""
+    _wallet_row(conn, org_id)
+    conn.execute(
+        text(
+            "INSERT INTO wallet_freezes (org_id, reason, actor, note, lifted_at, lifted_by, "
+            "lift_note) VALUES (:org, :reason, :actor, :note, now(), :actor, :note)"
+        ),
+        {"org": org_id, "reason": reason, "actor": actor, "note": note},
+    )
+
+
 def show(conn: Connection, org_id: str) -> WalletState:
     row = conn.execute(_WALLET, {"org": org_id}).first()
     if row is None:

@@ -26,13 +26,9 @@ def refresh_stale(settings: Settings, engine: Engine, policy: sending.Policy) ->
         return 0
     stale = run_in_transaction(
         engine,
-        lambda c: [
-            r
-            for r in subscriptions.stale(
-                c, timedelta(seconds=settings.SUBSCRIPTION_STALE_SECONDS), BATCH
-            )
-            if r.provider in apis
-        ],
+        lambda c: subscriptions.stale(
+            c, timedelta(seconds=settings.SUBSCRIPTION_STALE_SECONDS), BATCH, sorted(apis)
+        ),
     )
     changed = 0
     for row in stale:
@@ -46,6 +42,12 @@ def refresh_stale(settings: Settings, engine: Engine, policy: sending.Policy) ->
                     "subscription_id": row.subscription_id,
                     "error": str(exc),
                 },
+            )
+            # Checked all the same: one that always fails goes to the back of the queue
+            # instead of taking a place in every batch.
+            run_in_transaction(
+                engine,
+                lambda c, row=row: subscriptions.mark_checked(c, row.provider, row.subscription_id),
             )
             continue
 
