@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -557,11 +558,25 @@ def _run_dev(
         raise _fail(f"migrations failed: {type(exc).__name__}: {exc}") from exc
 
     env = dev_environment(db_url, redis_url, data_dir)
+    paypal_note = "PAYPAL_WEBHOOK_ID from the environment"
+    if "PAYPAL_WEBHOOK_ID" not in os.environ:
+        # Trust only the dev stack's own signing certificate, served on 127.0.0.1, so that
+        # `payguard sample paypal …` goes through the real verification path.
+        from cli import devpaypal
+
+        cert_url, prefix = devpaypal.serve_certificate(data_dir / "paypal")
+        env.update(PAYPAL_WEBHOOK_ID=devpaypal.WEBHOOK_ID, PAYPAL_CERT_URL_PREFIXES=prefix)
+        paypal_note = f"dev signing certificate at {cert_url}"
+    # For a second terminal: `set -a; . var/dev/env; set +a` and the CLI talks to this stack.
+    (data_dir / "env").write_text(
+        "".join(f"{k}={shlex.quote(env[k])}\n" for k in ("DATABASE_URL", "REDIS_URL", "PORT"))
+    )
     print(
         "payguard dev\n"
         f"  database  {db_url}  ({db_note}; schema at {revision or 'no revision'})\n"
         f"  broker    {redis_url}  ({redis_note})\n"
         f"  web       http://127.0.0.1:{env['PORT']}/  (PORT={env['PORT']})\n"
+        f"  paypal    {paypal_note}\n"
         f"  processes {', '.join(processes)}; Ctrl-C stops everything",
         flush=True,
     )

@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from cli import output
 from core import audit, inbox, messages, orgs, sending, wallet
 from core.db import make_engine, run_in_transaction
-from core.errors import PayguardError
+from core.errors import InvalidInput, PayguardError, Refused
 from core.settings import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -86,6 +86,7 @@ GROUPS = {
     "campaign": "campaigns and their pauses",
     "message": "the safe send path",
     "events": "the webhook inbox",
+    "sample": "signed sample webhooks for the dev stack",
 }
 
 
@@ -433,6 +434,60 @@ def events_replay(ctx: Context, args: argparse.Namespace) -> Result:
     event, outbox_id = inbox.replay(ctx.conn, args.id, actor=args.actor)
     _publish_after_commit(ctx, inbox.PROCESS_EVENT_TASK, [event.id], outbox_id)
     return event.as_dict()
+
+
+@command(
+    "sample paypal",
+    "sign a sample PayPal webhook with the dev stack's certificate and post it to web",
+    ORG_ID,
+    arg(
+        "--event",
+        default="capture",
+        choices=("capture", "refund", "subscription-activated", "subscription-cancelled"),
+    ),
+    arg("--amount", default="10.00", help="decimal amount, e.g. 12.34"),
+    arg("--currency", default="USD"),
+    arg(
+        "--capture-id", metavar="ID", help="the capture a refund refers to (or reuse for a capture)"
+    ),
+    arg("--subscription-id", metavar="ID"),
+    arg(
+        "--url",
+        default=None,
+        metavar="URL",
+        help="the receiver (default http://127.0.0.1:$PORT/webhooks/paypal, PORT 5000)",
+    ),
+    needs="nothing",
+    exit_status=lambda result: EXIT_OK if result["http_status"] == 200 else EXIT_REFUSED,
+)
+def sample_paypal(ctx: Context, args: argparse.Namespace) -> Result:
+    import os
+
+    from cli import devpaypal
+
+    url = args.url or f"http://127.0.0.1:{os.environ.get('PORT', '5000')}/webhooks/paypal"
+    try:
+        event = devpaypal.sample_event(
+            args.event,
+            args.org_id,
+            args.amount,
+            args.currency,
+            args.capture_id,
+            args.subscription_id,
+        )
+    except (ValueError, ArithmeticError) as exc:
+        raise InvalidInput(f"bad sample: {exc}") from None
+    try:
+        status, answer = devpaypal.post_sample(Path("var/dev/paypal"), url, event)
+    except (OSError, FileNotFoundError) as exc:
+        raise Refused(str(exc)) from None
+    return {
+        "http_status": status,
+        "answer": answer,
+        "event_id": event["id"],
+        "event_type": event["event_type"],
+        "resource_id": event["resource"]["id"],
+    }
 
 
 @command(

@@ -71,8 +71,8 @@ _COLUMNS = (
 
 _STORE = text(f"""
 WITH e AS (
-    INSERT INTO webhook_events (provider, event_id, event_type, headers, body)
-    VALUES (:provider, :event_id, :event_type, CAST(:headers AS jsonb), :body)
+    INSERT INTO webhook_events (provider, event_id, event_type, headers, body, transmission_id)
+    VALUES (:provider, :event_id, :event_type, CAST(:headers AS jsonb), :body, :transmission)
     ON CONFLICT ON CONSTRAINT webhook_event_once DO NOTHING
     RETURNING {_COLUMNS}
 ), o AS (
@@ -96,8 +96,13 @@ def store(
     event_type: str,
     headers: Mapping[str, str],
     body: bytes,
+    transmission_id: str | None = None,
 ) -> tuple[StoredEvent, int | None]:
-    """Store a verified event and its outbox row; (event, outbox id) or (first event, None)."""
+    """Store a verified event and its outbox row; (event, outbox id) or (first event, None).
+
+    A `transmission_id` already used by another event makes the INSERT fail with an
+    IntegrityError that `is_replayed_transmission` recognizes: a genuine retry carries the
+    same event id and is answered as a duplicate before that index is checked."""
     for name, value in (("event id", event_id), ("event type", event_type)):
         if not value or len(value) > 255 or not value.isprintable():
             raise InvalidInput(f"{name} must be 1-255 printable characters")
@@ -113,6 +118,7 @@ def store(
             "event_type": event_type,
             "headers": json.dumps(kept),
             "body": body,
+            "transmission": transmission_id,
         },
     ).first()
     if row is not None:
@@ -122,6 +128,11 @@ def store(
         {"p": provider, "e": event_id},
     ).one()
     return _row(existing, duplicate=True), None
+
+
+def is_replayed_transmission(exc: BaseException) -> bool:
+    """The store failed because the transmission id was already used by another event."""
+    return "webhook_events_transmission_once" in str(getattr(exc, "orig", exc))
 
 
 def get(conn: Connection, inbox_id: int) -> StoredEvent:

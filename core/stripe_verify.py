@@ -81,6 +81,9 @@ def verify_stripe(
 def _parse_header(sig_header: str | None) -> tuple[int, list[str]]:
     if not sig_header:
         raise InvalidStripeWebhook("headers", "missing Stripe-Signature header")
+    if not sig_header.isascii():
+        # Stripe compares signatures with hmac.compare_digest on str: TypeError on non-ASCII.
+        raise InvalidStripeWebhook("headers", "garbled Stripe-Signature header")
     timestamps: list[str] = []
     signatures: list[str] = []
     for item in sig_header.split(","):

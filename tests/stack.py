@@ -31,8 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
-             what: str = "condition") -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> T:
     """Poll until predicate() is truthy; its value, or AssertionError after timeout."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -44,8 +48,10 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
         except Exception as exc:  # the thing polled may not be up yet
             last_exc = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}"
+        + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
 
 
 class Proc:
@@ -57,8 +63,13 @@ class Proc:
 
     def start(self) -> Proc:
         self._log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.argv, env=self.env, stdout=self._log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.popen = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     @property
@@ -108,17 +119,37 @@ class Proc:
         self._log.close()
 
 
-def start_worker(env: dict[str, str], log_dir: Path, *, concurrency: int = 1,
-                 pool: str = "prefork", ready_timeout: float = 30.0) -> Proc:
+def start_worker(
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    concurrency: int = 1,
+    pool: str = "prefork",
+    ready_timeout: float = 30.0,
+) -> Proc:
     name = f"w{uuid.uuid4().hex[:8]}@payguard-test"
-    proc = Proc("worker", [
-        str(BIN / "celery"), "-A", "worker.celery_app:app", "worker", "--loglevel=INFO",
-        f"--concurrency={concurrency}", f"--pool={pool}", "--prefetch-multiplier=1",
-        "-Q", "payguard.events,payguard.send,payguard.twilio,payguard.beat",
-        "--without-gossip", "--without-mingle", "-n", name,
-    ], env, log_dir).start()
-    wait_for(lambda: "ready." in proc.log() or not proc.alive(), ready_timeout,
-             what="worker ready")
+    proc = Proc(
+        "worker",
+        [
+            str(BIN / "celery"),
+            "-A",
+            "worker.celery_app:app",
+            "worker",
+            "--loglevel=INFO",
+            f"--concurrency={concurrency}",
+            f"--pool={pool}",
+            "--prefetch-multiplier=1",
+            "-Q",
+            "payguard.events,payguard.send,payguard.twilio,payguard.beat",
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            name,
+        ],
+        env,
+        log_dir,
+    ).start()
+    wait_for(lambda: "ready." in proc.log() or not proc.alive(), ready_timeout, what="worker ready")
     if not proc.alive():
         raise AssertionError(f"worker died at start:\n{proc.log()}")
     return proc
@@ -126,10 +157,19 @@ def start_worker(env: dict[str, str], log_dir: Path, *, concurrency: int = 1,
 
 def start_beat(env: dict[str, str], log_dir: Path) -> Proc:
     schedule = log_dir / f"beat-{uuid.uuid4().hex[:6]}"
-    return Proc("beat", [
-        str(BIN / "celery"), "-A", "worker.celery_app:app", "beat", "--loglevel=INFO",
-        f"--schedule={schedule}",
-    ], env, log_dir).start()
+    return Proc(
+        "beat",
+        [
+            str(BIN / "celery"),
+            "-A",
+            "worker.celery_app:app",
+            "beat",
+            "--loglevel=INFO",
+            f"--schedule={schedule}",
+        ],
+        env,
+        log_dir,
+    ).start()
 
 
 class Web(Proc):
@@ -140,17 +180,63 @@ class Web(Proc):
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_web(env: dict[str, str], log_dir: Path, *, workers: int = 1,
-              ready_timeout: float = 30.0) -> Web:
+def start_web(
+    env: dict[str, str], log_dir: Path, *, workers: int = 1, ready_timeout: float = 30.0
+) -> Web:
     port = free_port()
-    proc = Web("web", [
-        str(BIN / "gunicorn"), "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
-        "--timeout", "30", "webhook_receiver.app:create_app()",
-    ], env, log_dir)
+    proc = Web(
+        "web",
+        [
+            str(BIN / "gunicorn"),
+            "--workers",
+            str(workers),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--timeout",
+            "30",
+            "webhook_receiver.app:create_app()",
+        ],
+        env,
+        log_dir,
+    )
     proc.port = port
     proc.start()
-    wait_for(lambda: not proc.alive() or requests.get(f"{proc.url}/healthz", timeout=1).ok,
-             ready_timeout, what="web ready")
+    wait_for(
+        lambda: not proc.alive() or requests.get(f"{proc.url}/healthz", timeout=1).ok,
+        ready_timeout,
+        what="web ready",
+    )
+    if not proc.alive():
+        raise AssertionError(f"web died at start:\n{proc.log()}")
+    return proc
+
+
+def procfile_command(process: str) -> str:
+    """The command line of one process type in the repository's Procfile."""
+    procfile = Path(__file__).resolve().parents[1] / "Procfile"
+    for line in procfile.read_text().splitlines():
+        name, sep, command = line.partition(":")
+        if sep and name.strip() == process:
+            return command.strip()
+    raise KeyError(f"no {process!r} process in {procfile}")
+
+
+def start_procfile_web(
+    env: dict[str, str], log_dir: Path, *, workers: int = 1, ready_timeout: float = 30.0
+) -> Web:
+    """The Procfile's own `web` line (its gunicorn config included) on a free port, with
+    PORT and WEB_CONCURRENCY=workers in its environment; the shell execs gunicorn, so `pid`
+    is the master and `children()` its workers."""
+    port = free_port()
+    env = {**env, "PORT": str(port), "WEB_CONCURRENCY": str(workers)}
+    proc = Web("web", ["/bin/sh", "-c", f"exec {procfile_command('web')}"], env, log_dir)
+    proc.port = port
+    proc.start()
+    wait_for(
+        lambda: not proc.alive() or requests.get(f"{proc.url}/healthz", timeout=1).ok,
+        ready_timeout,
+        what="web ready",
+    )
     if not proc.alive():
         raise AssertionError(f"web died at start:\n{proc.log()}")
     return proc

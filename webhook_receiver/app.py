@@ -14,7 +14,8 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from core import inbox
 from core.db import make_engine, run_in_transaction
@@ -48,21 +49,27 @@ class Unavailable(Exception):
 
 def create_app(settings: Settings | None = None, *, paypal_clock: Callable | None = None) -> Flask:
     settings = settings or load_settings_or_exit("DATABASE_URL", "REDIS_URL")
+    from core import logging_setup
     from webhook_receiver import metrics
 
+    logging_setup.configure(settings.LOG_FORMAT)
+
     app = Flask("payguard")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    # One byte more than allowed: a chunked body (no Content-Length) is cut off silently at
+    # this limit by Werkzeug, so raw_body() must be able to see that there was more.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY + 1
     paypal_verifier = None
     if settings.PAYPAL_WEBHOOK_ID:
         from core.paypal_verify import build_verifier
 
         paypal_verifier = build_verifier(settings, clock=paypal_clock)
+    engine = make_engine(settings.DATABASE_URL or "", pool_size=4, max_overflow=4)
     receiver = Receiver(
         settings=settings,
-        engine=make_engine(settings.DATABASE_URL or "", pool_size=4, max_overflow=4),
+        engine=engine,
         publisher=Publisher(settings.REDIS_URL or "", timeout=settings.BROKER_PUBLISH_TIMEOUT),
         paypal_verifier=paypal_verifier,
-        metrics=metrics,
+        metrics=metrics.ReceiverMetrics(engine),  # counters + database gauges per scrape
     )
     app.extensions["payguard"] = receiver
 
@@ -79,8 +86,11 @@ def answer(http_status: int, /, **body: Any) -> Response:
 
 
 def raw_body() -> bytes:
-    """The exact bytes PayPal or Stripe signed, refused past 1 MiB (Flask answers 413)."""
-    return request.get_data(cache=True, as_text=False)
+    """The exact bytes PayPal or Stripe signed, refused past 1 MiB (answered 413)."""
+    body = request.get_data(cache=True, as_text=False)
+    if len(body) > MAX_BODY:
+        raise RequestEntityTooLarge()
+    return body
 
 
 def accept(
@@ -90,15 +100,22 @@ def accept(
     event_type: str,
     headers: dict[str, str],
     body: bytes,
+    transmission_id: str | None = None,
 ) -> Response:
     """Store the verified event with its outbox row, answer, then try to publish."""
     try:
         stored, outbox_id = run_in_transaction(
             receiver.engine,
-            lambda conn: inbox.store(conn, provider, event_id, event_type, headers, body),
+            lambda conn: inbox.store(
+                conn, provider, event_id, event_type, headers, body, transmission_id
+            ),
         )
     except InvalidInput as exc:
         raise BadRequest("payload", str(exc)) from None
+    except IntegrityError as exc:
+        if inbox.is_replayed_transmission(exc):
+            raise BadRequest("replay", "transmission already used by another event") from None
+        raise Unavailable("storage refused the event") from None
     except SQLAlchemyError as exc:
         log.error("inbox unavailable", extra={"provider": provider, "error": str(exc)[:200]})
         raise Unavailable("storage unavailable") from None
@@ -157,9 +174,12 @@ def readiness(receiver: Receiver) -> tuple[bool, dict[str, str]]:
 
 
 def parse_json_object(body: bytes) -> dict:
+    """The body as one JSON object, else BadRequest. Strict UTF-8, as the providers send it:
+    `json.loads(bytes)` would also take UTF-16/32 and encoded surrogates. Nesting deeper than
+    the parser's recursion limit is malformed too (RecursionError), not a 500."""
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        payload = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise BadRequest("payload", "body is not JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest("payload", "body is not a JSON object")

@@ -1,16 +1,38 @@
-"""Prometheus metrics of the receiver (multiprocess-aware when PROMETHEUS_MULTIPROC_DIR is set)."""
+"""Prometheus metrics of the receiver: request counters, and gauges read from PostgreSQL.
+
+Counters count in the process that served the request. With several gunicorn workers,
+PROMETHEUS_MULTIPROC_DIR makes prometheus_client keep them in per-process files that any
+worker's /metrics adds up (webhook_receiver/gunicorn_conf.py sets the directory up before the
+first fork: prometheus_client picks files or memory when it is first imported).
+
+The gauges (events by status, open holds, frozen wallets, messages, ledger mismatches) are the
+database's state, read at scrape time by DatabaseCollector. They are the same whichever worker
+answers, so the collector is registered in the registry built for each scrape, never in the
+multiprocess files. A query that fails or runs past its statement timeout drops its gauges and
+sets payguard_metrics_scrape_error to 1; the scrape itself still answers.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Connection, Engine, text
+
+from core import wallet
+
+log = logging.getLogger(__name__)
 
 WEBHOOKS = Counter(
     "payguard_webhooks_received_total",
@@ -23,12 +45,161 @@ VERIFY_FAILURES = Counter(
     ["provider", "cause"],
 )
 
+# Per statement: a slow or locked table must not hold the scrape past Prometheus' timeout.
+STATEMENT_TIMEOUT = "2s"
+EVENT_STATUSES = ("received", "processed", "ignored", "parked", "failed")
+MESSAGE_STATUSES = (
+    "queued",
+    "sending",
+    "retrying",
+    "blocked",
+    "accepted",
+    "rejected",
+    "unknown",
+    "not_sent",
+    "sent",
+    "delivered",
+    "undelivered",
+    "failed",
+    "read",
+)
 
-def render() -> tuple[bytes, str]:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _by_status(
+    name: str, documentation: str, counts: dict[str, int], known: Iterable[str]
+) -> GaugeMetricFamily:
+    """One sample per status; known statuses at 0 when absent, so `> 0` alerts have a series."""
+    family = GaugeMetricFamily(name, documentation, labels=["status"])
+    for status in sorted({*known, *counts}):
+        family.add_metric([status], counts.get(status, 0))
+    return family
+
+
+def _status_counts(conn: Connection, table: str) -> dict[str, int]:
+    rows = conn.execute(text(f"SELECT status, count(*) FROM {table} GROUP BY status"))
+    return {status: count for status, count in rows}
+
+
+def _events(conn: Connection) -> list[Metric]:
+    counts = _status_counts(conn, "webhook_events")
+    return [_by_status("payguard_events", "Webhook events by status", counts, EVENT_STATUSES)]
+
+
+def _holds(conn: Connection) -> list[Metric]:
+    count, cents = conn.execute(
+        text("SELECT count(*), coalesce(sum(amount_cents), 0) FROM holds WHERE status = 'open'")
+    ).one()
+    return [
+        _gauge("payguard_open_holds", "Holds not yet captured or released", count),
+        _gauge("payguard_open_holds_cents", "Money set aside by open holds, in cents", cents),
+    ]
+
+
+def _frozen(conn: Connection) -> list[Metric]:
+    count = conn.execute(text("SELECT count(*) FROM wallets WHERE active_freezes > 0")).scalar()
+    return [_gauge("payguard_frozen_wallets", "Wallets with at least one freeze", count or 0)]
+
+
+def _messages(conn: Connection) -> list[Metric]:
+    # A scan of the whole table: fine while messages are kept in the millions, not beyond.
+    counts = _status_counts(conn, "messages")
+    return [
+        _by_status("payguard_messages", "Messages by status", counts, MESSAGE_STATUSES),
+        _gauge(
+            "payguard_blocked_messages",
+            "Messages refused before sending (no money, frozen, inactive, suspended)",
+            counts.get("blocked", 0),
+        ),
+    ]
+
+
+def _ledger(conn: Connection) -> list[Metric]:
+    # wallet.verify aggregates the whole journal on every scrape: its cost grows with the
+    # journal. Fine for now; when it nears the statement timeout, publish the beat job's
+    # result (verify_ledger) instead of recomputing it here.
+    mismatches = wallet.verify(conn)
+    return [
+        _gauge(
+            "payguard_ledger_mismatches",
+            "Wallet figures that disagree with their journal, holds or freezes",
+            len(mismatches),
+        )
+    ]
+
+
+READERS: tuple[Callable[[Connection], list[Metric]], ...] = (
+    _events,
+    _holds,
+    _frozen,
+    _messages,
+    _ledger,
+)
+
+
+class DatabaseCollector(Collector):
+    """The database's state as gauges, queried on every scrape in one read-only transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        families, failed = self._read()
+        yield from families
+        yield _gauge(
+            "payguard_metrics_scrape_error",
+            "1 when a database query of this scrape failed; the gauges it feeds are missing",
+            int(failed),
+        )
+
+    def _read(self) -> tuple[list[Metric], bool]:
+        families: list[Metric] = []
+        failed = False
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                conn.execute(text("SET TRANSACTION READ ONLY"))
+                conn.execute(text(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'"))
+                for read in READERS:
+                    try:
+                        # A savepoint each: one timed-out query costs only its own gauges.
+                        with conn.begin_nested():
+                            families += read(conn)
+                    except Exception as exc:
+                        failed = True
+                        log.warning(
+                            "metrics query failed",
+                            extra={"query": read.__name__, "error": str(exc)[:200]},
+                        )
+        except Exception as exc:  # no connection at all: the database is down or saturated
+            failed = True
+            log.warning("metrics database unavailable", extra={"error": str(exc)[:200]})
+        return families, failed
+
+
+class _ThisProcess(Collector):
+    """The counters of this process (no multiprocess directory: one process answers)."""
+
+    def collect(self) -> Iterator[Metric]:
+        return REGISTRY.collect()
+
+
+class ReceiverMetrics:
+    """What the routes count with, and /metrics' body: the counters plus the database gauges."""
+
+    WEBHOOKS = WEBHOOKS
+    VERIFY_FAILURES = VERIFY_FAILURES
+
+    def __init__(self, engine: Engine) -> None:
+        self.database = DatabaseCollector(engine)
+
+    def render(self) -> tuple[bytes, str]:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry.register(_ThisProcess())
+        registry.register(self.database)
         return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
-
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

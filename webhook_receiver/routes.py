@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -64,7 +66,10 @@ def paypal_webhook() -> Response:
         event_id, event_type = paypal_events.event_meta(parse_json_object(body))
     except MalformedEvent as exc:
         raise BadRequest("payload", str(exc)) from None
-    response = accept(receiver, "paypal", event_id, event_type, dict(request.headers), body)
+    response = accept(
+        receiver, "paypal", event_id, event_type, dict(request.headers), body,
+        transmission_id=request.headers.get("PAYPAL-TRANSMISSION-ID"),
+    )  # fmt: skip
     receiver.metrics.WEBHOOKS.labels("paypal", "200").inc()
     return response
 
@@ -108,10 +113,15 @@ def metrics() -> Response:
 def twilio_status() -> Response:
     from core import messages
     from core.db import run_in_transaction
+    from core.sending import Policy
     from core.twilio_gateway import validate_status_callback
 
     receiver = _receiver()
     s = receiver.settings
+    policy = Policy(
+        default_segment_price_cents=s.SMS_SEGMENT_PRICE_CENTS,
+        past_due_grace=timedelta(hours=s.STRIPE_PAST_DUE_GRACE_HOURS),
+    )
     url = f"{(s.PUBLIC_BASE_URL or request.host_url).rstrip('/')}/webhooks/twilio/status"
     token = s.TWILIO_AUTH_TOKEN or ""
     if not validate_status_callback(
@@ -131,6 +141,7 @@ def twilio_status() -> Response:
                 status,
                 price=request.form.get("Price"),
                 price_unit=request.form.get("PriceUnit"),
+                policy=policy,
             ),
         )
     except Exception as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init
 
-from worker import runtime
+from worker import metrics, runtime  # noqa: F401  (metrics: its signal handlers connect)
 
 QUEUES = ("payguard.events", "payguard.send", "payguard.twilio", "payguard.beat")
 
@@ -66,5 +66,7 @@ def _logging(loglevel: object = None, **_: object) -> None:
     """Our formatter instead of Celery's: JSON lines carrying the task id."""
     from core import logging_setup
 
-    logging_setup.configure(runtime.settings().LOG_FORMAT, str(loglevel or "INFO"))
+    # Celery hands over the level already resolved to a number (20); str() of it is no level.
+    level = loglevel if isinstance(loglevel, int) else str(loglevel or "INFO").upper()
+    logging_setup.configure(runtime.settings().LOG_FORMAT, level)  # type: ignore[arg-type]
     logging_setup.add_context_provider(_task_context)

@@ -26,7 +26,10 @@ class Publisher:
             broker_connection_max_retries=0,
             broker_transport_options={
                 "socket_connect_timeout": timeout,
-                "socket_timeout": max(timeout, 1.0),
+                # Not more than `timeout` either: a broker that accepts connections but does
+                # not answer (stopped, swapping, partitioned mid-stream) would otherwise hold
+                # each webhook request for a full second on top of its own work.
+                "socket_timeout": timeout,
                 "max_retries": 0,
             },
             broker_pool_limit=4,

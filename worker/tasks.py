@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from core import handlers, inbox, twilio_accounts
 from core.db import run_in_transaction
 from core.errors import NotYetApplicable, ParkEvent, RetryableConflict, TransientError
-from worker import runtime
+from worker import metrics, runtime
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def process_event(self: Task, inbox_id: int) -> str:
         return outcome.status
     except NotYetApplicable as exc:
         if retries < max_retries:
+            _note_attempt(inbox_id, exc)
             raise self.retry(countdown=backoff(retries), exc=exc) from None
         _settle(inbox_id, "parked", str(exc))
         log.warning("event parked", extra={"inbox_id": inbox_id, "reason": str(exc)})
@@ -59,8 +60,9 @@ def process_event(self: Task, inbox_id: int) -> str:
         log.warning("event parked", extra={"inbox_id": inbox_id, "reason": str(exc)})
         return "parked"
     except TRANSIENT as exc:
-        _note_attempt(inbox_id, exc)
         if retries < max_retries:
+            # A retried try is counted here; the last one is counted by _settle (inbox.finish).
+            _note_attempt(inbox_id, exc)
             raise self.retry(countdown=backoff(retries), exc=exc) from None
         _settle(inbox_id, "failed", f"retries exhausted: {exc}")
         log.error("event failed", extra={"inbox_id": inbox_id, "error": str(exc)})
@@ -97,6 +99,7 @@ def sync_twilio_account(self: Task, org_id: str) -> str:
     result = twilio_accounts.converge_one(
         runtime.engine(), runtime.gateway(), org_id, runtime.policy()
     )
+    metrics.count_twilio_account_sync(result)
     if result == "retry":
         if self.request.retries < runtime.settings().TASK_MAX_RETRIES:
             raise self.retry(countdown=backoff(self.request.retries))
@@ -133,6 +136,7 @@ def send_message(self: Task, message_id: str) -> str:
             result = runtime.gateway().send_message(
                 plan.subaccount_sid, plan.sender, plan.to, plan.body, callback
             )
+            metrics.count_twilio_send(result.outcome)
         except ValueError as exc:  # refused before any request was made
             result = SendResult(SendOutcome.REJECTED, error_message=str(exc))
     status = run_in_transaction(

@@ -36,8 +36,10 @@ def _freezes(engine, org_id: str) -> tuple[str, ...]:
 
 
 def test_dispute_resolved_before_it_was_created_never_freezes(engine, paid_org):
-    assert _apply(engine, pp.dispute_resolved("PP-D-1", "CAP-1", "RESOLVED_SELLER_FAVOUR")) \
+    assert (
+        _apply(engine, pp.dispute_resolved("PP-D-1", "CAP-1", "RESOLVED_SELLER_FAVOUR"))
         == "processed"
+    )
     assert _apply(engine, pp.dispute_created("PP-D-1", "CAP-1")) == "processed"
 
     assert _freezes(engine, paid_org) == ()
@@ -54,9 +56,7 @@ def test_dispute_in_order_freezes_then_lifts(engine, paid_org):
 
 def test_an_event_id_with_a_nul_is_refused_as_bad_input(engine):
     with pytest.raises(InvalidInput):
-        run_in_transaction(
-            engine, lambda c: inbox.store(c, "paypal", "WH-\x00", "X", {}, b"{}")
-        )
+        run_in_transaction(engine, lambda c: inbox.store(c, "paypal", "WH-\x00", "X", {}, b"{}"))
 
 
 def test_nul_in_a_kept_header_is_dropped_not_fatal(engine):

@@ -1,0 +1,202 @@
+"""Debits per second through the core API beside the same SQL run on bare psycopg.
+
+Each cell runs for --seconds: a number of threads debiting either one hot wallet (every debit
+queues on the same row lock) or wallets spread over 1,000 organizations. `core` is the
+production path, `core.db.run_in_transaction(engine, wallet.debit)`; `raw` executes the very
+statement wallet.debit runs (wallet._DEBIT) with psycopg.connect, autocommit off, one
+transaction per debit, one connection per thread. The ratio core/raw is the cost of the API.
+
+The benchmark creates a scratch database on the server of --database-url, migrates it with
+migrations.upgrade, and drops it at the end.
+
+    .venv/bin/python bench/debits.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import itertools
+import os
+import pstats
+import re
+import secrets
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import psycopg  # noqa: E402
+from psycopg import sql  # noqa: E402
+
+import migrations  # noqa: E402
+from cli.devstack import database_url as url_for  # noqa: E402
+from core import orgs, wallet  # noqa: E402
+from core.db import make_engine, run_in_transaction  # noqa: E402
+
+SPREAD = 1_000
+START_BALANCE = 10**12
+
+# The statement wallet.debit executes, with psycopg's placeholders instead of SQLAlchemy's.
+RAW_DEBIT = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", wallet._DEBIT.text)
+
+
+def org_ids(layout: str) -> list[str]:
+    return ["hot"] if layout == "hot" else [f"org-{i:04d}" for i in range(SPREAD)]
+
+
+def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> float:
+    """Debits per second of one (mode, layout, threads) cell."""
+    targets = org_ids(layout)
+    barrier = threading.Barrier(threads + 1)
+    stop = threading.Event()
+    counts = [0] * threads
+    tag = secrets.token_hex(3)
+    engine = make_engine(url, pool_size=threads, max_overflow=0) if mode == "core" else None
+
+    def debit_core(t: int) -> None:
+        with engine.connect():  # warm this thread's pooled connection before the clock
+            pass
+        barrier.wait()
+        for i in itertools.count():
+            if stop.is_set():
+                break
+            org, ref = targets[(t + i * threads) % len(targets)], f"{tag}-{t}-{i}"
+            run_in_transaction(engine, lambda c, o=org, r=ref: wallet.debit(c, o, 1, r))
+            counts[t] += 1
+
+    def debit_raw(t: int) -> None:
+        with psycopg.connect(url, autocommit=False) as conn:
+            barrier.wait()
+            for i in itertools.count():
+                if stop.is_set():
+                    break
+                org, ref = targets[(t + i * threads) % len(targets)], f"{tag}-{t}-{i}"
+                params = {
+                    "org": org,
+                    "amt": 1,
+                    "ref": ref,
+                    "kind": "debit",
+                    "actor": "system",
+                    "reason": None,
+                    "check_freeze": True,
+                }
+                row = conn.execute(RAW_DEBIT, params).fetchone()
+                conn.commit()
+                assert row is not None and row[0] == 1, row  # the same guarded success
+                counts[t] += 1
+
+    work = debit_core if mode == "core" else debit_raw
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    barrier.wait()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for th in pool:
+        th.join()
+    elapsed = time.perf_counter() - started
+    if engine is not None:
+        engine.dispose()
+    return sum(counts) / elapsed
+
+
+def setup(url: str) -> None:
+    migrations.upgrade(url)
+    engine = make_engine(url)
+
+    def create(conn):
+        for org in org_ids("hot") + org_ids("spread"):
+            orgs.create(conn, org)
+            wallet.credit(conn, org, START_BALANCE, "seed")
+
+    run_in_transaction(engine, create)
+    engine.dispose()
+
+
+def profile_core(url: str, seconds: float) -> None:
+    """Where one thread's time goes on the core path (cProfile, cumulative)."""
+    engine = make_engine(url, pool_size=1, max_overflow=0)
+    profiler = cProfile.Profile()
+    deadline = time.perf_counter() + seconds
+    profiler.enable()
+    for i in itertools.count():
+        if time.perf_counter() > deadline:
+            break
+        run_in_transaction(engine, lambda c, r=f"prof-{i}": wallet.debit(c, "hot", 1, r))
+    profiler.disable()
+    engine.dispose()
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL") or os.environ.get("TEST_DATABASE_URL"),
+        help="a server where this role may CREATE DATABASE (default: DATABASE_URL, "
+        "else TEST_DATABASE_URL)",
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="per cell (default 5)")
+    parser.add_argument("--threads", default="1,16", help="comma-separated (default 1,16)")
+    parser.add_argument("--layouts", default="hot,spread", help="hot and/or spread")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each cell's raw and core this many times, alternating, and report the "
+        "medians (for a noisy machine; default 1)",
+    )
+    parser.add_argument(
+        "--synchronous-commit",
+        choices=("on", "off"),
+        default="on",
+        help="for both sides; off takes the WAL flush out of each commit, leaving the "
+        "client-side cost the ratio is about (default on, the server's durable setting)",
+    )
+    parser.add_argument("--profile", action="store_true", help="also cProfile the core path")
+    args = parser.parse_args(argv)
+    if not args.database_url:
+        parser.error("--database-url (or DATABASE_URL / TEST_DATABASE_URL) is required")
+
+    name = f"payguard_bench_{secrets.token_hex(4)}"
+    url = bench_url = url_for(args.database_url, name)
+    if args.synchronous_commit == "off":
+        bench_url += ("&" if "?" in url else "?") + "options=-csynchronous_commit%3Doff"
+    with psycopg.connect(args.database_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        setup(url)
+        header = (
+            f"{'layout':<8} {'threads':>7} {'core ops/s':>11} {'raw ops/s':>10} {'core/raw':>9}"
+        )
+        print(header)
+        print("-" * len(header))
+        for layout in args.layouts.split(","):
+            for threads in (int(n) for n in args.threads.split(",")):
+                raws, cores = [], []
+                for _ in range(args.rounds):
+                    raws.append(run_cell("raw", bench_url, layout, threads, args.seconds))
+                    cores.append(run_cell("core", bench_url, layout, threads, args.seconds))
+                raw, core = statistics.median(raws), statistics.median(cores)
+                print(
+                    f"{layout:<8} {threads:>7} {core:>11.0f} {raw:>10.0f} {core / raw:>8.2f}x",
+                    flush=True,
+                )
+        if args.profile:
+            profile_core(bench_url, args.seconds)
+    finally:
+        with psycopg.connect(args.database_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

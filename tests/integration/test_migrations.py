@@ -1,0 +1,139 @@
+"""Migration hygiene: one head, a schema that builds on an empty database, comes down to
+nothing and builds again identically, and a `release` that is safe to run twice, even at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+import migrations
+from core import orgs, wallet
+from core.db import make_engine, run_in_transaction
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+SCHEMA = """
+SELECT 'column', table_name || '.' || column_name || ' ' || data_type || ' '
+       || is_nullable || ' ' || coalesce(column_default, '')
+FROM information_schema.columns WHERE table_schema = 'public'
+UNION ALL
+SELECT 'constraint', conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+UNION ALL
+SELECT 'index', indexdef FROM pg_indexes WHERE schemaname = 'public'
+UNION ALL
+SELECT 'trigger', tgrelid::regclass || ' ' || pg_get_triggerdef(oid)
+FROM pg_trigger WHERE NOT tgisinternal
+UNION ALL
+SELECT 'function', p.proname || ' ' || md5(p.prosrc)
+FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace
+ORDER BY 1, 2
+"""
+
+
+def schema(url: str) -> list[tuple[str, str]]:
+    """Everything the migrations define, alembic's own bookkeeping left out."""
+    engine = make_engine(url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as c:
+            return [tuple(r) for r in c.execute(text(SCHEMA)) if "alembic_version" not in r[1]]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def empty_database_url(pg_server):
+    """A database with nothing in it, not cloned from the migrated template."""
+    from psycopg import sql
+
+    name = f"payguard_empty_{secrets.token_hex(6)}"
+    with pg_server.admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield pg_server.url_for(name)
+    finally:
+        with pg_server.admin() as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def test_there_is_exactly_one_alembic_head():
+    assert len(migrations.heads()) == 1, migrations.heads()
+
+
+def test_upgrade_builds_an_empty_database_and_is_safe_to_run_twice(empty_database_url):
+    [head] = migrations.heads()
+    assert migrations.current(empty_database_url) is None
+    assert schema(empty_database_url) == []
+
+    assert migrations.upgrade(empty_database_url) == head
+    built = schema(empty_database_url)
+    assert migrations.upgrade(empty_database_url) == head
+
+    assert built and schema(empty_database_url) == built
+    assert ("trigger", "journal") in {(kind, what.split()[0]) for kind, what in built}
+
+
+def test_downgrade_to_base_removes_everything_and_upgrade_builds_it_again(database_url):
+    [head] = migrations.heads()
+    assert migrations.current(database_url) == head
+    before = schema(database_url)
+    engine = make_engine(database_url)
+    try:
+        # Data in every ledger table must not stop the way down (the journal refuses DELETE).
+        def some_money(conn):
+            orgs.create(conn, "acme")
+            wallet.credit(conn, "acme", 500, "pay-1")
+            wallet.hold(conn, "acme", 100, "sms-1")
+            wallet.freeze(conn, "acme", "kyc", actor="ann")
+
+        run_in_transaction(engine, some_money)
+        engine.dispose()
+
+        migrations.downgrade(database_url, "base")
+        assert migrations.current(database_url) in (None, "")
+        assert schema(database_url) == []
+
+        assert migrations.upgrade(database_url) == head
+        assert schema(database_url) == before
+
+        # The rebuilt schema works, and its journal is append-only again.
+        run_in_transaction(engine, some_money)
+        assert run_in_transaction(engine, wallet.verify) == []
+        with pytest.raises(DBAPIError), engine.begin() as c:
+            c.execute(text("DELETE FROM journal"))
+    finally:
+        engine.dispose()
+
+
+def test_two_releases_at_once_both_succeed(empty_database_url):
+    # The Procfile's `release` may run twice at once (two deploys); the advisory lock in
+    # migrations/env.py makes the second wait, then find nothing to do.
+    [head] = migrations.heads()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    script = "import sys, migrations; print(migrations.upgrade(sys.argv[1]))"
+    releases = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, empty_database_url],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outcomes = [p.communicate(timeout=120) for p in releases]
+
+    assert [p.returncode for p in releases] == [0, 0], outcomes
+    assert [out.strip().splitlines()[-1] for out, _ in outcomes] == [head, head]
+    assert migrations.current(empty_database_url) == head
