@@ -28,9 +28,15 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, **kw) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 5, max_overflow: int = 10, pre_ping: bool = True, **kw
+) -> Engine:
+    """An engine with a bounded pool. `pre_ping=False` saves a round trip per checkout where a
+    stale connection may simply fail the request (the receiver: the provider retries)."""
     if "poolclass" not in kw:
-        kw.update(pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+        kw.update(
+            pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=pre_ping, pool_recycle=300
+        )
     return create_engine(
         sqlalchemy_url(url),
         connect_args={"connect_timeout": 5, "application_name": "payguard"},

@@ -237,7 +237,11 @@ def enqueue(conn: Connection, task: str, args: list) -> int:
     ).scalar_one()
 
 
-def mark_published(conn: Connection, outbox_ids: list[int]) -> None:
+def mark_published(conn: Connection, outbox_ids: list[int], *, durable: bool = True) -> None:
+    """Record a publish. `durable=False` skips the WAL flush wait: losing the mark in a crash
+    only makes the relay publish again, which processing tolerates."""
+    if not durable:
+        conn.execute(text("SET LOCAL synchronous_commit = off"))
     if outbox_ids:
         conn.execute(
             text(

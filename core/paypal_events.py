@@ -202,8 +202,9 @@ def _subscription_payment_failed(payload: dict, resource: Resource) -> Normalize
         amount_cents=amount_cents,
         currency=currency,
         status=_required_str(resource, "status", "resource").lower(),
-        occurred_at=parse_time(failed.get("time"))
-        or _first_time(payload, resource, "update_time", "status_update_time"),
+        # The status it carries is as of the resource's update, not of the failed charge.
+        occurred_at=_first_time(payload, resource, "update_time", "status_update_time")
+        or parse_time(failed.get("time")),
     )
 
 
@@ -390,6 +391,7 @@ _BUILDERS: dict[str, Callable[[dict, Resource], NormalizedEvent]] = {
     "PAYMENT.CAPTURE.PENDING": _capture_not_completed,
     "PAYMENT.CAPTURE.DENIED": _capture_not_completed,
     "PAYMENT.CAPTURE.DECLINED": _capture_not_completed,
+    "BILLING.SUBSCRIPTION.CREATED": _subscription_changed,  # APPROVAL_PENDING blocks
     "BILLING.SUBSCRIPTION.ACTIVATED": _subscription_changed,
     "BILLING.SUBSCRIPTION.RE-ACTIVATED": _subscription_changed,
     "BILLING.SUBSCRIPTION.UPDATED": _subscription_changed,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 import threading
@@ -191,7 +192,9 @@ def expected_message(
     return f"{transmission_id}|{transmission_time}|{webhook_id}|{crc}".encode()
 
 
+@functools.lru_cache(maxsize=64)
 def _load_certificate(cert_pem: bytes) -> x509.Certificate:
+    # Cached by content: the same few certificates sign every webhook.
     try:
         return x509.load_pem_x509_certificate(cert_pem)
     except (ValueError, TypeError):

@@ -63,7 +63,9 @@ def create_app(settings: Settings | None = None, *, paypal_clock: Callable | Non
         from core.paypal_verify import build_verifier
 
         paypal_verifier = build_verifier(settings, clock=paypal_clock)
-    engine = make_engine(settings.DATABASE_URL or "", pool_size=4, max_overflow=4)
+    # No pre-ping: a connection that went stale fails one request with 503, which the
+    # provider retries; pinging would cost a round trip on every webhook.
+    engine = make_engine(settings.DATABASE_URL or "", pool_size=4, max_overflow=4, pre_ping=False)
     receiver = Receiver(
         settings=settings,
         engine=engine,
@@ -146,7 +148,9 @@ def publish_now(receiver: Receiver, outbox_id: int, inbox_id: int) -> None:
         )
         return
     try:
-        run_in_transaction(receiver.engine, lambda conn: inbox.mark_published(conn, [outbox_id]))
+        run_in_transaction(
+            receiver.engine, lambda conn: inbox.mark_published(conn, [outbox_id], durable=False)
+        )
     except SQLAlchemyError:
         pass  # the relay will publish it again; processing is idempotent
 

@@ -276,8 +276,13 @@ def test_three_gunicorn_workers_count_every_request_once_in_any_scrape(
             )
             assert result.value("payguard_metrics_scrape_error") == 0
 
-        os.kill(web.children()[0], signal.SIGKILL)  # its counts happened: they stay
-        wait_for(lambda: len(web.children()) == 3, 20, what="gunicorn replacing its worker")
+        killed = web.children()[0]
+        os.kill(killed, signal.SIGKILL)  # its counts happened: they stay
+        wait_for(
+            lambda: killed not in web.children() and len(web.children()) == 3,
+            20,
+            what="gunicorn replacing its worker",
+        )
         after_death = scrape(web.url)
         assert (
             after_death.value("payguard_webhooks_received_total", provider="paypal", answer="400")

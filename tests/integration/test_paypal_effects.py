@@ -310,11 +310,6 @@ def test_a_later_event_finds_the_organization_through_the_subscription(engine):
     assert "subscription_inactive" in reasons(engine, org)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG core/paypal_events.py _BUILDERS: BILLING.SUBSCRIPTION.CREATED is ignored, "
-    "so its APPROVAL_PENDING status never blocks sending",
-)
 def test_a_created_subscription_pending_approval_blocks_sending(engine):
     org = new_org(engine)
     sub_id = f"I-{pp.new_id(12)}"
@@ -542,11 +537,6 @@ def test_an_older_failed_payment_does_not_overwrite_a_newer_status(engine):
     assert "subscription_inactive" not in reasons(engine, org)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG core/paypal_events.py _subscription_payment_failed: orders the status by "
-    "last_failed_payment.time instead of the resource's update_time",
-)
 def test_a_newer_failed_payment_suspends_even_if_the_failure_itself_is_older(engine):
     """Ordering is by the resource's update_time: the status it reports is as of then."""
     org = new_org(engine)

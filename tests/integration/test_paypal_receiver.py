@@ -314,6 +314,7 @@ def test_a_body_over_1_mib_is_413_and_changes_nothing(
     assert stored(engine) == (1, 1)
 
 
+@pytest.mark.slow
 def test_a_chunked_body_over_1_mib_is_413_even_if_its_first_mib_is_signed(
     stack_env, tmp_path, engine, paypal_signer, fake_paypal, org
 ):

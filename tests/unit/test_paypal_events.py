@@ -90,7 +90,7 @@ FIXTURE_EVENTS = {
         amount_cents=50000,
         currency="USD",
         status="active",
-        occurred_at=utc(2019, 1, 1, 1, 20, 49),  # last_failed_payment.time
+        occurred_at=utc(2018, 12, 10, 21, 20, 49),  # update_time: the status is as of then
     ),
     "payment.sale.completed": SubscriptionPayment(
         provider="paypal",
@@ -401,8 +401,11 @@ def test_subscription_builder_needs_a_status_for_an_event_it_does_not_know():
         pp.subscription_event("BILLING.SUBSCRIPTION.SOMETHING", "I-SUB1", "org-1")
 
 
-def test_subscription_event_not_acted_on_is_ignored():
-    assert normalize(pp.subscription_event("BILLING.SUBSCRIPTION.CREATED", "I-SUB1", "org-1")) == []
+def test_created_subscription_is_a_status_change_that_blocks_until_approved():
+    [event] = normalize(pp.subscription_event("BILLING.SUBSCRIPTION.CREATED", "I-SUB1", "org-1"))
+    assert isinstance(event, SubscriptionChanged)
+    assert (event.subscription_id, event.org_id) == ("I-SUB1", "org-1")
+    assert event.status == "approval_pending"
 
 
 def test_subscription_payment_failed_builder():
