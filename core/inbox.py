@@ -276,7 +276,9 @@ def claim_for_relay(
             text("""
 SELECT o.id, o.task, o.args FROM outbox o
 LEFT JOIN webhook_events e
-       ON o.task = :pe AND e.id = (o.args->>0)::bigint
+       -- CASE, not AND: PostgreSQL may evaluate the cast first, and a send task's argument
+       -- ('msg_...') is no number.
+       ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
 WHERE (o.published_at IS NULL AND o.created_at < now() - make_interval(secs => :grace))
    OR (o.published_at IS NOT NULL AND o.task = :pe AND e.status = 'received'
        AND o.published_at < now() - make_interval(secs => :redeliver))

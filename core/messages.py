@@ -280,6 +280,8 @@ def record_result(conn: Connection, message_id: str, result, policy: sending.Pol
         return row.status
     outcome = result.outcome
     if outcome == SendOutcome.ACCEPTED:
+        if result.sid:
+            _lock_sid(conn, result.sid)  # a callback for it waits, or is already kept
         _settle(conn, row, "accepted", capture=True, sid=result.sid)
         if result.price is not None:
             conn.execute(
@@ -290,6 +292,8 @@ def record_result(conn: Connection, message_id: str, result, policy: sending.Pol
                 {"p": str(result.price), "u": result.price_unit, "m": message_id},
             )
         status = "accepted"
+        if result.sid:
+            status = apply_early_callbacks(conn, result.sid, policy) or status
     elif outcome == SendOutcome.REJECTED:
         _settle(
             conn,
@@ -350,6 +354,7 @@ def apply_status_callback(
     status = status.lower()
     if status not in CALLBACK_STATUSES:
         return None
+    _lock_sid(conn, sid)
     row = conn.execute(
         text(
             "SELECT message_id, org_id, status, charged_cents FROM messages "
@@ -358,7 +363,16 @@ def apply_status_callback(
         {"sid": sid},
     ).first()
     if row is None:
-        return None
+        # The worker has not recorded this SID yet (or never will): keep the callback;
+        # record_result applies it when the SID arrives. Twilio does not send it again.
+        conn.execute(
+            text(
+                "INSERT INTO early_callbacks (twilio_sid, status, price, price_unit) "
+                "VALUES (:sid, :s, :p, :u)"
+            ),
+            {"sid": sid, "s": status, "p": price, "u": price_unit},
+        )
+        return "pending"
     if price:
         conn.execute(
             text(
@@ -386,6 +400,30 @@ def apply_status_callback(
             text("UPDATE messages SET refunded = true WHERE message_id = :m"), {"m": row.message_id}
         )
         sending.reconcile(conn, row.org_id, policy or sending.Policy())
+    return status
+
+
+def _lock_sid(conn: Connection, sid: str) -> None:
+    """Serialize a SID's callback with the worker's recording of that SID."""
+    conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext('twilio-sid:' || :sid))"), {"sid": sid}
+    )
+
+
+def apply_early_callbacks(conn: Connection, sid: str, policy: sending.Policy) -> str | None:
+    """Apply, in arrival order, callbacks that came before the SID was recorded."""
+    early = conn.execute(
+        text(
+            "DELETE FROM early_callbacks WHERE twilio_sid = :sid "
+            "RETURNING status, price, price_unit, id"
+        ),
+        {"sid": sid},
+    ).all()
+    status = None
+    for cb in sorted(early, key=lambda r: r.id):
+        status = apply_status_callback(
+            conn, sid, cb.status, price=cb.price, price_unit=cb.price_unit, policy=policy
+        )
     return status
 
 
@@ -429,6 +467,10 @@ def expire_stale_holds(
                     "captured": may_have_been_sent,
                 },
             )
+        # Callbacks for SIDs no worker ever recorded (not Payguard's messages) go after a day.
+        conn.execute(
+            text("DELETE FROM early_callbacks WHERE received_at < now() - interval '1 day'")
+        )
         for org_id in {r.org_id for r in rows}:
             sending.reconcile(conn, org_id, policy)
         return len(rows)
