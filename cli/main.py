@@ -52,6 +52,7 @@ class Context:
     interactive: bool  # stderr is a terminal, so progress lines are welcome
     transaction: Connection | None = None  # the unit of work, for needs="db" only
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    pending_publish: list[tuple[str, list, int | None]] = field(default_factory=list)
 
     @property
     def conn(self) -> Connection:
@@ -62,6 +63,21 @@ class Context:
     def progress(self, message: str) -> None:
         if self.interactive:
             print(message, file=sys.stderr, flush=True)
+
+    def progress_bar(self, what: str, done: int, total: int) -> None:
+        """One line redrawn in place on a terminal; nothing when stderr is not one."""
+        if not self.interactive:
+            return
+        width = 30
+        filled = width * done // total if total else width
+        percent = 100 * done // total if total else 100
+        end = "\n" if done >= total else ""
+        print(
+            f"\r{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {percent}%",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -126,27 +142,32 @@ def _audit(conn: Connection, *, actor: str, action: str, org_id: str, details: d
 
 
 def _publish_after_commit(ctx: Context, task: str, args: list, outbox_id: int | None) -> None:
-    """Publish right after the commit when a broker is configured; the relay covers failures."""
+    """Publish right after the commit when a broker is configured; the relay covers failures.
 
-    def publish() -> None:
-        if not (ctx.settings and ctx.settings.REDIS_URL):
-            return
-        from worker.publisher import Publisher
+    Messages of one command go out together over one broker and one database connection."""
+    if not ctx.pending_publish:
+        ctx.after_commit.append(lambda: _flush_publishes(ctx))
+    ctx.pending_publish.append((task, args, outbox_id))
 
-        publisher = Publisher(ctx.settings.REDIS_URL, ctx.settings.BROKER_PUBLISH_TIMEOUT)
-        try:
+
+def _flush_publishes(ctx: Context) -> None:
+    if not (ctx.settings and ctx.settings.REDIS_URL and ctx.pending_publish):
+        return
+    from worker.publisher import Publisher
+
+    publisher = Publisher(ctx.settings.REDIS_URL, ctx.settings.BROKER_PUBLISH_TIMEOUT)
+    engine = make_engine(ctx.settings.DATABASE_URL or "", pool_size=1, max_overflow=0)
+    try:
+        for task, args, outbox_id in ctx.pending_publish:
             publisher.publish(task, args, task_id=f"outbox-{outbox_id}" if outbox_id else None)
-            engine = make_engine(ctx.settings.DATABASE_URL or "", pool_size=1, max_overflow=0)
-            try:
-                run_in_transaction(engine, lambda conn: inbox.mark_task_published(conn, task, args))
-            finally:
-                engine.dispose()
-        except Exception:
-            ctx.progress("broker unavailable: the outbox relay will publish it")
-        finally:
-            publisher.close()
-
-    ctx.after_commit.append(publish)
+            run_in_transaction(
+                engine, lambda conn, t=task, a=args: inbox.mark_task_published(conn, t, a)
+            )
+    except Exception:
+        ctx.progress("broker unavailable: the outbox relay will publish the rest")
+    finally:
+        publisher.close()
+        engine.dispose()
 
 
 def _wallet_count(conn: Connection, org_id: str | None) -> int:
@@ -308,8 +329,17 @@ def wallet_unfreeze(ctx: Context, args: argparse.Namespace) -> Result:
 )
 def ledger_verify(ctx: Context, args: argparse.Namespace) -> Result:
     count = _wallet_count(ctx.conn, args.org_id)
-    ctx.progress(f"checking {count} wallet{'' if count == 1 else 's'}…")
-    mismatches = wallet.verify(ctx.conn, args.org_id)
+    if args.org_id is not None:
+        mismatches = wallet.verify(ctx.conn, args.org_id)
+    else:
+        # One consistent snapshot would hold a transaction open for the whole run; batches
+        # of one statement each are consistent per wallet, which is what is compared.
+        mismatches, done = [], 0
+        ctx.progress_bar("verifying wallets", 0, count)
+        for batch in wallet.org_id_batches(ctx.conn, 1000):
+            mismatches += wallet.verify(ctx.conn, org_ids=batch)
+            done += len(batch)
+            ctx.progress_bar("verifying wallets", min(done, count), count)
     return {
         "ok": not mismatches,
         "wallets_checked": count,
@@ -426,14 +456,35 @@ def events_show(ctx: Context, args: argparse.Namespace) -> Result:
 
 @command(
     "events replay",
-    "queue a parked or failed event again",
-    EVENT_ID,
+    "queue a parked or failed event again (or every one with --all STATUS)",
+    arg("id", type=int, nargs="?", metavar="ID", help="the inbox id (see events list)"),
+    arg(
+        "--all",
+        dest="all_status",
+        choices=inbox.REPLAYABLE,
+        metavar="STATUS",
+        help="replay every event in this status (parked or failed)",
+    ),
+    arg("--provider", choices=("paypal", "stripe")),
     arg("--actor", default="operator", metavar="NAME"),
 )
 def events_replay(ctx: Context, args: argparse.Namespace) -> Result:
-    event, outbox_id = inbox.replay(ctx.conn, args.id, actor=args.actor)
-    _publish_after_commit(ctx, inbox.PROCESS_EVENT_TASK, [event.id], outbox_id)
-    return event.as_dict()
+    if (args.id is None) == (args.all_status is None):
+        raise UsageError("give either an event ID or --all STATUS", "", "payguard events replay")
+    if args.id is not None:
+        event, outbox_id = inbox.replay(ctx.conn, args.id, actor=args.actor)
+        _publish_after_commit(ctx, inbox.PROCESS_EVENT_TASK, [event.id], outbox_id)
+        return event.as_dict()
+    targets = inbox.list_events(
+        ctx.conn, status=args.all_status, provider=args.provider, limit=100_000
+    )
+    replayed = []
+    for n, target in enumerate(targets, 1):
+        event, outbox_id = inbox.replay(ctx.conn, target.id, actor=args.actor)
+        _publish_after_commit(ctx, inbox.PROCESS_EVENT_TASK, [event.id], outbox_id)
+        replayed.append(event.id)
+        ctx.progress_bar("replaying events", n, len(targets))
+    return {"replayed": replayed, "count": len(replayed)}
 
 
 @command(
@@ -583,9 +634,12 @@ def _execute(cmd: Command, args: argparse.Namespace) -> Result:
     engine = make_engine(settings.DATABASE_URL, pool_size=1, max_overflow=0)
     try:
         hooks: list[Callable[[], None]] = []
-        result = run_in_transaction(
-            engine, lambda conn: cmd.run(Context(settings, interactive, conn, hooks), args)
-        )
+
+        def attempt(conn: Connection) -> Result:
+            hooks.clear()  # a retried unit of work must not publish what the failed one queued
+            return cmd.run(Context(settings, interactive, conn, hooks), args)
+
+        result = run_in_transaction(engine, attempt)
         for hook in hooks:
             hook()
         return result
@@ -615,6 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd: Command = args.command_
     try:
         result = _execute(cmd, args)
+    except UsageError as exc:  # arguments that parse but do not fit together
+        return _fail(str(exc), EXIT_USAGE, as_json, f"{exc.prog}: error")
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE, as_json)
     except PayguardError as exc:

@@ -330,20 +330,27 @@ GROUP BY w.org_id
 """)
 
 _VERIFY = text("""
+WITH scope AS (
+    SELECT org_id FROM wallets
+    WHERE CAST(:ids AS text[]) IS NULL OR org_id = ANY(CAST(:ids AS text[]))
+)
 SELECT w.org_id, w.balance_cents, coalesce(j.total, 0) AS journal_balance,
        w.debt_cents, coalesce(j.debt, 0) AS journal_debt,
        w.held_cents, coalesce(h.total, 0) AS open_holds,
        w.active_freezes, coalesce(f.n, 0) AS freezes
 FROM wallets w
+JOIN scope ON scope.org_id = w.org_id
 LEFT JOIN (SELECT org_id, sum(amount_cents) AS total, sum(debt_delta_cents) AS debt
-           FROM journal GROUP BY org_id) j ON j.org_id = w.org_id
-LEFT JOIN (SELECT org_id, sum(amount_cents) AS total FROM holds WHERE status = 'open'
-           GROUP BY org_id) h ON h.org_id = w.org_id
-LEFT JOIN (SELECT org_id, count(*) AS n FROM wallet_freezes WHERE lifted_at IS NULL
-           GROUP BY org_id) f ON f.org_id = w.org_id
-WHERE (CAST(:org AS text) IS NULL OR w.org_id = CAST(:org AS text))
-  AND (w.balance_cents <> coalesce(j.total, 0) OR w.debt_cents <> coalesce(j.debt, 0)
-       OR w.held_cents <> coalesce(h.total, 0) OR w.active_freezes <> coalesce(f.n, 0))
+           FROM journal WHERE org_id IN (SELECT org_id FROM scope) GROUP BY org_id) j
+       ON j.org_id = w.org_id
+LEFT JOIN (SELECT org_id, sum(amount_cents) AS total FROM holds
+           WHERE status = 'open' AND org_id IN (SELECT org_id FROM scope) GROUP BY org_id) h
+       ON h.org_id = w.org_id
+LEFT JOIN (SELECT org_id, count(*) AS n FROM wallet_freezes
+           WHERE lifted_at IS NULL AND org_id IN (SELECT org_id FROM scope) GROUP BY org_id) f
+       ON f.org_id = w.org_id
+WHERE w.balance_cents <> coalesce(j.total, 0) OR w.debt_cents <> coalesce(j.debt, 0)
+   OR w.held_cents <> coalesce(h.total, 0) OR w.active_freezes <> coalesce(f.n, 0)
 ORDER BY w.org_id
 """)
 
@@ -735,12 +742,16 @@ def history(conn: Connection, org_id: str, limit: int = 50) -> list[Entry]:
     return [_entry(r) for r in rows]
 
 
-def verify(conn: Connection, org_id: str | None = None) -> list[Mismatch]:
-    """Every stored figure against what the journal, holds and freezes say it must be."""
+def verify(
+    conn: Connection, org_id: str | None = None, *, org_ids: list[str] | None = None
+) -> list[Mismatch]:
+    """Every stored figure against what the journal, holds and freezes say it must be:
+    for one organization, a batch of them (`org_ids`), or all."""
     if org_id is not None:
         _wallet_row(conn, org_id)
+        org_ids = [org_id]
     mismatches = []
-    for r in conn.execute(_VERIFY, {"org": org_id}):
+    for r in conn.execute(_VERIFY, {"ids": org_ids}):
         pairs = (
             ("balance_cents", r.balance_cents, r.journal_balance),
             ("debt_cents", r.debt_cents, r.journal_debt),
@@ -749,3 +760,19 @@ def verify(conn: Connection, org_id: str | None = None) -> list[Mismatch]:
         )
         mismatches += [Mismatch(r.org_id, f, int(s), int(e)) for f, s, e in pairs if s != e]
     return mismatches
+
+
+def org_id_batches(conn: Connection, size: int = 1000):
+    """Every wallet's organization id, in batches (keyset pages), for long runs with progress."""
+    after = ""
+    while True:
+        batch = list(
+            conn.execute(
+                text("SELECT org_id FROM wallets WHERE org_id > :after ORDER BY org_id LIMIT :n"),
+                {"after": after, "n": size},
+            ).scalars()
+        )
+        if not batch:
+            return
+        yield batch
+        after = batch[-1]
