@@ -264,6 +264,9 @@ def app_env(database_url: str, redis_clean: str) -> dict[str, str]:
         DATABASE_URL=database_url,
         REDIS_URL=redis_clean,
         PAYPAL_WEBHOOK_ID="WH-TEST",
+        # Several workers at once in one test run: no fixed metrics ports to fight over.
+        WORKER_METRICS_PORT="0",
+        BEAT_METRICS_PORT="0",
         LOG_FORMAT="text",
         PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join(pythonpath),
