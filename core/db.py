@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from core.errors import RetryableConflict
 
@@ -54,7 +54,7 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, RetryableConflict):
         return True
-    if isinstance(exc, DBAPIError) and not isinstance(exc, OperationalError):
+    if isinstance(exc, DBAPIError):  # SQLAlchemy files deadlocks under OperationalError too
         sqlstate = getattr(exc.orig, "sqlstate", None)
         return sqlstate in _RETRYABLE_SQLSTATES
     return False

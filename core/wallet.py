@@ -673,8 +673,9 @@ def unfreeze(
     _text("reason", reason, 200)
     _text("actor", actor, 200)
     if reason == DEBT_FREEZE:
+        # Locked: a clawback adding debt meanwhile must wait, or its freeze would be lifted.
         debt = conn.execute(
-            text("SELECT debt_cents FROM wallets WHERE org_id = :o"), {"o": org_id}
+            text("SELECT debt_cents FROM wallets WHERE org_id = :o FOR UPDATE"), {"o": org_id}
         ).scalar()
         if debt:
             raise Refused(f"the debt freeze stays until the debt of {debt} cents is paid")

@@ -43,13 +43,7 @@ def refresh_stale(settings: Settings, engine: Engine, policy: sending.Policy) ->
                     "error": str(exc),
                 },
             )
-            # Checked all the same: one that always fails goes to the back of the queue
-            # instead of taking a place in every batch.
-            run_in_transaction(
-                engine,
-                lambda c, row=row: subscriptions.mark_checked(c, row.provider, row.subscription_id),
-            )
-            continue
+            continue  # asked again next run
 
         def apply(conn, row=row, status=status, when=when) -> bool:
             applied = subscriptions.apply_status(
