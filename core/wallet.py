@@ -15,6 +15,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NoReturn
 
 from sqlalchemy import Connection, text
 
@@ -443,6 +444,45 @@ def _apply(conn: Connection, stmt, params: dict, kinds: tuple[str, ...], *, take
     return existing, "duplicate" if existing else "refused"
 
 
+def _params(
+    org_id: str,
+    amount_cents: int,
+    reference: str,
+    kind: str,
+    actor: str,
+    reason: str | None,
+    **extra: object,
+) -> dict:
+    """The validated parameters every guarded money statement takes."""
+    return {
+        "org": org_id,
+        "amt": _amount(amount_cents),
+        "ref": _reference(reference),
+        "kind": kind,
+        "actor": actor,
+        "reason": reason,
+        **extra,
+    }
+
+
+def _refuse_currency(conn: Connection, org_id: str, currency: str | None) -> NoReturn:
+    wallet = _wallet_row(conn, org_id)  # NotFound first, if that is why nothing moved
+    raise InvalidInput(f"currency {currency} is not the wallet's currency {wallet.currency}")
+
+
+def _refuse_spending(
+    conn: Connection, org_id: str, amount_cents: int, check_freeze: bool
+) -> NoReturn:
+    """Why a debit or hold moved nothing: unknown organization, frozen, or short."""
+    wallet = _wallet_row(conn, org_id)
+    if check_freeze and wallet.active_freezes:
+        raise Refused(f"wallet of {org_id!r} is frozen")
+    raise Refused(
+        f"insufficient funds: {wallet.balance_cents - wallet.held_cents} cents available, "
+        f"{amount_cents} needed"
+    )
+
+
 # ---------------------------------------------------------------- operations
 
 
@@ -458,21 +498,10 @@ def credit(
     reason: str | None = None,
 ) -> Entry:
     """Add money; debt is paid first. The same reference again returns the first result."""
-    params = {
-        "org": org_id,
-        "amt": _amount(amount_cents),
-        "ref": _reference(reference),
-        "cur": _currency(currency),
-        "kind": kind,
-        "actor": actor,
-        "reason": reason,
-    }
+    params = _params(org_id, amount_cents, reference, kind, actor, reason, cur=_currency(currency))
     entry, why = _apply(conn, _CREDIT, params, (kind,), takes=False)
     if entry is None:
-        wallet = _wallet_row(conn, org_id)
-        raise InvalidInput(
-            f"currency {params['cur']} is not the wallet's currency {wallet.currency}"
-        )
+        _refuse_currency(conn, org_id, params["cur"])
     if why is None and entry.debt_delta_cents < 0 and entry.debt_after_cents == 0:
         unfreeze(conn, org_id, DEBT_FREEZE, actor="system", note=f"debt repaid by {reference}")
     return entry
@@ -490,24 +519,12 @@ def debit(
     check_freeze: bool = True,
 ) -> Entry:
     """Take money from what is available; refused when frozen or short. Idempotent."""
-    params = {
-        "org": org_id,
-        "amt": _amount(amount_cents),
-        "ref": _reference(reference),
-        "kind": kind,
-        "actor": actor,
-        "reason": reason,
-        "check_freeze": check_freeze,
-    }
+    params = _params(
+        org_id, amount_cents, reference, kind, actor, reason, check_freeze=check_freeze
+    )
     entry, _ = _apply(conn, _DEBIT, params, (kind,), takes=True)
     if entry is None:
-        wallet = _wallet_row(conn, org_id)
-        if check_freeze and wallet.active_freezes:
-            raise Refused(f"wallet of {org_id!r} is frozen")
-        raise Refused(
-            f"insufficient funds: {wallet.balance_cents - wallet.held_cents} cents available, "
-            f"{amount_cents} needed"
-        )
+        _refuse_spending(conn, org_id, amount_cents, check_freeze)
     return entry
 
 
@@ -525,21 +542,10 @@ def clawback(
     """Take back a refunded or charged-back payment: what is available now, the rest as debt.
 
     Any debt freezes the wallet with reason `debt` until credits have paid it."""
-    params = {
-        "org": org_id,
-        "amt": _amount(amount_cents),
-        "ref": _reference(reference),
-        "cur": _currency(currency),
-        "kind": kind,
-        "actor": actor,
-        "reason": reason,
-    }
+    params = _params(org_id, amount_cents, reference, kind, actor, reason, cur=_currency(currency))
     entry, why = _apply(conn, _CLAWBACK, params, (kind,), takes=True)
     if entry is None:
-        wallet = _wallet_row(conn, org_id)
-        raise InvalidInput(
-            f"currency {params['cur']} is not the wallet's currency {wallet.currency}"
-        )
+        _refuse_currency(conn, org_id, params["cur"])
     if why is None and entry.debt_delta_cents > 0:
         freeze(conn, org_id, DEBT_FREEZE, actor="system", note=f"debt from {reference}")
     return entry
@@ -595,13 +601,7 @@ def hold(conn: Connection, org_id: str, amount_cents: int, reference: str) -> Ho
         if existing.amount_cents != amount_cents:
             raise Conflict(f"hold {reference!r} exists for {existing.amount_cents} cents")
         return _hold(existing, duplicate=True)
-    wallet = _wallet_row(conn, org_id)
-    if wallet.active_freezes:
-        raise Refused(f"wallet of {org_id!r} is frozen")
-    raise Refused(
-        f"insufficient funds: {wallet.balance_cents - wallet.held_cents} cents available, "
-        f"{amount_cents} needed"
-    )
+    _refuse_spending(conn, org_id, amount_cents, check_freeze=True)
 
 
 def capture(
