@@ -59,9 +59,9 @@ def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> 
     engine = make_engine(url, pool_size=threads, max_overflow=0) if mode == "core" else None
 
     def debit_core(t: int) -> None:
-        with engine.connect():  # warm this thread's pooled connection before the clock
-            pass
-        barrier.wait()
+        warm = engine.connect()  # one pooled connection per thread, made before the clock
+        barrier.wait(timeout=60)
+        warm.close()
         for i in itertools.count():
             if stop.is_set():
                 break
@@ -71,7 +71,7 @@ def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> 
 
     def debit_raw(t: int) -> None:
         with psycopg.connect(url, autocommit=False) as conn:
-            barrier.wait()
+            barrier.wait(timeout=60)
             for i in itertools.count():
                 if stop.is_set():
                     break
@@ -90,11 +90,19 @@ def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> 
                 assert row is not None and row[0] == 1, row  # the same guarded success
                 counts[t] += 1
 
-    work = debit_core if mode == "core" else debit_raw
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            (debit_core if mode == "core" else debit_raw)(t)
+        except BaseException as exc:  # reported after the cell; a silent thread skews it
+            errors.append(exc)
+            barrier.abort()
+
     pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
     for th in pool:
         th.start()
-    barrier.wait()
+    barrier.wait(timeout=60)
     started = time.perf_counter()
     time.sleep(seconds)
     stop.set()
@@ -103,6 +111,8 @@ def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> 
     elapsed = time.perf_counter() - started
     if engine is not None:
         engine.dispose()
+    if errors:
+        raise RuntimeError(f"{mode} {layout} x{threads} failed") from errors[0]
     return sum(counts) / elapsed
 
 

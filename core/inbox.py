@@ -20,6 +20,7 @@ from core.errors import InvalidInput, NotFound, Refused
 STATUSES = ("received", "processed", "ignored", "parked", "failed")
 REPLAYABLE = ("parked", "failed")
 PROCESS_EVENT_TASK = "payguard.process_event"
+SEND_MESSAGE_TASK = "payguard.send_message"  # core.messages.SEND_TASK; here to avoid a cycle
 
 # Headers worth keeping with the raw body (for audit and postback re-verification).
 _KEPT_HEADERS = {
@@ -270,7 +271,9 @@ def claim_for_relay(
 
     Unpublished rows older than `grace_seconds` (the receiver publishes right after commit;
     the grace keeps the relay from racing it), and event rows published more than
-    `redeliver_seconds` ago whose event is still `received` (a worker died holding it)."""
+    `redeliver_seconds` ago whose work is still undone: an event still `received`, a message
+    still `queued` or `retrying` (a worker died holding the task, or the broker lost it).
+    A duplicate delivery is harmless: both tasks check the row's state under a lock."""
     return list(
         conn.execute(
             text("""
@@ -279,21 +282,47 @@ LEFT JOIN webhook_events e
        -- CASE, not AND: PostgreSQL may evaluate the cast first, and a send task's argument
        -- ('msg_...') is no number.
        ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
+LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
 WHERE (o.published_at IS NULL AND o.created_at < now() - make_interval(secs => :grace))
-   OR (o.published_at IS NOT NULL AND o.task = :pe AND e.status = 'received'
-       AND o.published_at < now() - make_interval(secs => :redeliver))
+   OR (o.published_at < now() - make_interval(secs => :redeliver)
+       AND (e.status = 'received' OR m.status IN ('queued', 'retrying')))
 ORDER BY o.id
 LIMIT :limit
 FOR UPDATE OF o SKIP LOCKED
 """),
             {
                 "pe": PROCESS_EVENT_TASK,
+                "send": SEND_MESSAGE_TASK,
                 "grace": grace_seconds,
                 "redeliver": redeliver_seconds,
                 "limit": limit,
             },
         )
     )
+
+
+def prune_published(conn: Connection, *, older_than_seconds: float, limit: int) -> int:
+    """Forget outbox rows published long ago whose work is done, so the relay's scan of
+    published rows stays small. Rows whose event or message is still pending stay."""
+    return conn.execute(
+        text("""
+DELETE FROM outbox WHERE id IN (
+    SELECT o.id FROM outbox o
+    LEFT JOIN webhook_events e ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
+    LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
+    WHERE o.published_at < now() - make_interval(secs => :age)
+      AND e.status IS DISTINCT FROM 'received'
+      AND m.status IS DISTINCT FROM 'queued' AND m.status IS DISTINCT FROM 'retrying'
+    ORDER BY o.id LIMIT :limit
+    FOR UPDATE OF o SKIP LOCKED)
+"""),
+        {
+            "pe": PROCESS_EVENT_TASK,
+            "send": SEND_MESSAGE_TASK,
+            "age": older_than_seconds,
+            "limit": limit,
+        },
+    ).rowcount
 
 
 def record_publish_failure(conn: Connection, outbox_id: int, error: str) -> None:

@@ -24,7 +24,7 @@ from core.sms import count_segments, validate_e164
 
 log = logging.getLogger(__name__)
 
-SEND_TASK = "payguard.send_message"
+SEND_TASK = inbox.SEND_MESSAGE_TASK
 CAMPAIGN_PAUSED = "campaign_paused"
 NO_SENDER = "no_sender"
 MAX_BODY = 1600

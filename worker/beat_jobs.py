@@ -57,6 +57,7 @@ def relay_outbox() -> int:
                 break
             published.append(row.id)
         inbox.mark_published(conn, published)
+        inbox.prune_published(conn, older_than_seconds=86400, limit=BATCH)
         return len(published)
 
     count = run_in_transaction(runtime.engine(), relay)
