@@ -231,13 +231,17 @@ class WalletMachine(RuleBasedStateMachine):
         op = m.ops[ref]
         sign = -1 if op.amount < 0 else 1
         variant = data.draw(
-            st.sampled_from(["same", "other amount", "credit", "debit", "clawback"]),
+            st.sampled_from(["same", "other amount", "other sign", "credit", "debit", "clawback"]),
             label="variant",
         )
         if variant == "same":
             again = op
         elif variant == "other amount":
             again = Op(op.fn, op.amount + sign)
+        elif variant == "other sign":
+            if op.fn != "adjust":
+                return
+            again = Op(op.fn, -op.amount)
         elif variant == op.fn:
             return
         else:
