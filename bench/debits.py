@@ -42,7 +42,7 @@ SPREAD = 1_000
 START_BALANCE = 10**12
 
 # The statement wallet.debit executes, with psycopg's placeholders instead of SQLAlchemy's.
-RAW_DEBIT = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", wallet._DEBIT.text)
+RAW_DEBIT = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", wallet._DEBIT.element.text)
 
 
 def org_ids(layout: str) -> list[str]:

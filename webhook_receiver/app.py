@@ -63,9 +63,8 @@ def create_app(settings: Settings | None = None, *, paypal_clock: Callable | Non
         from core.paypal_verify import build_verifier
 
         paypal_verifier = build_verifier(settings, clock=paypal_clock)
-    # No pre-ping: a connection that went stale fails one request with 503, which the
-    # provider retries; pinging would cost a round trip on every webhook.
-    engine = make_engine(settings.DATABASE_URL or "", pool_size=4, max_overflow=4, pre_ping=False)
+    # A connection that went stale fails one request with 503, which the provider retries.
+    engine = make_engine(settings.DATABASE_URL or "", pool_size=4, max_overflow=4)
     receiver = Receiver(
         settings=settings,
         engine=engine,
