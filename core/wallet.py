@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_REFERENCE = 200
 DEBT_FREEZE = "debt"
+CAPTURE_PREFIX = "hold:"  # journal reference of a captured hold: hold:<hold reference>
 
 
 @dataclass(frozen=True)
@@ -458,6 +459,8 @@ def _params(
     **extra: object,
 ) -> dict:
     """The validated parameters every guarded money statement takes."""
+    if isinstance(reference, str) and reference.startswith(CAPTURE_PREFIX):
+        raise InvalidInput(f"references starting {CAPTURE_PREFIX!r} are the ledger's own")
     return {
         "org": org_id,
         "amt": _amount(amount_cents),
@@ -467,6 +470,11 @@ def _params(
         "reason": reason,
         **extra,
     }
+
+
+def _currency_matches(conn: Connection, org_id: str, params: dict) -> bool:
+    """A repeat names the wallet's currency too (checked only on the rare duplicate path)."""
+    return params["cur"] is None or _wallet_row(conn, org_id).currency == params["cur"]
 
 
 def _refuse_currency(conn: Connection, org_id: str, currency: str | None) -> NoReturn:
@@ -504,7 +512,7 @@ def credit(
     """Add money; debt is paid first. The same reference again returns the first result."""
     params = _params(org_id, amount_cents, reference, kind, actor, reason, cur=_currency(currency))
     entry, why = _apply(conn, _CREDIT, params, (kind,), takes=False)
-    if entry is None:
+    if entry is None or (why == "duplicate" and not _currency_matches(conn, org_id, params)):
         _refuse_currency(conn, org_id, params["cur"])
     if why is None and entry.debt_delta_cents < 0 and entry.debt_after_cents == 0:
         unfreeze(conn, org_id, DEBT_FREEZE, actor="system", note=f"debt repaid by {reference}")
@@ -548,7 +556,7 @@ def clawback(
     Any debt freezes the wallet with reason `debt` until credits have paid it."""
     params = _params(org_id, amount_cents, reference, kind, actor, reason, cur=_currency(currency))
     entry, why = _apply(conn, _CLAWBACK, params, (kind,), takes=True)
-    if entry is None:
+    if entry is None or (why == "duplicate" and not _currency_matches(conn, org_id, params)):
         _refuse_currency(conn, org_id, params["cur"])
     if why is None and entry.debt_delta_cents > 0:
         freeze(conn, org_id, DEBT_FREEZE, actor="system", note=f"debt from {reference}")
