@@ -237,6 +237,7 @@ def open_dispute(conn: Connection, ev: DisputeOpened) -> str:
     if not org_id:
         raise NotYetApplicable(f"dispute {ev.dispute_id} of unknown payments")
     org_id = _known_org(conn, org_id, "dispute")
+    wallet.lock(conn, org_id)  # its close may be applied at this very moment
     reason = f"dispute:{ev.dispute_id}"
     # Providers order nothing: a dispute already closed must not freeze when its opening
     # arrives late, or nothing would ever lift that freeze.
@@ -250,6 +251,7 @@ def close_dispute(conn: Connection, ev: DisputeClosed) -> str:
     if not org_id:
         raise NotYetApplicable(f"dispute {ev.dispute_id} of unknown payments")
     org_id = _known_org(conn, org_id, "dispute")
+    wallet.lock(conn, org_id)  # its opening may be applied at this very moment
     if ev.lost and ev.amount_cents and ev.provider not in _DISPUTE_LOSS_ARRIVES_SEPARATELY:
         _money(
             wallet.clawback,

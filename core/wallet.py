@@ -700,6 +700,18 @@ def unfreeze(
     return True
 
 
+def lock(conn: Connection, org_id: str) -> None:
+    """Hold the wallet row until the transaction ends: decisions that read freeze history
+    and then act on it (a dispute's open and close) must not interleave."""
+    if (
+        conn.execute(
+            text("SELECT 1 FROM wallets WHERE org_id = :o FOR UPDATE"), {"o": org_id}
+        ).first()
+        is None
+    ):
+        raise NotFound(f"unknown organization {org_id!r}")
+
+
 def ever_lifted(conn: Connection, org_id: str, reason: str) -> bool:
     """Whether a freeze with this reason was ever lifted (or closed before it was opened)."""
     return (

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import celeryd_init, setup_logging, worker_process_init
 
 from worker import metrics, runtime  # noqa: F401  (metrics: its signal handlers connect)
 
@@ -51,6 +51,13 @@ app.add_defaults(_config)
 @worker_process_init.connect
 def _fresh_resources(**_: object) -> None:
     runtime.reset_after_fork()
+
+
+@celeryd_init.connect
+def _guard_broker_close(**_: object) -> None:
+    from worker import broker_guard
+
+    broker_guard.install()
 
 
 def _task_context() -> dict:

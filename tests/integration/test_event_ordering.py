@@ -65,3 +65,41 @@ def test_nul_in_a_kept_header_is_dropped_not_fatal(engine):
         lambda c: inbox.store(c, "paypal", "WH-1", "X", {"User-Agent": "a\x00b"}, b"{}"),
     )
     assert not stored.duplicate
+
+
+def test_a_dispute_opened_and_closed_at_the_same_moment_leaves_no_freeze(engine, paid_org):
+    """Both parked (payment unknown) and replayed together: two workers apply them at once."""
+    import threading
+
+    def store(payload: dict) -> int:
+        return run_in_transaction(
+            engine,
+            lambda c: inbox.store(
+                c, "paypal", payload["id"], payload["event_type"], {},
+                json.dumps(payload).encode(),
+            )[0].id,
+        )  # fmt: skip
+
+    for n in range(12):
+        dispute = f"PP-D-RACE-{n}"
+        ids = [
+            store(pp.dispute_resolved(dispute, "CAP-1", "RESOLVED_SELLER_FAVOUR")),
+            store(pp.dispute_created(dispute, "CAP-1")),
+        ]
+        barrier = threading.Barrier(2)
+
+        def apply(inbox_id: int, barrier: threading.Barrier = barrier) -> None:
+            def unit(conn):
+                conn.exec_driver_sql("SELECT 1")
+                barrier.wait(timeout=10)
+                return handlers.process(conn, inbox_id, sending.Policy())
+
+            run_in_transaction(engine, unit)
+
+        threads = [threading.Thread(target=apply, args=(i,)) for i in ids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+
+    assert _freezes(engine, paid_org) == ()
