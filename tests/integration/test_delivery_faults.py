@@ -475,3 +475,37 @@ def test_retries_exhausted_leave_the_event_failed_until_replayed(
 
     assert event(engine, payload["id"]).status == "processed"
     assert journal_rows(engine, org) == 1
+
+
+@pytest.mark.slow
+def test_a_worker_holding_a_task_survives_redis_going_away(
+    stack_env, tmp_path, engine, database_url, paypal_signer, fake_paypal, org, own_redis
+):
+    """The task in hand is finished, once, after Redis comes back, by the same worker.
+
+    The soak run saw kombu 5.7 kill workers in this situation (worker/broker_guard.py); this
+    test does not reproduce that crash reliably (it passes without the guard too), so it
+    proves the behaviour, not the guard."""
+    env = dict(stack_env, REDIS_URL=own_redis.url)
+    payload = pp.capture_completed(org, pp.new_id(), value="7.00")
+    lock = WalletLock(database_url, org)
+    try:
+        with running(lambda: start_web(env, tmp_path), lambda: start_worker(env, tmp_path)) as (
+            web,
+            worker,
+        ):
+            assert signed_post(web.url, paypal_signer, fake_paypal.signing_cert_url, payload).ok
+            wait_for_a_backend_blocked_on_a_lock(engine)  # the task is in hand, unacked
+
+            own_redis.stop()
+            time.sleep(3)  # the worker's consumer sees the connection die
+            assert worker.alive(), worker.log()[-3000:]
+            own_redis.start()
+            lock.release()
+
+            wait_for(lambda: balance(engine, org) == 700, 40, what="credit after reconnect")
+            assert worker.alive(), worker.log()[-3000:]
+    finally:
+        lock.release()
+
+    assert journal_rows(engine, org) == 1
