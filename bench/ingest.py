@@ -26,7 +26,6 @@ import http.client
 import json
 import logging
 import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -43,9 +42,8 @@ sys.path.insert(0, str(REPO))
 
 import psycopg  # noqa: E402
 
-import migrations  # noqa: E402
-from cli.devstack import database_url as url_for  # noqa: E402
-from cli.devstack import start_postgres, start_redis  # noqa: E402
+from bench.scratch import prepare_database  # noqa: E402
+from cli.devstack import start_redis  # noqa: E402
 from core import orgs  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
 from tests.fakes import paypal_payloads as pp  # noqa: E402
@@ -250,29 +248,11 @@ def breakdown(database_url: str, redis_url: str, fake: FakePayPal, signed: list)
 # --------------------------------------------------------------------------- setup
 
 
-def prepare_database(admin_url: str | None, tmp: Path, stack: ExitStack) -> tuple[str, str]:
-    """(URL of a fresh migrated scratch database, where it lives)."""
-    if admin_url is None:
-        server = start_postgres(tmp / "pgdata", database=None)
-        stack.callback(server.stop)
-        admin_url, where = server.admin_url, "embedded PostgreSQL (default durability)"
-    else:
-        where = f"PostgreSQL at {urlsplit(admin_url).hostname}:{urlsplit(admin_url).port}"
-    name = f"payguard_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        settings = conn.execute(
-            "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings "
-            "WHERE name IN ('fsync', 'synchronous_commit', 'max_connections')"
-        ).fetchone()[0]
-
-    def drop() -> None:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    stack.callback(drop)
-    url = url_for(admin_url, name)
-    migrations.upgrade(url)
+def prepare_instrumented_database(
+    admin_url: str | None, tmp: Path, stack: ExitStack
+) -> tuple[str, str]:
+    """A scratch database that also notifies `bench_credit` at each journal row's commit."""
+    url, where = prepare_database(admin_url, tmp, stack)
     with psycopg.connect(url, autocommit=True) as conn:
         # Instrumentation of the scratch database only: a notification at the credit's commit.
         conn.execute("""
@@ -281,7 +261,7 @@ BEGIN PERFORM pg_notify('bench_credit', NEW.reference); RETURN NULL; END $$;
 CREATE TRIGGER bench_notify_credit AFTER INSERT ON journal
     FOR EACH ROW EXECUTE FUNCTION bench_notify_credit();
 """)
-    return url, f"{where}, {settings}"
+    return url, where
 
 
 def main() -> int:
@@ -302,7 +282,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="payguard-bench-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        database_url, where = prepare_database(os.environ.get("BENCH_DATABASE_URL"), tmp, stack)
+        database_url, where = prepare_instrumented_database(
+            os.environ.get("BENCH_DATABASE_URL"), tmp, stack
+        )
         redis_url = os.environ.get("BENCH_REDIS_URL")
         redis_pid = None
         if not redis_url:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -31,17 +30,14 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import psycopg  # noqa: E402
 import redis  # noqa: E402
 
-import migrations  # noqa: E402
-from cli.devstack import database_url as url_for  # noqa: E402
-from cli.devstack import start_postgres, start_redis  # noqa: E402
+from bench.scratch import prepare_database  # noqa: E402
+from cli.devstack import start_redis  # noqa: E402
 from core import messages, orgs, wallet  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
 from core.sending import Policy  # noqa: E402
@@ -54,32 +50,6 @@ PARENT = "AC" + "1" * 32
 SUBACCOUNT = "AC" + "2" * 32
 QUEUES = ("payguard.events", "payguard.send", "payguard.twilio", "payguard.beat")
 SETTLED = ("accepted", "rejected", "unknown", "blocked", "not_sent")
-
-
-def prepare_database(admin_url: str | None, tmp: Path, stack: ExitStack) -> tuple[str, str]:
-    """(URL of a fresh migrated scratch database, where it lives)."""
-    if admin_url is None:
-        server = start_postgres(tmp / "pgdata", database=None)
-        stack.callback(server.stop)
-        admin_url, where = server.admin_url, "embedded PostgreSQL (default durability)"
-    else:
-        where = f"PostgreSQL at {urlsplit(admin_url).hostname}:{urlsplit(admin_url).port}"
-    name = f"payguard_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        settings = conn.execute(
-            "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings "
-            "WHERE name IN ('fsync', 'synchronous_commit')"
-        ).fetchone()[0]
-
-    def drop() -> None:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    stack.callback(drop)
-    url = url_for(admin_url, name)
-    migrations.upgrade(url)
-    return url, f"{where}, {settings}"
 
 
 def broker_idle(client: redis.Redis) -> bool:
