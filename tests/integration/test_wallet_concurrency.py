@@ -162,11 +162,16 @@ def test_concurrent_debits_never_overdraw_and_refuse_only_what_did_not_fit(pool)
 
 
 def test_credit_delivered_50_times_at_once_credits_once(pool):
-    org = new_org(pool, 1000)
-
-    results, retries = race(pool, 50, lambda c, i: wallet.credit(c, org, 700, "paypal:CAPTURE-1"))
-
-    assert retries, "no thread lost the race: the test did not race"
+    # The overlap is real but its timing is not: race again (fresh wallet) until a thread
+    # lost it, so the assertions below judge a race and not a sequence.
+    for _ in range(5):
+        org = new_org(pool, 1000)
+        results, retries = race(
+            pool, 50, lambda c, i, org=org: wallet.credit(c, org, 700, "paypal:CAPTURE-1")
+        )
+        if retries:
+            break
+    assert retries, "no thread lost the race in 5 rounds: the test did not race"
     assert not [r for r in results if isinstance(r, Exception)], results
     assert len({r.id for r in results}) == 1
     assert sum(not r.duplicate for r in results) == 1
@@ -176,11 +181,14 @@ def test_credit_delivered_50_times_at_once_credits_once(pool):
 
 
 def test_charge_delivered_50_times_at_once_charges_once(pool):
-    org = new_org(pool, 1000)
-
-    results, retries = race(pool, 50, lambda c, i: wallet.debit(c, org, 300, "msg:42"))
-
-    assert retries, "no thread lost the race: the test did not race"
+    # The overlap is real but its timing is not: race again (fresh wallet) until a thread
+    # lost it, so the assertions below judge a race and not a sequence.
+    for _ in range(5):
+        org = new_org(pool, 1000)
+        results, retries = race(pool, 50, lambda c, i, org=org: wallet.debit(c, org, 300, "msg:42"))
+        if retries:
+            break
+    assert retries, "no thread lost the race in 5 rounds: the test did not race"
     assert not [r for r in results if isinstance(r, Exception)], results
     assert len({r.id for r in results}) == 1
     assert sum(not r.duplicate for r in results) == 1
@@ -189,11 +197,16 @@ def test_charge_delivered_50_times_at_once_charges_once(pool):
 
 
 def test_clawback_delivered_50_times_at_once_takes_back_once(pool):
-    org = new_org(pool, 1000)
-
-    results, retries = race(pool, 50, lambda c, i: wallet.clawback(c, org, 1300, "dispute-1"))
-
-    assert retries, "no thread lost the race: the test did not race"
+    # The overlap is real but its timing is not: race again (fresh wallet) until a thread
+    # lost it, so the assertions below judge a race and not a sequence.
+    for _ in range(5):
+        org = new_org(pool, 1000)
+        results, retries = race(
+            pool, 50, lambda c, i, org=org: wallet.clawback(c, org, 1300, "dispute-1")
+        )
+        if retries:
+            break
+    assert retries, "no thread lost the race in 5 rounds: the test did not race"
     assert not [r for r in results if isinstance(r, Exception)], results
     assert len({r.id for r in results}) == 1
     state = show(pool, org)
