@@ -360,6 +360,16 @@ class TwilioGateway:
             )
         return AccountResult(AccountOutcome.OK, status=got)
 
+    def subaccount_auth_token(self, subaccount_sid: str) -> str | None:
+        """The subaccount's own auth token (the parent may read it); None if Twilio will not
+        say. Twilio may sign a subaccount's callbacks with it rather than the parent's."""
+        try:
+            account = self.client.api.v2010.accounts(_check_account_sid(subaccount_sid)).fetch()
+        except Exception as exc:
+            log.warning("twilio subaccount token unavailable: %s", exc)
+            return None
+        return str(account.auth_token) if account.auth_token else None
+
     def close(self) -> None:
         self.http_client.close()
 
@@ -396,6 +406,9 @@ class ConsoleGateway:
         _check_account_status(status)
         log.info("console twilio: account %s -> %s", subaccount_sid, status)
         return AccountResult(AccountOutcome.OK, status=status)
+
+    def subaccount_auth_token(self, subaccount_sid: str) -> str | None:
+        return None
 
     def close(self) -> None:
         pass

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -35,6 +36,30 @@ class Receiver:
     publisher: Publisher
     paypal_verifier: Any | None
     metrics: Any
+    _subaccount_tokens: dict[str, tuple[str | None, float]] = field(default_factory=dict)
+
+    def subaccount_token(self, subaccount_sid: str) -> str | None:
+        """The auth token of one of our organizations' subaccounts, asked of Twilio once an
+        hour at most; None for a subaccount that is not ours (never asked) or unknown."""
+        cached = self._subaccount_tokens.get(subaccount_sid)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        with self.engine.connect() as conn:
+            ours = conn.execute(
+                text("SELECT 1 FROM organizations WHERE twilio_subaccount_sid = :s"),
+                {"s": subaccount_sid},
+            ).first()
+        if ours is None or not self.settings.twilio_configured:
+            return None
+        from core.twilio_gateway import build_gateway
+
+        gateway = build_gateway(self.settings, timeout=(2.0, 5.0))
+        try:
+            token = gateway.subaccount_auth_token(subaccount_sid)
+        finally:
+            gateway.close()
+        self._subaccount_tokens[subaccount_sid] = (token, time.monotonic() + 3600)
+        return token
 
 
 class BadRequest(Exception):

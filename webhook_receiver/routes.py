@@ -123,10 +123,17 @@ def twilio_status() -> Response:
         past_due_grace=timedelta(hours=s.STRIPE_PAST_DUE_GRACE_HOURS),
     )
     url = f"{(s.PUBLIC_BASE_URL or request.host_url).rstrip('/')}/webhooks/twilio/status"
-    token = s.TWILIO_AUTH_TOKEN or ""
-    if not validate_status_callback(
-        token, url, request.form, request.headers.get("X-Twilio-Signature")
-    ):
+    signature = request.headers.get("X-Twilio-Signature")
+    valid = validate_status_callback(s.TWILIO_AUTH_TOKEN or "", url, request.form, signature)
+    account = request.form.get("AccountSid")
+    if not valid and signature and account and account != s.TWILIO_ACCOUNT_SID:
+        # Twilio may sign a subaccount's callbacks with the subaccount's own token.
+        try:
+            token = receiver.subaccount_token(account)
+        except Exception as exc:
+            raise Unavailable(f"cannot check the signature now: {type(exc).__name__}") from None
+        valid = bool(token) and validate_status_callback(token, url, request.form, signature)
+    if not valid:
         receiver.metrics.WEBHOOKS.labels("twilio", "403").inc()
         return answer(403, error="invalid X-Twilio-Signature")
     sid, status = request.form.get("MessageSid"), request.form.get("MessageStatus")
