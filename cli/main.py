@@ -18,7 +18,6 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -131,10 +130,7 @@ def command(
 
 def _policy(ctx: Context) -> sending.Policy:
     assert ctx.settings is not None
-    return sending.Policy(
-        default_segment_price_cents=ctx.settings.SMS_SEGMENT_PRICE_CENTS,
-        past_due_grace=timedelta(hours=ctx.settings.STRIPE_PAST_DUE_GRACE_HOURS),
-    )
+    return sending.Policy.from_settings(ctx.settings)
 
 
 def _audit(conn: Connection, *, actor: str, action: str, org_id: str, details: dict) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, text
 from core import inbox
 from core.errors import InvalidInput, NotFound, Refused
 from core.orgs import ORG_ID_RE
+from core.settings import Settings
 from core.subscriptions import allows_sending
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,13 @@ class Policy:
 
     default_segment_price_cents: int = 1
     past_due_grace: timedelta = timedelta(hours=72)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        return cls(
+            default_segment_price_cents=settings.SMS_SEGMENT_PRICE_CENTS,
+            past_due_grace=timedelta(hours=settings.STRIPE_PAST_DUE_GRACE_HOURS),
+        )
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from core.db import run_in_transaction
 from core.sending import Policy, reconcile
@@ -66,16 +66,14 @@ def converge_one(engine: Engine, gateway, org_id: str, policy: Policy) -> str:
     return "retry"
 
 
-def out_of_sync(engine: Engine, limit: int) -> list[str]:
-    return run_in_transaction(
-        engine,
-        lambda c: list(
-            c.execute(
-                text(
-                    "SELECT org_id FROM organizations WHERE twilio_desired_status <> twilio_status "
-                    "ORDER BY org_id LIMIT :l"
-                ),
-                {"l": limit},
-            ).scalars()
-        ),
+def out_of_sync(conn: Connection, limit: int) -> list[str]:
+    """Organizations whose subaccount status is not yet the desired one."""
+    return list(
+        conn.execute(
+            text(
+                "SELECT org_id FROM organizations WHERE twilio_desired_status <> twilio_status "
+                "ORDER BY org_id LIMIT :l"
+            ),
+            {"l": limit},
+        ).scalars()
     )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -118,10 +116,7 @@ def twilio_status() -> Response:
 
     receiver = _receiver()
     s = receiver.settings
-    policy = Policy(
-        default_segment_price_cents=s.SMS_SEGMENT_PRICE_CENTS,
-        past_due_grace=timedelta(hours=s.STRIPE_PAST_DUE_GRACE_HOURS),
-    )
+    policy = Policy.from_settings(s)
     url = f"{(s.PUBLIC_BASE_URL or request.host_url).rstrip('/')}/webhooks/twilio/status"
     signature = request.headers.get("X-Twilio-Signature")
     valid = validate_status_callback(s.TWILIO_AUTH_TOKEN or "", url, request.form, signature)

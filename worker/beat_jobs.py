@@ -73,17 +73,7 @@ def converge_twilio() -> int:
     def enqueue(conn: Connection) -> int:
         if not _try_lock(conn, "converge_twilio"):
             return 0
-        orgs = (
-            conn.execute(
-                text(
-                    "SELECT org_id FROM organizations WHERE twilio_desired_status <> twilio_status "
-                    "ORDER BY org_id LIMIT :l"
-                ),
-                {"l": BATCH},
-            )
-            .scalars()
-            .all()
-        )
+        orgs = twilio_accounts.out_of_sync(conn, BATCH)
         for org_id in orgs:
             inbox.enqueue(conn, sending.SYNC_TWILIO_TASK, [org_id])
         return len(orgs)
@@ -153,6 +143,3 @@ def refresh_subscriptions() -> int:
     from worker import reconcile_providers
 
     return reconcile_providers.refresh_stale(runtime.settings(), runtime.engine(), runtime.policy())
-
-
-__all__ = ["twilio_accounts"]

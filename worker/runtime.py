@@ -6,7 +6,6 @@ Nothing is built at import; a forked Celery child drops what it inherited and bu
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
 from typing import Any
 
 from core.db import make_engine
@@ -33,11 +32,7 @@ def engine():
 
 
 def policy() -> Policy:
-    s = settings()
-    return Policy(
-        default_segment_price_cents=s.SMS_SEGMENT_PRICE_CENTS,
-        past_due_grace=timedelta(hours=s.STRIPE_PAST_DUE_GRACE_HOURS),
-    )
+    return Policy.from_settings(settings())
 
 
 def gateway():
