@@ -1,7 +1,6 @@
 """PayPal webhook payloads for tests, shaped like the ones PayPal really sends.
 
-Each builder starts from a published sample in `shared/fixtures/paypal/events/` (beside the
-repository, at `../shared`) and replaces the ids, organization, amount and times a test cares
+Each builder starts from a published sample in `tests/fixtures/paypal/events/` and replaces the ids, organization, amount and times a test cares
 about, so unit and integration tests feed Payguard the same shapes PayPal does:
 
     payload = capture_completed("org-1", "5O190127TN364715T", value="25.00")
@@ -24,8 +23,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-# tests/fakes/paypal_payloads.py -> repository root is parents[2]; shared/ sits beside it.
-FIXTURES_DIR = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "paypal" / "events"
+# tests/fakes/paypal_payloads.py -> tests/ is parents[1].
+FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "paypal" / "events"
 
 _API = "https://api.paypal.com"
 _ID_ALPHABET = string.ascii_uppercase + string.digits
@@ -347,7 +346,7 @@ def sale_reversed(
 ) -> dict[str, Any]:
     """PAYMENT.SALE.REVERSED: the payer's bank took sale `sale_id` back (a chargeback).
 
-    No sample of this event is in shared/fixtures; the shape follows PayPal's published one:
+    No sample of this event is in tests/fixtures; the shape follows PayPal's published one:
     the reversed sale's id, a negative total and a self link to the reversal.
     """
     payload = fixture("payment.sale.completed")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,22 +34,11 @@ PAYPAL_PREFIXES = (
     "https://api.sandbox.paypal.com/v1/notifications/certs/",
 )
 FIXTURE_NAME = "simulator-transmissions.json"
-FIXTURE_CANDIDATES = [
-    Path(os.environ.get("PAYGUARD_PAYPAL_FIXTURES", "/nonexistent")) / FIXTURE_NAME,
-    Path(__file__).resolve().parents[1] / "fixtures" / "paypal" / FIXTURE_NAME,
-    # shared/ sits beside the repository, on a developer's machine and in CI's clean clone.
-    Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "paypal" / FIXTURE_NAME,
-]
+# Kept in the repository (tests/fixtures/paypal/README.md says where it comes from): a fresh
+# clone has everything its tests read.
+FIXTURE_PATH = Path(__file__).resolve().parents[1] / "fixtures" / "paypal" / FIXTURE_NAME
 
-
-def _load_fixture() -> dict:
-    for path in FIXTURE_CANDIDATES:
-        if path.is_file():
-            return json.loads(path.read_text())
-    raise FileNotFoundError(f"{FIXTURE_NAME} not found in {[str(p) for p in FIXTURE_CANDIDATES]}")
-
-
-SIMULATOR = _load_fixture()
+SIMULATOR = json.loads(FIXTURE_PATH.read_text())
 WEBHOOK_ID = SIMULATOR["webhook_id"]
 TRANSMISSIONS = {t["name"]: t for t in SIMULATOR["transmissions"]}
 NAMES = sorted(TRANSMISSIONS)
