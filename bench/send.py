@@ -127,7 +127,13 @@ def main() -> int:
         policy = Policy()
 
         def create(conn):
-            orgs.create(conn, ORG, twilio_subaccount_sid=SUBACCOUNT, sender="+15005550006")
+            orgs.create(
+                conn,
+                ORG,
+                twilio_subaccount_sid=SUBACCOUNT,
+                sender="+15005550006",
+                billing="prepaid",
+            )
             wallet.credit(conn, ORG, 10**9, "bench-seed")
 
         run_in_transaction(engine, create)

@@ -898,6 +898,8 @@ def create_orgs(engine, rng: random.Random, count: int, policy: sending.Policy):
                 + "".join(rng.choice("0123456789abcdef") for _ in range(32)),
                 sender=f"+1415555{i:04d}",
                 segment_price_cents=price,
+                # Half send on money alone; the other half also need their subscription.
+                billing="prepaid" if i % 2 else "subscription",
             )
             for name in names:
                 sending.create_campaign(conn, org_id, name, policy)

@@ -197,6 +197,13 @@ def db_upgrade(ctx: Context, args: argparse.Namespace) -> Result:
     arg("--twilio-subaccount", metavar="SID", help="its Twilio subaccount (AC…)"),
     arg("--sender", metavar="E164_OR_MG_SID", help="a number or a Messaging Service SID"),
     arg("--segment-price-cents", type=int, metavar="N", help="its own price per SMS segment"),
+    arg(
+        "--billing",
+        choices=orgs.BILLING_MODES,
+        default="subscription",
+        help="subscription (default): may send only while a subscription is active; "
+        "prepaid: money alone decides",
+    ),
 )
 def org_create(ctx: Context, args: argparse.Namespace) -> Result:
     org = orgs.create(
@@ -206,6 +213,7 @@ def org_create(ctx: Context, args: argparse.Namespace) -> Result:
         twilio_subaccount_sid=args.twilio_subaccount,
         sender=args.sender,
         segment_price_cents=args.segment_price_cents,
+        billing=args.billing,
     )
     return {**org.as_dict(), "wallet": wallet.show(ctx.conn, org.org_id).as_dict()}
 

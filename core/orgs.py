@@ -17,6 +17,10 @@ SUBACCOUNT_RE = re.compile(r"^AC[0-9a-fA-F]{32}$")
 E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 MESSAGING_SERVICE_RE = re.compile(r"^MG[0-9a-fA-F]{32}$")
 
+# `subscription`: may send only while a subscription is active (none at all is none active);
+# `prepaid`: money alone decides.
+BILLING_MODES = ("subscription", "prepaid")
+
 
 @dataclass(frozen=True)
 class Organization:
@@ -28,10 +32,12 @@ class Organization:
     twilio_desired_status: str
     twilio_status: str
     created_at: datetime
+    billing: str = "subscription"
 
     def as_dict(self) -> dict:
         return {
             "org_id": self.org_id,
+            "billing": self.billing,
             "currency": self.currency,
             "segment_price_cents": self.segment_price_cents,
             "twilio_subaccount_sid": self.twilio_subaccount_sid,
@@ -58,8 +64,11 @@ def create(
     twilio_subaccount_sid: str | None = None,
     sender: str | None = None,
     segment_price_cents: int | None = None,
+    billing: str = "subscription",
 ) -> Organization:
     validate_org_id(org_id)
+    if billing not in BILLING_MODES:
+        raise InvalidInput(f"billing must be one of {', '.join(BILLING_MODES)}, got {billing!r}")
     if not isinstance(currency, str) or not re.fullmatch(r"[A-Za-z]{3}", currency):
         raise InvalidInput(f"currency must be a three-letter ISO code, got {currency!r}")
     currency = currency.upper()
@@ -80,7 +89,8 @@ def create(
             conn.execute(
                 text(
                     "INSERT INTO organizations (org_id, currency, segment_price_cents, "
-                    "twilio_subaccount_sid, sender) VALUES (:o, :c, :p, :s, :snd)"
+                    "twilio_subaccount_sid, sender, billing) "
+                    "VALUES (:o, :c, :p, :s, :snd, :billing)"
                 ),
                 {
                     "o": org_id,
@@ -88,6 +98,7 @@ def create(
                     "p": segment_price_cents,
                     "s": twilio_subaccount_sid,
                     "snd": sender,
+                    "billing": billing,
                 },
             )
             conn.execute(
@@ -105,7 +116,7 @@ def get(conn: Connection, org_id: str) -> Organization:
     row = conn.execute(
         text(
             "SELECT org_id, currency, segment_price_cents, twilio_subaccount_sid, sender, "
-            "twilio_desired_status, twilio_status, created_at FROM organizations "
+            "twilio_desired_status, twilio_status, created_at, billing FROM organizations "
             "WHERE org_id = :o"
         ),
         {"o": org_id},

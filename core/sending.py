@@ -57,16 +57,24 @@ class Decision:
     available_cents: int
     segment_price_cents: int
     freeze_reasons: tuple[str, ...] = field(default=())
+    billing: str = "subscription"
 
     @property
     def can_send(self) -> bool:
         return not self.reasons
+
+    @property
+    def service_paid_for(self) -> bool:
+        """Whether the Twilio subaccount should be active: a prepaid organization's always is
+        (its money is held per message), a subscription-billed one's while it is paid up."""
+        return self.billing == "prepaid" or self.subscription_allows
 
     def as_dict(self) -> dict:
         return {
             "org_id": self.org_id,
             "can_send": self.can_send,
             "reasons": list(self.reasons),
+            "billing": self.billing,
             "subscription_status": self.subscription_status,
             "twilio_status": self.twilio_status,
             "twilio_desired_status": self.twilio_desired_status,
@@ -77,7 +85,7 @@ class Decision:
 
 
 _STATE = text("""
-SELECT o.org_id, o.segment_price_cents, o.twilio_desired_status, o.twilio_status,
+SELECT o.org_id, o.billing, o.segment_price_cents, o.twilio_desired_status, o.twilio_status,
        w.balance_cents - w.held_cents AS available, w.active_freezes,
        (SELECT coalesce(array_agg(f.reason ORDER BY f.id), '{}') FROM wallet_freezes f
          WHERE f.org_id = o.org_id AND f.lifted_at IS NULL) AS freeze_reasons,
@@ -115,7 +123,7 @@ def decide(
     )
     subs = row.subs if isinstance(row.subs, list) else json.loads(row.subs)
     if not subs:
-        sub_status, sub_allows = "none", True
+        sub_status, sub_allows = "none", False
     else:
         allowing = [
             s
@@ -125,7 +133,9 @@ def decide(
         sub_allows = bool(allowing)
         sub_status = (allowing or subs)[0]["status"]
     reasons = []
-    if not sub_allows:
+    # Under subscription billing, never having had a subscription is having none active; a
+    # prepaid organization's money alone decides, and its subscriptions are only reported.
+    if row.billing == "subscription" and not sub_allows:
         reasons.append(SUBSCRIPTION_INACTIVE)
     if "suspended" in (row.twilio_status, row.twilio_desired_status):
         reasons.append(TWILIO_SUSPENDED)
@@ -144,6 +154,7 @@ def decide(
         available_cents=row.available,
         segment_price_cents=price,
         freeze_reasons=tuple(row.freeze_reasons),
+        billing=row.billing,
     )
 
 
@@ -160,7 +171,7 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
     decision = decide(conn, org_id, policy)
     # The subaccount first: its desired status is itself a reason, and campaigns paused below
     # must carry every reason, or the next reconcile would rewrite them all again.
-    desired = "active" if decision.subscription_allows else "suspended"
+    desired = "active" if decision.service_paid_for else "suspended"
     changed = (
         conn.execute(
             text(

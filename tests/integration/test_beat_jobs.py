@@ -100,6 +100,7 @@ def new_org(conn, balance: int = 0, *, price: int = 1) -> str:
         twilio_subaccount_sid="AC" + uuid.uuid4().hex,
         sender="+15005550006",
         segment_price_cents=price,
+        billing="prepaid",
     )
     if balance:
         wallet.credit(conn, org, balance, f"seed:{org}")

@@ -35,7 +35,7 @@ def _parked(engine, n: int) -> list[int]:
 
 
 def test_status_lists_every_reason_and_campaigns_follow(engine, database_url):
-    run_in_transaction(engine, lambda c: orgs.create(c, "acme"))
+    run_in_transaction(engine, lambda c: orgs.create(c, "acme", billing="prepaid"))
     status = run_payguard("status", "acme", "--json", database_url=database_url)
     assert status.status == 0
     assert status.json["can_send"] is False
@@ -74,7 +74,7 @@ def test_status_lists_every_reason_and_campaigns_follow(engine, database_url):
 
 
 def test_message_send_queues_and_show_reports(engine, database_url):
-    run_in_transaction(engine, lambda c: orgs.create(c, "acme"))
+    run_in_transaction(engine, lambda c: orgs.create(c, "acme", billing="prepaid"))
     run_in_transaction(engine, lambda c: wallet.credit(c, "acme", 100, "seed"))
     sent = run_payguard(
         "message",

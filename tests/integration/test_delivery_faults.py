@@ -34,7 +34,7 @@ WEBHOOK_ID = "WH-TEST"
 
 @pytest.fixture
 def org(engine) -> str:
-    run_in_transaction(engine, lambda c: orgs.create(c, "acme"))
+    run_in_transaction(engine, lambda c: orgs.create(c, "acme", billing="prepaid"))
     return "acme"
 
 
@@ -441,7 +441,7 @@ def test_webhooks_arriving_while_redis_is_down_are_all_acknowledged_and_credited
         published_by_receiver = conn.execute(
             text(
                 "SELECT o.published_at - o.created_at < interval '0.5 seconds' FROM outbox o "
-                "JOIN webhook_events e ON (o.args->>0)::bigint = e.id WHERE e.event_id = :e"
+                "JOIN webhook_events e ON o.args->>0 = e.id::text WHERE e.event_id = :e"
             ),
             {"e": after["id"]},
         ).scalar_one()

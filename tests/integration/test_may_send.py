@@ -444,3 +444,69 @@ def test_a_send_the_balance_cannot_cover_in_full_is_blocked(engine):
     assert plan is None
     assert message.block_reasons == [INSUFFICIENT_BALANCE]
     assert tx(engine, lambda c: wallet.show(c, org)).held_cents == 0
+
+
+# --- billing modes ------------------------------------------------------------------------
+
+
+def bare_org(engine, billing: str, balance: int = 100) -> str:
+    """An organization that never had a subscription, with money, under `billing`."""
+    org = f"org-{uuid.uuid4().hex[:10]}"
+
+    def create(conn):
+        orgs.create(conn, org, sender=SENDER, billing=billing)
+        wallet.credit(conn, org, balance, f"seed:{org}")
+
+    tx(engine, create)
+    return org
+
+
+def test_under_subscription_billing_no_subscription_at_all_blocks_sending(engine):
+    org = bare_org(engine, "subscription")
+
+    decision = decide(engine, org)
+
+    assert decision.reasons == (SUBSCRIPTION_INACTIVE,)
+    assert decision.subscription_status == "none"
+
+
+def test_subscription_billing_is_the_default(engine):
+    org = f"org-{uuid.uuid4().hex[:10]}"
+    tx(engine, lambda c: orgs.create(c, org))
+
+    assert org_row(engine, org).billing == "subscription"
+    assert SUBSCRIPTION_INACTIVE in decide(engine, org).reasons
+
+
+def test_a_prepaid_organization_sends_on_money_alone(engine):
+    org = bare_org(engine, "prepaid")
+
+    assert decide(engine, org).can_send
+    # A lapsed subscription it may have is reported, never a reason to stop a prepaid org.
+    tx(engine, lambda c: set_subscription(c, org, "cancelled"))
+    decision = decide(engine, org)
+    assert decision.can_send
+    assert decision.subscription_status == "cancelled"
+    # Money still decides.
+    assert INSUFFICIENT_BALANCE in decide(engine, org, needed_cents=101).reasons
+
+
+def test_a_subscription_billed_organization_resumes_when_its_first_subscription_activates(
+    engine,
+):
+    org = bare_org(engine, "subscription")
+    tx(engine, lambda c: sending.create_campaign(c, org, "spring", POLICY))
+    assert campaigns(engine, org)["spring"][:2] == ("paused", "system")
+
+    change(engine, org, lambda c: set_subscription(c, org, "active"))
+
+    assert campaigns(engine, org)["spring"][:2] == ("running", None)
+
+
+def test_an_unknown_billing_mode_is_refused_and_nothing_is_stored(engine):
+    from core.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="billing"):
+        tx(engine, lambda c: orgs.create(c, "acme", billing="free"))
+    with engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM organizations")).scalar_one() == 0

@@ -137,3 +137,34 @@ def test_two_releases_at_once_both_succeed(empty_database_url):
     assert [p.returncode for p in releases] == [0, 0], outcomes
     assert [out.strip().splitlines()[-1] for out, _ in outcomes] == [head, head]
     assert migrations.current(empty_database_url) == head
+
+
+def test_organizations_that_never_had_a_subscription_become_prepaid_on_upgrade(
+    empty_database_url,
+):
+    # Before billing modes an organization without a subscription sent on money alone; the
+    # deploy that adds them must not pause it. One with a subscription stays subscription-billed.
+    migrations.upgrade(empty_database_url, "0003")
+    engine = make_engine(empty_database_url)
+    try:
+        with engine.begin() as c:
+            for org in ("prepaid-co", "subscribed-co"):
+                c.execute(
+                    text("INSERT INTO organizations (org_id, currency) VALUES (:o, 'USD')"),
+                    {"o": org},
+                )
+                c.execute(
+                    text("INSERT INTO wallets (org_id, currency) VALUES (:o, 'USD')"), {"o": org}
+                )
+            c.execute(
+                text(
+                    "INSERT INTO subscriptions (provider, subscription_id, org_id, status, "
+                    "status_since) VALUES ('paypal', 'I-1', 'subscribed-co', 'active', now())"
+                )
+            )
+        migrations.upgrade(empty_database_url, "0004")
+        with engine.connect() as c:
+            billing = dict(c.execute(text("SELECT org_id, billing FROM organizations")).all())
+        assert billing == {"prepaid-co": "prepaid", "subscribed-co": "subscription"}
+    finally:
+        engine.dispose()

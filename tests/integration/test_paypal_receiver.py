@@ -80,7 +80,7 @@ def queue(redis_clean) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def org(engine) -> str:
-    run_in_transaction(engine, lambda c: orgs.create(c, "acme"))
+    run_in_transaction(engine, lambda c: orgs.create(c, "acme", billing="prepaid"))
     return "acme"
 
 
@@ -109,7 +109,7 @@ def event_row(engine, event_id: str):
         return conn.execute(
             text(
                 "SELECT e.id, e.status, e.body, o.id AS outbox_id, o.published_at, o.created_at "
-                "FROM webhook_events e JOIN outbox o ON (o.args->>0)::bigint = e.id "
+                "FROM webhook_events e JOIN outbox o ON o.args->>0 = e.id::text "
                 "WHERE e.provider = 'paypal' AND e.event_id = :e"
             ),
             {"e": event_id},
@@ -194,7 +194,7 @@ def test_publishing_happens_only_after_the_event_and_outbox_row_commit(
             with psycopg.connect(database_url, autocommit=True) as conn:
                 visible = conn.execute(
                     "SELECT count(*) FROM webhook_events e JOIN outbox o "
-                    "ON (o.args->>0)::bigint = e.id WHERE e.id = %s",
+                    "ON o.args->>0 = e.id::text WHERE e.id = %s",
                     (args[0],),
                 ).fetchone()[0]
             seen.append((task, args, task_id, visible))

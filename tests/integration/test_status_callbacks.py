@@ -268,7 +268,13 @@ def test_a_failed_callback_that_overtakes_the_recorded_sid_still_refunds(client,
     sid = "SM" + uuid.uuid4().hex
 
     def setup(conn):
-        orgs.create(conn, org, twilio_subaccount_sid="AC" + uuid.uuid4().hex, sender="+15005550006")
+        orgs.create(
+            conn,
+            org,
+            twilio_subaccount_sid="AC" + uuid.uuid4().hex,
+            sender="+15005550006",
+            billing="prepaid",
+        )
         wallet.credit(conn, org, 10, f"seed:{org}")
         return messages.queue(conn, org, "+15005550010", "hello", POLICY)
 

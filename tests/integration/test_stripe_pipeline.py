@@ -87,11 +87,13 @@ class Pipeline:
         with self.engine.connect() as conn:
             return list(conn.execute(text(sql), params))
 
-    def new_org(self, *, campaign: bool = False, currency: str = "USD") -> str:
+    def new_org(
+        self, *, campaign: bool = False, currency: str = "USD", billing: str = "prepaid"
+    ) -> str:
         org_id = f"org-{uuid.uuid4().hex[:10]}"
 
         def create(conn):
-            orgs.create(conn, org_id, currency=currency)
+            orgs.create(conn, org_id, currency=currency, billing=billing)
             if campaign:
                 # Created before any money: Payguard pauses it, and must resume it itself.
                 sending.create_campaign(conn, org_id, "spring", POLICY)
@@ -581,9 +583,10 @@ def test_dispute_of_an_unknown_payment_waits_for_it(stripe):
 def test_subscription_status_decides_whether_the_organization_may_send(
     stripe, build, status, allows
 ):
-    org_id = stripe.new_org(campaign=True)
+    org_id = stripe.new_org(campaign=True, billing="subscription")
     pay(stripe, org_id, 5000)
-    assert stripe.campaign(org_id).status == "running"
+    # Money alone does not let a subscription-billed organization send.
+    assert stripe.campaign(org_id).status == "paused"
 
     stripe.send(build(subscription_id="sub_t", org_id=org_id, status=status))
 

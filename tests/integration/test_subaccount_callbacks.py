@@ -34,7 +34,9 @@ def client(database_url, fake_twilio):
 
 def _accepted(engine, subaccount: str) -> str:
     def setup(conn):
-        orgs.create(conn, "acme", twilio_subaccount_sid=subaccount, sender="+15005550006")
+        orgs.create(
+            conn, "acme", twilio_subaccount_sid=subaccount, sender="+15005550006", billing="prepaid"
+        )
         wallet.credit(conn, "acme", 10, "seed")
         queued = messages.queue(conn, "acme", "+15005550010", "hi", Policy())
         messages.prepare(conn, queued.message_id, Policy())
