@@ -81,22 +81,56 @@ class VerificationUnavailable(Exception):
     """Verification could not be completed right now (PayPal down, timeout, OAuth): answer 503."""
 
 
+_TIME_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
+
+
+@dataclass(frozen=True)
+class Transmission:
+    """A verified transmission: the id exactly as signed (and to be stored) and when it was sent."""
+
+    transmission_id: str
+    sent_at: datetime
+
+
+def _parse_time(value: str) -> datetime:
+    if not _TIME_FORMAT.fullmatch(value):
+        raise InvalidWebhook("headers", f"{H_TRANSMISSION_TIME} is not an RFC 3339 time")
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidWebhook("headers", f"{H_TRANSMISSION_TIME} is not a real time") from None
+
+
 # --------------------------------------------------------------------------- headers
 
 
-def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {str(k).lower(): v for k, v in headers.items()}
+# Printable ASCII without space: everything PayPal puts in these headers (UUIDs, RFC 3339
+# times, base64, URLs, algorithm names) fits. WSGI hands headers over latin-1-decoded, so a
+# raw 0xA0 or 0x85 byte arrives as a character that str.strip() would silently remove;
+# nothing is stripped here, anything else is refused, so what is verified is what is stored.
+_HEADER_VALUE = re.compile(r"[!-~]+")
 
 
 def _require_headers(headers: Mapping[str, str], names: Iterable[str]) -> dict[str, str]:
-    """Case-insensitive lookup of every name; a missing or empty one is a bad request."""
-    lowered = _lower_headers(headers)
+    """Case-insensitive lookup of every name, values exactly as received.
+
+    A missing, empty, repeated or non-printable-ASCII value (whitespace included) is a bad
+    request: a second copy of a header or padding around it could otherwise be verified in
+    one form and stored in another.
+    """
+    wanted = set(names)
     found: dict[str, str] = {}
-    for name in names:
-        value = lowered.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise InvalidWebhook("headers", f"missing {name}")
-        found[name] = value.strip()
+    for key, value in headers.items():
+        name = str(key).lower()
+        if name not in wanted:
+            continue
+        if name in found:
+            raise InvalidWebhook("headers", f"{name} sent more than once")
+        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            raise InvalidWebhook("headers", f"{name} is not printable ASCII without spaces")
+        found[name] = value
+    for name in wanted - found.keys():
+        raise InvalidWebhook("headers", f"missing {name}")
     return found
 
 
@@ -380,11 +414,14 @@ class OfflineVerifier:
         self.fetcher = fetcher
         self.clock = clock
 
-    def verify(self, headers: Mapping[str, str], raw_body: bytes) -> None:
+    def verify(self, headers: Mapping[str, str], raw_body: bytes) -> Transmission:
+        """The verified transmission, or ``InvalidWebhook`` / ``VerificationUnavailable``."""
         # All headers first, so a request that cannot verify never causes a fetch.
         found = _require_headers(headers, _ALL_HEADERS)
+        sent_at = _parse_time(found[H_TRANSMISSION_TIME])
         cert_pem = self.fetcher.get(found[H_CERT_URL])
-        verify_signature(cert_pem, headers, raw_body, self.webhook_id, self.clock())
+        verify_signature(cert_pem, found, raw_body, self.webhook_id, self.clock())
+        return Transmission(found[H_TRANSMISSION_ID], sent_at)
 
 
 # --------------------------------------------------------------------------- postback
@@ -421,8 +458,10 @@ class PostbackVerifier:
         self._token_expires = 0.0
         self._lock = threading.Lock()
 
-    def verify(self, headers: Mapping[str, str], raw_body: bytes) -> None:
+    def verify(self, headers: Mapping[str, str], raw_body: bytes) -> Transmission:
+        """The verified transmission, or ``InvalidWebhook`` / ``VerificationUnavailable``."""
         found = _require_headers(headers, _ALL_HEADERS)
+        sent_at = _parse_time(found[H_TRANSMISSION_TIME])
         if self._prefixes is not None:
             check_cert_url(found[H_CERT_URL], self._prefixes)
         payload = self._payload(found, raw_body)
@@ -436,6 +475,7 @@ class PostbackVerifier:
             if response.status_code == 401:
                 raise VerificationUnavailable("verify-webhook-signature refused our token")
         self._judge(response)
+        return Transmission(found[H_TRANSMISSION_ID], sent_at)
 
     def _payload(self, found: dict[str, str], raw_body: bytes) -> bytes:
         try:

@@ -21,6 +21,7 @@ from core.paypal_verify import (
     InvalidWebhook,
     OfflineVerifier,
     PostbackVerifier,
+    Transmission,
     build_verifier,
     check_cert_url,
     expected_message,
@@ -120,6 +121,70 @@ def test_one_change_to_any_signed_header_fails(name, header, seeded_fetcher):
     assert exc.value.cause == "signature"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_verify_returns_the_transmission_exactly_as_received(name, seeded_fetcher):
+    headers, body = transmission(name)
+    verified = verifier_at(seeded_fetcher, sent_at(headers)).verify(headers, body)
+    assert verified == Transmission(headers["paypal-transmission-id"], sent_at(headers))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "paypal-transmission-id",
+        "paypal-transmission-time",
+        "paypal-transmission-sig",
+        "paypal-cert-url",
+        "paypal-auth-algo",
+    ],
+)
+@pytest.mark.parametrize("pad", [" {}", "{} ", "\t{}", "{}\t", "{}\xa0", "\x85{}", "{}\u3000"])
+def test_padding_around_any_paypal_header_is_refused_before_any_fetch(header, pad):
+    # Before, values were verified after .strip() (which also removes \xa0 and \x85, as WSGI
+    # delivers raw 0xA0 / 0x85 bytes) but stored as received.
+    headers, body = transmission(NAMES[0])
+    clock = sent_at(headers)
+    headers[header] = pad.format(headers[header])
+    fetcher = CountingFetcher({})
+    with pytest.raises(InvalidWebhook) as exc:
+        verifier_at(fetcher, clock).verify(headers, body)
+    assert exc.value.cause == "headers"
+    assert fetcher.requested == []
+
+
+@pytest.mark.parametrize("junk", ["\xe9", "\x00", "\x7f", "\u0130", " ", "\n"])
+def test_non_ascii_or_control_characters_inside_a_header_are_refused(junk):
+    headers, body = transmission(NAMES[0])
+    clock = sent_at(headers)
+    headers["paypal-transmission-id"] = headers["paypal-transmission-id"][:5] + junk
+    with pytest.raises(InvalidWebhook) as exc:
+        verifier_at(CountingFetcher({}), clock).verify(headers, body)
+    assert exc.value.cause == "headers"
+
+
+def test_a_header_sent_twice_is_refused(seeded_fetcher):
+    headers, body = transmission(NAMES[0])
+    doubled = Headers(list(headers.items()))
+    doubled.add("PAYPAL-TRANSMISSION-ID", "some-other-id")
+    with pytest.raises(InvalidWebhook) as exc:
+        verifier_at(seeded_fetcher, sent_at(headers)).verify(doubled, body)
+    assert exc.value.cause == "headers"
+
+
+@pytest.mark.parametrize(
+    "value", ["yesterday", "2024-08-02 19:34:57Z", "2024-08-02T19:34:57", "2024-13-02T19:34:57Z"]
+)
+def test_transmission_time_that_is_not_an_rfc3339_utc_time_is_refused(value):
+    headers, body = transmission(NAMES[0])
+    clock = sent_at(headers)
+    headers["paypal-transmission-time"] = value
+    fetcher = CountingFetcher({})
+    with pytest.raises(InvalidWebhook) as exc:
+        verifier_at(fetcher, clock).verify(headers, body)
+    assert exc.value.cause == "headers"
+    assert fetcher.requested == []
+
+
 def test_transmission_after_certificate_expiry_fails(seeded_fetcher):
     headers, body = transmission(NAMES[0])
     with pytest.raises(InvalidWebhook) as exc:
@@ -172,7 +237,7 @@ def test_unsupported_auth_algo_is_refused(seeded_fetcher):
 
 def test_signature_that_is_not_base64_is_refused(seeded_fetcher):
     headers, body = transmission(NAMES[0])
-    headers["paypal-transmission-sig"] = "not base64!"
+    headers["paypal-transmission-sig"] = "not-base64!"
     with pytest.raises(InvalidWebhook) as exc:
         verifier_at(seeded_fetcher, sent_at(headers)).verify(headers, body)
     assert exc.value.cause == "signature"
