@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import SplitResult, urlsplit
 
@@ -67,8 +67,9 @@ _DEFAULT_PORTS = {"https": 443, "http": 80}
 class InvalidWebhook(Exception):
     """The webhook is not authentic or not well-formed: answer 400.
 
-    ``cause`` is one of ``"headers"``, ``"cert_url"``, ``"certificate"``, ``"signature"``
-    or ``"body"`` (postback only: the body is not one UTF-8 JSON object).
+    ``cause`` is one of ``"headers"``, ``"cert_url"``, ``"certificate"``, ``"signature"``,
+    ``"time"`` (sent outside the accepted window) or ``"body"`` (postback only: the body is
+    not one UTF-8 JSON object).
     """
 
     def __init__(self, cause: str, detail: str = "") -> None:
@@ -81,7 +82,20 @@ class VerificationUnavailable(Exception):
     """Verification could not be completed right now (PayPal down, timeout, OAuth): answer 503."""
 
 
+# PayPal retries a delivery that was not answered 2xx up to 25 times over 3 days; a day more
+# covers its last retry and our own outages. A few minutes ahead covers clock skew.
+DEFAULT_MAX_AGE = timedelta(days=4)
+DEFAULT_MAX_SKEW = timedelta(minutes=5)
+
 _TIME_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
+
+
+@dataclass(frozen=True)
+class TransmissionWindow:
+    """How old, and how far ahead of our clock, a transmission time may be."""
+
+    max_age: timedelta = DEFAULT_MAX_AGE
+    max_skew: timedelta = DEFAULT_MAX_SKEW
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,20 @@ def _parse_time(value: str) -> datetime:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidWebhook("headers", f"{H_TRANSMISSION_TIME} is not a real time") from None
+
+
+def check_transmission_time(
+    sent_at: datetime, now: datetime, window: TransmissionWindow = TransmissionWindow()
+) -> None:
+    """Refuse (``InvalidWebhook("time")``) a transmission sent before ``now - max_age`` or
+    after ``now + max_skew``: a leaked transmission older than PayPal's own retries is of no
+    use to PayPal and may predate what the transmission table remembers."""
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime")
+    if sent_at < now - window.max_age:
+        raise InvalidWebhook("time", "transmission is older than the accepted window")
+    if sent_at > now + window.max_skew:
+        raise InvalidWebhook("time", "transmission time is ahead of our clock")
 
 
 # --------------------------------------------------------------------------- headers
@@ -409,10 +437,12 @@ class OfflineVerifier:
         webhook_id: str,
         fetcher: CertificateSource,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        window: TransmissionWindow = TransmissionWindow(),
     ) -> None:
         self.webhook_id = webhook_id
         self.fetcher = fetcher
         self.clock = clock
+        self.window = window
 
     def verify(self, headers: Mapping[str, str], raw_body: bytes) -> Transmission:
         """The verified transmission, or ``InvalidWebhook`` / ``VerificationUnavailable``."""
@@ -420,7 +450,10 @@ class OfflineVerifier:
         found = _require_headers(headers, _ALL_HEADERS)
         sent_at = _parse_time(found[H_TRANSMISSION_TIME])
         cert_pem = self.fetcher.get(found[H_CERT_URL])
-        verify_signature(cert_pem, found, raw_body, self.webhook_id, self.clock())
+        now = self.clock()
+        verify_signature(cert_pem, found, raw_body, self.webhook_id, now)
+        # After the signature, so a tampered time is reported as the forgery it is.
+        check_transmission_time(sent_at, now, self.window)
         return Transmission(found[H_TRANSMISSION_ID], sent_at)
 
 
@@ -448,7 +481,11 @@ class PostbackVerifier:
         timeout: float = 10,
         *,
         cert_url_prefixes: Iterable[str] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        window: TransmissionWindow = TransmissionWindow(),
     ) -> None:
+        self.clock = clock
+        self.window = window
         self.api_base = api_base.rstrip("/")
         self.webhook_id = webhook_id
         self._auth = (client_id, client_secret)
@@ -475,6 +512,7 @@ class PostbackVerifier:
             if response.status_code == 401:
                 raise VerificationUnavailable("verify-webhook-signature refused our token")
         self._judge(response)
+        check_transmission_time(sent_at, self.clock(), self.window)
         return Transmission(found[H_TRANSMISSION_ID], sent_at)
 
     def _payload(self, found: dict[str, str], raw_body: bytes) -> bytes:
@@ -589,6 +627,11 @@ def build_verifier(settings: Settings, clock: Callable[[], datetime] | None = No
         return str(value)
 
     webhook_id = required("PAYPAL_WEBHOOK_ID")
+    window = TransmissionWindow(
+        max_age=timedelta(seconds=settings.PAYPAL_TRANSMISSION_MAX_AGE_SECONDS),
+        max_skew=timedelta(seconds=settings.PAYPAL_TRANSMISSION_MAX_SKEW_SECONDS),
+    )
+    clock = clock or (lambda: datetime.now(UTC))
     if settings.PAYPAL_VERIFY == "postback":
         return PostbackVerifier(
             settings.PAYPAL_API_BASE,
@@ -596,6 +639,8 @@ def build_verifier(settings: Settings, clock: Callable[[], datetime] | None = No
             required("PAYPAL_CLIENT_SECRET"),
             webhook_id,
             cert_url_prefixes=settings.cert_url_prefixes,
+            clock=clock,
+            window=window,
         )
     try:
         fetcher = CertificateFetcher(
@@ -603,6 +648,4 @@ def build_verifier(settings: Settings, clock: Callable[[], datetime] | None = No
         )
     except ValueError as exc:
         raise ConfigError(f"configuration error: PAYPAL_CERT_URL_PREFIXES: {exc}") from None
-    if clock is None:
-        return OfflineVerifier(webhook_id, fetcher)
-    return OfflineVerifier(webhook_id, fetcher, clock)
+    return OfflineVerifier(webhook_id, fetcher, clock, window)

@@ -22,8 +22,10 @@ from core.paypal_verify import (
     OfflineVerifier,
     PostbackVerifier,
     Transmission,
+    TransmissionWindow,
     build_verifier,
     check_cert_url,
+    check_transmission_time,
     expected_message,
     verify_signature,
 )
@@ -183,6 +185,37 @@ def test_transmission_time_that_is_not_an_rfc3339_utc_time_is_refused(value):
         verifier_at(fetcher, clock).verify(headers, body)
     assert exc.value.cause == "headers"
     assert fetcher.requested == []
+
+
+@pytest.mark.parametrize(
+    "delay, accepted",
+    [
+        (timedelta(0), True),
+        (timedelta(days=3, hours=12), True),  # PayPal's last retry: 25 tries over 3 days
+        (timedelta(days=4), True),
+        (timedelta(days=4, seconds=1), False),
+        (timedelta(minutes=-5), True),
+        (timedelta(minutes=-5, seconds=-1), False),
+    ],
+)
+def test_a_genuine_transmission_verifies_only_inside_the_window(seeded_fetcher, delay, accepted):
+    headers, body = transmission(NAMES[0])
+    verifier = verifier_at(seeded_fetcher, sent_at(headers) + delay)
+    if accepted:
+        verifier.verify(headers, body)
+    else:
+        with pytest.raises(InvalidWebhook) as exc:
+            verifier.verify(headers, body)
+        assert exc.value.cause == "time"
+
+
+def test_window_is_configurable():
+    sent = datetime(2026, 1, 1, tzinfo=UTC)
+    narrow = TransmissionWindow(max_age=timedelta(hours=1), max_skew=timedelta(0))
+    check_transmission_time(sent, sent + timedelta(hours=1), narrow)
+    for now in (sent + timedelta(hours=1, seconds=1), sent - timedelta(seconds=1)):
+        with pytest.raises(InvalidWebhook):
+            check_transmission_time(sent, now, narrow)
 
 
 def test_transmission_after_certificate_expiry_fails(seeded_fetcher):
@@ -473,6 +506,19 @@ def test_build_verifier_defaults_to_offline_with_the_configured_prefixes(signer)
     verifier.fetcher.preload(CERT_URL, signer.cert_pem)
     body = b'{"ok":true}'
     verifier.verify(signer.sign("WH", body, CERT_URL), body)
+
+
+def test_build_verifier_reads_the_transmission_window():
+    verifier = build_verifier(
+        _settings(
+            PAYPAL_WEBHOOK_ID="WH",
+            PAYPAL_TRANSMISSION_MAX_AGE_SECONDS=60,
+            PAYPAL_TRANSMISSION_MAX_SKEW_SECONDS=7,
+        )
+    )
+    assert verifier.window == TransmissionWindow(timedelta(seconds=60), timedelta(seconds=7))
+    default = build_verifier(_settings(PAYPAL_WEBHOOK_ID="WH")).window
+    assert default.max_age >= timedelta(days=3, hours=12)
 
 
 def test_build_verifier_postback():
