@@ -26,8 +26,10 @@ import re
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
@@ -322,6 +324,14 @@ class CertificateSource(Protocol):
     def get(self, url: str) -> bytes: ...
 
 
+@dataclass
+class _Flight:
+    """One fetch in progress, shared by every request that wants the same URL."""
+
+    result: Future[bytes]
+    deadline: float  # time.monotonic()
+
+
 class CertificateFetcher:
     """Fetches PayPal signing certificates from allow-listed URLs and caches them in memory.
 
@@ -329,7 +339,15 @@ class CertificateFetcher:
     bodies over ``max_bytes`` are refused, and only answers that parse as a certificate are
     cached. TLS failures (including an untrusted CA) are ``VerificationUnavailable``: the URL
     is already one of PayPal's, so a bad handshake is our network or CA bundle, not the sender.
+
+    Any unauthenticated request names a URL, so fetches are capped: one in flight per URL
+    (others wait for it), ``total_timeout`` seconds for the whole fetch however slowly the
+    bytes come, a failed URL is answered from memory for ``failure_ttl`` seconds, and at most
+    ``max_new_urls`` fetches start per ``budget_window`` seconds (beyond: unavailable, which
+    PayPal retries; cached certificates are unaffected).
     """
+
+    DEFAULT_MAX_NEW_URLS = 10
 
     def __init__(
         self,
@@ -337,16 +355,29 @@ class CertificateFetcher:
         ca_bundle: str | None = None,
         timeout: float = 5.0,
         max_bytes: int = 64 * 1024,
+        *,
+        total_timeout: float = 10.0,
+        failure_ttl: float = 60.0,
+        max_new_urls: int = DEFAULT_MAX_NEW_URLS,
+        budget_window: float = 600.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._prefixes = parse_prefixes(prefixes)
         if not self._prefixes:
             raise ValueError("at least one certificate URL prefix is required")
         self._verify: str | bool = ca_bundle or True
-        self._timeout = timeout
+        self._timeout = min(timeout, total_timeout)
+        self._total_timeout = total_timeout
         self._max_bytes = max_bytes
+        self._failure_ttl = failure_ttl
+        self._max_new_urls = max_new_urls
+        self._budget_window = budget_window
+        self._monotonic = monotonic
         self._cache: dict[str, bytes] = {}
+        self._failures: dict[str, tuple[float, BaseException]] = {}
+        self._fetch_starts: deque[float] = deque()
         self._lock = threading.Lock()
-        self._inflight: dict[str, Future[bytes]] = {}
+        self._inflight: dict[str, _Flight] = {}
 
     def preload(self, url: str, cert_pem: bytes) -> None:
         """Seed the cache (tests, or a certificate shipped with the deployment)."""
@@ -366,35 +397,68 @@ class CertificateFetcher:
             cached = self._cache.get(url)
             if cached is not None:
                 return cached
-            flight = self._inflight.get(url)
-            leader = flight is None
-            if flight is None:
-                flight = self._inflight[url] = Future()
-        if not leader:
-            # Fresh exceptions per waiter: one exception object raised in many threads would
-            # have its traceback rewritten by each of them.
-            try:
-                return flight.result()
-            except InvalidWebhook as exc:
-                raise InvalidWebhook(exc.cause, exc.detail) from None
-            except VerificationUnavailable as exc:
-                raise VerificationUnavailable(str(exc)) from None
+            flight = self._inflight.get(url) or self._start(url)
         try:
-            pem = self._fetch(url)
+            return flight.result.result(timeout=max(0.0, flight.deadline - time.monotonic()))
+        except FutureTimeout:
+            error = VerificationUnavailable("certificate fetch took too long")
+            self._remember_failure(url, error)
+            raise error from None
+        # Fresh exceptions per waiter: one exception object raised in many threads would have
+        # its traceback rewritten by each of them.
+        except InvalidWebhook as exc:
+            raise InvalidWebhook(exc.cause, exc.detail) from None
+        except VerificationUnavailable as exc:
+            raise VerificationUnavailable(str(exc)) from None
+
+    def _start(self, url: str) -> _Flight:
+        """Under the lock: answer a recent failure from memory, or start one fetch."""
+        now = self._monotonic()
+        failed = self._failures.get(url)
+        if failed is not None and failed[0] > now:
+            future: Future[bytes] = Future()
+            future.set_exception(failed[1])
+            return _Flight(future, time.monotonic())
+        while self._fetch_starts and self._fetch_starts[0] <= now - self._budget_window:
+            self._fetch_starts.popleft()
+        if len(self._fetch_starts) >= self._max_new_urls:
+            raise VerificationUnavailable("too many certificate fetches; try again later")
+        self._fetch_starts.append(now)
+        flight = _Flight(Future(), time.monotonic() + self._total_timeout)
+        self._inflight[url] = flight
+        # Its own thread, so the deadline holds however the server paces its bytes; the
+        # thread itself ends at the next read after the deadline.
+        threading.Thread(
+            target=self._run, args=(url, flight), name="paypal-cert-fetch", daemon=True
+        ).start()
+        return flight
+
+    def _run(self, url: str, flight: _Flight) -> None:
+        try:
+            pem = self._fetch(url, flight.deadline)
         except BaseException as exc:
-            flight.set_exception(exc)
-            raise
+            self._remember_failure(url, exc)
+            with self._lock:
+                if self._inflight.get(url) is flight:
+                    del self._inflight[url]
+            flight.result.set_exception(exc)
         else:
-            flight.set_result(pem)
             with self._lock:
                 self._cache[url] = pem
-            return pem
-        finally:
-            # A failure is not remembered: the next webhook after this burst tries again.
-            with self._lock:
-                del self._inflight[url]
+                self._failures.pop(url, None)
+                if self._inflight.get(url) is flight:
+                    del self._inflight[url]
+            flight.result.set_result(pem)
 
-    def _fetch(self, url: str) -> bytes:
+    def _remember_failure(self, url: str, exc: BaseException) -> None:
+        with self._lock:
+            self._failures[url] = (self._monotonic() + self._failure_ttl, exc)
+            if len(self._failures) > 4 * self._max_new_urls:
+                now = self._monotonic()
+                for key in [k for k, (until, _) in self._failures.items() if until <= now]:
+                    del self._failures[key]
+
+    def _fetch(self, url: str, deadline: float) -> bytes:
         try:
             response = requests.get(
                 url,
@@ -419,6 +483,8 @@ class CertificateFetcher:
             body = bytearray()
             try:
                 for chunk in response.iter_content(chunk_size=8192):
+                    if time.monotonic() > deadline:
+                        raise VerificationUnavailable("certificate fetch took too long")
                     body += chunk
                     if len(body) > self._max_bytes:
                         raise InvalidWebhook("certificate", "too large")
