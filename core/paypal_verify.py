@@ -710,7 +710,9 @@ def build_verifier(settings: Settings, clock: Callable[[], datetime] | None = No
         )
     try:
         fetcher = CertificateFetcher(
-            settings.cert_url_prefixes, ca_bundle=settings.PAYPAL_CA_BUNDLE
+            settings.cert_url_prefixes,
+            ca_bundle=settings.PAYPAL_CA_BUNDLE,
+            max_new_urls=settings.PAYPAL_CERT_FETCH_BUDGET,
         )
     except ValueError as exc:
         raise ConfigError(f"configuration error: PAYPAL_CERT_URL_PREFIXES: {exc}") from None

@@ -551,3 +551,8 @@ def test_build_verifier_names_the_missing_variable(values, missing, monkeypatch)
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match=missing):
         build_verifier(_settings(**values))
+
+
+def test_build_verifier_reads_the_certificate_fetch_budget():
+    verifier = build_verifier(_settings(PAYPAL_WEBHOOK_ID="WH", PAYPAL_CERT_FETCH_BUDGET=3))
+    assert verifier.fetcher._max_new_urls == 3
