@@ -8,6 +8,7 @@ unprocessed), so a broker outage or a dead worker never loses an acknowledged ev
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,6 +86,21 @@ SELECT e.*, (SELECT id FROM o) AS outbox_id FROM e
 """)
 
 
+# Every verified PayPal transmission vouches for one body: the first body it is seen with wins
+# the row, the same body again passes, any other body finds no row returned.
+_VOUCH = text("""
+INSERT INTO paypal_transmissions (transmission_id, body_sha256, event_id)
+VALUES (:transmission, :sha, :event_id)
+ON CONFLICT (transmission_id) DO UPDATE SET transmission_id = EXCLUDED.transmission_id
+    WHERE paypal_transmissions.body_sha256 = EXCLUDED.body_sha256
+RETURNING transmission_id
+""")
+
+
+class ReplayedTransmission(Exception):
+    """A transmission id already vouched for another body: a forgery, answered 400."""
+
+
 def _row(row, duplicate: bool = False) -> StoredEvent:
     m = row._mapping
     return StoredEvent(**{k: m[k] for k in _COLUMNS.split(", ")}, duplicate=duplicate)
@@ -101,12 +117,26 @@ def store(
 ) -> tuple[StoredEvent, int | None]:
     """Store a verified event and its outbox row; (event, outbox id) or (first event, None).
 
-    A `transmission_id` already used by another event makes the INSERT fail with an
-    IntegrityError that `is_replayed_transmission` recognizes: a genuine retry carries the
-    same event id and is answered as a duplicate before that index is checked."""
+    A `transmission_id` (PayPal's) is recorded with the SHA-256 of `body` whatever the answer,
+    duplicate included: PayPal retries with fresh transmission ids, and each of them must
+    vouch for this body alone. One already recorded with another body raises
+    `ReplayedTransmission`, and the caller's transaction stores nothing. (A transmission id
+    used by another event also makes the event INSERT fail with an IntegrityError that
+    `is_replayed_transmission` recognizes.)"""
     for name, value in (("event id", event_id), ("event type", event_type)):
         if not value or len(value) > 255 or not value.isprintable():
             raise InvalidInput(f"{name} must be 1-255 printable characters")
+    if transmission_id is not None:
+        vouched = conn.execute(
+            _VOUCH,
+            {
+                "transmission": transmission_id,
+                "sha": hashlib.sha256(body).digest(),
+                "event_id": event_id,
+            },
+        ).first()
+        if vouched is None:
+            raise ReplayedTransmission("transmission already vouched for another body")
     # PostgreSQL text and jsonb cannot hold NUL; nothing legitimate in a header has one.
     kept = {
         k.lower(): v.replace("\x00", "") for k, v in headers.items() if k.lower() in _KEPT_HEADERS

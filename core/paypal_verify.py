@@ -26,10 +26,12 @@ import re
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import SplitResult, urlsplit
 
@@ -67,8 +69,9 @@ _DEFAULT_PORTS = {"https": 443, "http": 80}
 class InvalidWebhook(Exception):
     """The webhook is not authentic or not well-formed: answer 400.
 
-    ``cause`` is one of ``"headers"``, ``"cert_url"``, ``"certificate"``, ``"signature"``
-    or ``"body"`` (postback only: the body is not one UTF-8 JSON object).
+    ``cause`` is one of ``"headers"``, ``"cert_url"``, ``"certificate"``, ``"signature"``,
+    ``"time"`` (sent outside the accepted window) or ``"body"`` (postback only: the body is
+    not one UTF-8 JSON object).
     """
 
     def __init__(self, cause: str, detail: str = "") -> None:
@@ -81,22 +84,83 @@ class VerificationUnavailable(Exception):
     """Verification could not be completed right now (PayPal down, timeout, OAuth): answer 503."""
 
 
+# PayPal retries a delivery that was not answered 2xx up to 25 times over 3 days; a day more
+# covers its last retry and our own outages. A few minutes ahead covers clock skew.
+DEFAULT_MAX_AGE = timedelta(days=4)
+DEFAULT_MAX_SKEW = timedelta(minutes=5)
+
+_TIME_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
+
+
+@dataclass(frozen=True)
+class TransmissionWindow:
+    """How old, and how far ahead of our clock, a transmission time may be."""
+
+    max_age: timedelta = DEFAULT_MAX_AGE
+    max_skew: timedelta = DEFAULT_MAX_SKEW
+
+
+@dataclass(frozen=True)
+class Transmission:
+    """A verified transmission: the id exactly as signed (and to be stored) and when it was sent."""
+
+    transmission_id: str
+    sent_at: datetime
+
+
+def _parse_time(value: str) -> datetime:
+    if not _TIME_FORMAT.fullmatch(value):
+        raise InvalidWebhook("headers", f"{H_TRANSMISSION_TIME} is not an RFC 3339 time")
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidWebhook("headers", f"{H_TRANSMISSION_TIME} is not a real time") from None
+
+
+def check_transmission_time(
+    sent_at: datetime, now: datetime, window: TransmissionWindow = TransmissionWindow()
+) -> None:
+    """Refuse (``InvalidWebhook("time")``) a transmission sent before ``now - max_age`` or
+    after ``now + max_skew``: a leaked transmission older than PayPal's own retries is of no
+    use to PayPal and may predate what the transmission table remembers."""
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime")
+    if sent_at < now - window.max_age:
+        raise InvalidWebhook("time", "transmission is older than the accepted window")
+    if sent_at > now + window.max_skew:
+        raise InvalidWebhook("time", "transmission time is ahead of our clock")
+
+
 # --------------------------------------------------------------------------- headers
 
 
-def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {str(k).lower(): v for k, v in headers.items()}
+# Printable ASCII without space: everything PayPal puts in these headers (UUIDs, RFC 3339
+# times, base64, URLs, algorithm names) fits. WSGI hands headers over latin-1-decoded, so a
+# raw 0xA0 or 0x85 byte arrives as a character that str.strip() would silently remove;
+# nothing is stripped here, anything else is refused, so what is verified is what is stored.
+_HEADER_VALUE = re.compile(r"[!-~]+")
 
 
 def _require_headers(headers: Mapping[str, str], names: Iterable[str]) -> dict[str, str]:
-    """Case-insensitive lookup of every name; a missing or empty one is a bad request."""
-    lowered = _lower_headers(headers)
+    """Case-insensitive lookup of every name, values exactly as received.
+
+    A missing, empty, repeated or non-printable-ASCII value (whitespace included) is a bad
+    request: a second copy of a header or padding around it could otherwise be verified in
+    one form and stored in another.
+    """
+    wanted = set(names)
     found: dict[str, str] = {}
-    for name in names:
-        value = lowered.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise InvalidWebhook("headers", f"missing {name}")
-        found[name] = value.strip()
+    for key, value in headers.items():
+        name = str(key).lower()
+        if name not in wanted:
+            continue
+        if name in found:
+            raise InvalidWebhook("headers", f"{name} sent more than once")
+        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            raise InvalidWebhook("headers", f"{name} is not printable ASCII without spaces")
+        found[name] = value
+    for name in wanted - found.keys():
+        raise InvalidWebhook("headers", f"missing {name}")
     return found
 
 
@@ -260,6 +324,14 @@ class CertificateSource(Protocol):
     def get(self, url: str) -> bytes: ...
 
 
+@dataclass
+class _Flight:
+    """One fetch in progress, shared by every request that wants the same URL."""
+
+    result: Future[bytes]
+    deadline: float  # time.monotonic()
+
+
 class CertificateFetcher:
     """Fetches PayPal signing certificates from allow-listed URLs and caches them in memory.
 
@@ -267,7 +339,15 @@ class CertificateFetcher:
     bodies over ``max_bytes`` are refused, and only answers that parse as a certificate are
     cached. TLS failures (including an untrusted CA) are ``VerificationUnavailable``: the URL
     is already one of PayPal's, so a bad handshake is our network or CA bundle, not the sender.
+
+    Any unauthenticated request names a URL, so fetches are capped: one in flight per URL
+    (others wait for it), ``total_timeout`` seconds for the whole fetch however slowly the
+    bytes come, a failed URL is answered from memory for ``failure_ttl`` seconds, and at most
+    ``max_new_urls`` fetches start per ``budget_window`` seconds (beyond: unavailable, which
+    PayPal retries; cached certificates are unaffected).
     """
+
+    DEFAULT_MAX_NEW_URLS = 10
 
     def __init__(
         self,
@@ -275,16 +355,29 @@ class CertificateFetcher:
         ca_bundle: str | None = None,
         timeout: float = 5.0,
         max_bytes: int = 64 * 1024,
+        *,
+        total_timeout: float = 10.0,
+        failure_ttl: float = 60.0,
+        max_new_urls: int = DEFAULT_MAX_NEW_URLS,
+        budget_window: float = 600.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._prefixes = parse_prefixes(prefixes)
         if not self._prefixes:
             raise ValueError("at least one certificate URL prefix is required")
         self._verify: str | bool = ca_bundle or True
-        self._timeout = timeout
+        self._timeout = min(timeout, total_timeout)
+        self._total_timeout = total_timeout
         self._max_bytes = max_bytes
+        self._failure_ttl = failure_ttl
+        self._max_new_urls = max_new_urls
+        self._budget_window = budget_window
+        self._monotonic = monotonic
         self._cache: dict[str, bytes] = {}
+        self._failures: dict[str, tuple[float, BaseException]] = {}
+        self._fetch_starts: deque[float] = deque()
         self._lock = threading.Lock()
-        self._inflight: dict[str, Future[bytes]] = {}
+        self._inflight: dict[str, _Flight] = {}
 
     def preload(self, url: str, cert_pem: bytes) -> None:
         """Seed the cache (tests, or a certificate shipped with the deployment)."""
@@ -304,35 +397,68 @@ class CertificateFetcher:
             cached = self._cache.get(url)
             if cached is not None:
                 return cached
-            flight = self._inflight.get(url)
-            leader = flight is None
-            if flight is None:
-                flight = self._inflight[url] = Future()
-        if not leader:
-            # Fresh exceptions per waiter: one exception object raised in many threads would
-            # have its traceback rewritten by each of them.
-            try:
-                return flight.result()
-            except InvalidWebhook as exc:
-                raise InvalidWebhook(exc.cause, exc.detail) from None
-            except VerificationUnavailable as exc:
-                raise VerificationUnavailable(str(exc)) from None
+            flight = self._inflight.get(url) or self._start(url)
         try:
-            pem = self._fetch(url)
+            return flight.result.result(timeout=max(0.0, flight.deadline - time.monotonic()))
+        except FutureTimeout:
+            error = VerificationUnavailable("certificate fetch took too long")
+            self._remember_failure(url, error)
+            raise error from None
+        # Fresh exceptions per waiter: one exception object raised in many threads would have
+        # its traceback rewritten by each of them.
+        except InvalidWebhook as exc:
+            raise InvalidWebhook(exc.cause, exc.detail) from None
+        except VerificationUnavailable as exc:
+            raise VerificationUnavailable(str(exc)) from None
+
+    def _start(self, url: str) -> _Flight:
+        """Under the lock: answer a recent failure from memory, or start one fetch."""
+        now = self._monotonic()
+        failed = self._failures.get(url)
+        if failed is not None and failed[0] > now:
+            future: Future[bytes] = Future()
+            future.set_exception(failed[1])
+            return _Flight(future, time.monotonic())
+        while self._fetch_starts and self._fetch_starts[0] <= now - self._budget_window:
+            self._fetch_starts.popleft()
+        if len(self._fetch_starts) >= self._max_new_urls:
+            raise VerificationUnavailable("too many certificate fetches; try again later")
+        self._fetch_starts.append(now)
+        flight = _Flight(Future(), time.monotonic() + self._total_timeout)
+        self._inflight[url] = flight
+        # Its own thread, so the deadline holds however the server paces its bytes; the
+        # thread itself ends at the next read after the deadline.
+        threading.Thread(
+            target=self._run, args=(url, flight), name="paypal-cert-fetch", daemon=True
+        ).start()
+        return flight
+
+    def _run(self, url: str, flight: _Flight) -> None:
+        try:
+            pem = self._fetch(url, flight.deadline)
         except BaseException as exc:
-            flight.set_exception(exc)
-            raise
+            self._remember_failure(url, exc)
+            with self._lock:
+                if self._inflight.get(url) is flight:
+                    del self._inflight[url]
+            flight.result.set_exception(exc)
         else:
-            flight.set_result(pem)
             with self._lock:
                 self._cache[url] = pem
-            return pem
-        finally:
-            # A failure is not remembered: the next webhook after this burst tries again.
-            with self._lock:
-                del self._inflight[url]
+                self._failures.pop(url, None)
+                if self._inflight.get(url) is flight:
+                    del self._inflight[url]
+            flight.result.set_result(pem)
 
-    def _fetch(self, url: str) -> bytes:
+    def _remember_failure(self, url: str, exc: BaseException) -> None:
+        with self._lock:
+            self._failures[url] = (self._monotonic() + self._failure_ttl, exc)
+            if len(self._failures) > 4 * self._max_new_urls:
+                now = self._monotonic()
+                for key in [k for k, (until, _) in self._failures.items() if until <= now]:
+                    del self._failures[key]
+
+    def _fetch(self, url: str, deadline: float) -> bytes:
         try:
             response = requests.get(
                 url,
@@ -357,6 +483,8 @@ class CertificateFetcher:
             body = bytearray()
             try:
                 for chunk in response.iter_content(chunk_size=8192):
+                    if time.monotonic() > deadline:
+                        raise VerificationUnavailable("certificate fetch took too long")
                     body += chunk
                     if len(body) > self._max_bytes:
                         raise InvalidWebhook("certificate", "too large")
@@ -375,16 +503,24 @@ class OfflineVerifier:
         webhook_id: str,
         fetcher: CertificateSource,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        window: TransmissionWindow = TransmissionWindow(),
     ) -> None:
         self.webhook_id = webhook_id
         self.fetcher = fetcher
         self.clock = clock
+        self.window = window
 
-    def verify(self, headers: Mapping[str, str], raw_body: bytes) -> None:
+    def verify(self, headers: Mapping[str, str], raw_body: bytes) -> Transmission:
+        """The verified transmission, or ``InvalidWebhook`` / ``VerificationUnavailable``."""
         # All headers first, so a request that cannot verify never causes a fetch.
         found = _require_headers(headers, _ALL_HEADERS)
+        sent_at = _parse_time(found[H_TRANSMISSION_TIME])
         cert_pem = self.fetcher.get(found[H_CERT_URL])
-        verify_signature(cert_pem, headers, raw_body, self.webhook_id, self.clock())
+        now = self.clock()
+        verify_signature(cert_pem, found, raw_body, self.webhook_id, now)
+        # After the signature, so a tampered time is reported as the forgery it is.
+        check_transmission_time(sent_at, now, self.window)
+        return Transmission(found[H_TRANSMISSION_ID], sent_at)
 
 
 # --------------------------------------------------------------------------- postback
@@ -411,7 +547,11 @@ class PostbackVerifier:
         timeout: float = 10,
         *,
         cert_url_prefixes: Iterable[str] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        window: TransmissionWindow = TransmissionWindow(),
     ) -> None:
+        self.clock = clock
+        self.window = window
         self.api_base = api_base.rstrip("/")
         self.webhook_id = webhook_id
         self._auth = (client_id, client_secret)
@@ -421,8 +561,10 @@ class PostbackVerifier:
         self._token_expires = 0.0
         self._lock = threading.Lock()
 
-    def verify(self, headers: Mapping[str, str], raw_body: bytes) -> None:
+    def verify(self, headers: Mapping[str, str], raw_body: bytes) -> Transmission:
+        """The verified transmission, or ``InvalidWebhook`` / ``VerificationUnavailable``."""
         found = _require_headers(headers, _ALL_HEADERS)
+        sent_at = _parse_time(found[H_TRANSMISSION_TIME])
         if self._prefixes is not None:
             check_cert_url(found[H_CERT_URL], self._prefixes)
         payload = self._payload(found, raw_body)
@@ -436,6 +578,8 @@ class PostbackVerifier:
             if response.status_code == 401:
                 raise VerificationUnavailable("verify-webhook-signature refused our token")
         self._judge(response)
+        check_transmission_time(sent_at, self.clock(), self.window)
+        return Transmission(found[H_TRANSMISSION_ID], sent_at)
 
     def _payload(self, found: dict[str, str], raw_body: bytes) -> bytes:
         try:
@@ -549,6 +693,11 @@ def build_verifier(settings: Settings, clock: Callable[[], datetime] | None = No
         return str(value)
 
     webhook_id = required("PAYPAL_WEBHOOK_ID")
+    window = TransmissionWindow(
+        max_age=timedelta(seconds=settings.PAYPAL_TRANSMISSION_MAX_AGE_SECONDS),
+        max_skew=timedelta(seconds=settings.PAYPAL_TRANSMISSION_MAX_SKEW_SECONDS),
+    )
+    clock = clock or (lambda: datetime.now(UTC))
     if settings.PAYPAL_VERIFY == "postback":
         return PostbackVerifier(
             settings.PAYPAL_API_BASE,
@@ -556,13 +705,15 @@ def build_verifier(settings: Settings, clock: Callable[[], datetime] | None = No
             required("PAYPAL_CLIENT_SECRET"),
             webhook_id,
             cert_url_prefixes=settings.cert_url_prefixes,
+            clock=clock,
+            window=window,
         )
     try:
         fetcher = CertificateFetcher(
-            settings.cert_url_prefixes, ca_bundle=settings.PAYPAL_CA_BUNDLE
+            settings.cert_url_prefixes,
+            ca_bundle=settings.PAYPAL_CA_BUNDLE,
+            max_new_urls=settings.PAYPAL_CERT_FETCH_BUDGET,
         )
     except ValueError as exc:
         raise ConfigError(f"configuration error: PAYPAL_CERT_URL_PREFIXES: {exc}") from None
-    if clock is None:
-        return OfflineVerifier(webhook_id, fetcher)
-    return OfflineVerifier(webhook_id, fetcher, clock)
+    return OfflineVerifier(webhook_id, fetcher, clock, window)

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     PAYPAL_API_BASE: str = "https://api-m.paypal.com"
     PAYPAL_CLIENT_ID: str | None = None
     PAYPAL_CLIENT_SECRET: str | None = None
+    # Transmission times accepted: PayPal retries for 3 days, so 4 days back; 5 minutes ahead.
+    PAYPAL_TRANSMISSION_MAX_AGE_SECONDS: int = Field(default=4 * 86400, gt=0)
+    PAYPAL_TRANSMISSION_MAX_SKEW_SECONDS: int = Field(default=300, ge=0)
+    # Certificate fetches any request can trigger: new URLs fetched per 10 minutes per process.
+    PAYPAL_CERT_FETCH_BUDGET: int = Field(default=10, ge=1)
 
     STRIPE_WEBHOOK_SECRET: str | None = None
     STRIPE_PAST_DUE_GRACE_HOURS: int = 72

@@ -12,8 +12,9 @@ Two rules keep "anything but 400/413/503 is a bug" honest:
   hand the application (PEP 3333 decodes header bytes as Latin-1; CR/LF end the header).
 * A mutation that could still verify under a lenient but legitimate reading of the scheme is
   thrown away (`assume`), never sent; `paypal_may_verify` and `stripe_may_verify` decide,
-  conservatively and without calling the code under test. Such mutations exist: the
-  verifiers strip header whitespace and compare the auth algorithm case-insensitively;
+  conservatively and without calling the code under test. Such mutations exist: the PayPal
+  verifier compares the auth algorithm case-insensitively (but takes every PayPal header
+  exactly as sent: whitespace or non-ASCII anywhere in one is refused, never stripped);
   base64 has non-canonical spellings of the same signature; the certificate URL is not
   signed at all (scheme and host case, a port written "0<port>"); Stripe's header may carry
   extra items and signatures. And PayPal signs only a CRC-32 of the body: for HMAC or RSA
@@ -28,6 +29,7 @@ import base64
 import binascii
 import json
 import posixpath
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -206,21 +208,29 @@ def cert_url_equivalent(value: str, allowed: str) -> bool:
     )
 
 
+_PAYPAL_HEADER_VALUE = re.compile(r"[!-~]+")
+
+
 def paypal_may_verify(body: bytes, headers: Headers, original: Delivery) -> bool:
     """Could (body, headers) still verify as `original`'s transmission? Errs on the side of yes.
 
     The certificate URL is not signed, so it only has to name the same certificate; the
-    auth algorithm only has to be SHA256withRSA in any case; values may carry whitespace.
+    auth algorithm only has to be SHA256withRSA in any case. Every PayPal header must be
+    printable ASCII without whitespace: padding is how a verified value and a stored one
+    used to differ, so it is refused, and a padded mutation must be refused too.
     """
     got, want = effective_headers(headers), effective_headers(original.headers)
     if zlib.crc32(body) != zlib.crc32(original.body):
         return False
+    for name in PAYPAL_HEADERS:
+        if not _PAYPAL_HEADER_VALUE.fullmatch(got.get(name.lower(), "")):
+            return False
     for name in (H_ID.lower(), H_TIME.lower()):
-        if got.get(name, "").strip() != want[name].strip():
+        if got.get(name) != want[name]:
             return False
     if _b64(got.get(H_SIG.lower(), "")) != _b64(want[H_SIG.lower()]):
         return False
-    if got.get(H_ALGO.lower(), "").strip().lower() != "sha256withrsa":
+    if got.get(H_ALGO.lower(), "").lower() != "sha256withrsa":
         return False
     return cert_url_equivalent(got.get(H_CERT.lower(), ""), want[H_CERT.lower()])
 

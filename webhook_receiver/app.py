@@ -136,6 +136,8 @@ def accept(
                 conn, provider, event_id, event_type, headers, body, transmission_id
             ),
         )
+    except inbox.ReplayedTransmission as exc:
+        raise BadRequest("replay", str(exc)) from None
     except InvalidInput as exc:
         raise BadRequest("payload", str(exc)) from None
     except IntegrityError as exc:

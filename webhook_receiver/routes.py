@@ -54,7 +54,7 @@ def paypal_webhook() -> Response:
         return answer(404, error="PayPal is not configured")
     body = raw_body()
     try:
-        receiver.paypal_verifier.verify(request.headers, body)
+        transmission = receiver.paypal_verifier.verify(request.headers, body)
     except InvalidWebhook as exc:
         raise BadRequest(exc.cause, f"verification failed: {exc}") from None
     except VerificationUnavailable as exc:
@@ -66,7 +66,7 @@ def paypal_webhook() -> Response:
         raise BadRequest("payload", str(exc)) from None
     response = accept(
         receiver, "paypal", event_id, event_type, dict(request.headers), body,
-        transmission_id=request.headers.get("PAYPAL-TRANSMISSION-ID"),
+        transmission_id=transmission.transmission_id,
     )  # fmt: skip
     receiver.metrics.WEBHOOKS.labels("paypal", "200").inc()
     return response

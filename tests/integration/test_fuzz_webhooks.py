@@ -160,6 +160,9 @@ def app(database_url: str, redis_clean: str, fake_paypal: FakePayPal):
             PAYPAL_WEBHOOK_ID=WEBHOOK_ID,
             PAYPAL_CERT_URL_PREFIXES=fake_paypal.cert_prefix,
             STRIPE_WEBHOOK_SECRET=stripe_payloads.TEST_SECRET,
+            # Every mutated certificate URL under the prefix is a new URL to fetch; this test
+            # checks how each one is judged, test_security_paypal.py the fetch budget.
+            PAYPAL_CERT_FETCH_BUDGET=1_000_000,
         )
     )
     yield app
@@ -390,9 +393,12 @@ def test_unmutated_deliveries_are_accepted(app, engine, paypal_ctx, stripe_ctx):
 
     pp = paypal_ctx.deliveries[0]
     lenient = with_header(pp.headers, H_ALGO, "sha256withrsa")
-    lenient = with_header(lenient, H_ID, f"  {header(pp.headers, H_ID)}\t")
     assert paypal_may_verify(pp.body, lenient, pp)
     assert harness.send(PAYPAL_PATH, FuzzRequest("lenient", pp.body, lenient)) == 200
+    # Padding is not lenience: a padded id used to be verified stripped and stored padded.
+    padded = with_header(pp.headers, H_ID, f"  {header(pp.headers, H_ID)}\t")
+    assert not paypal_may_verify(pp.body, padded, pp)
+    assert harness.send(PAYPAL_PATH, FuzzRequest("padded", pp.body, padded)) == 400
 
     sp = stripe_ctx.deliveries[0]
     t, v1 = header(sp.headers, H_STRIPE).split(",")

@@ -168,3 +168,32 @@ def test_organizations_that_never_had_a_subscription_become_prepaid_on_upgrade(
         assert billing == {"prepaid-co": "prepaid", "subscribed-co": "subscription"}
     finally:
         engine.dispose()
+
+
+def test_0005_makes_stored_transmissions_vouch_for_their_bodies(empty_database_url):
+    # Events stored before 0005 keep their transmission: the forged body of a transmission
+    # used just before the upgrade must still be refused after it.
+    import hashlib
+
+    migrations.upgrade(empty_database_url, "0003")
+    engine = make_engine(empty_database_url)
+    try:
+        with engine.begin() as c:
+            c.execute(
+                text(
+                    "INSERT INTO webhook_events (provider, event_id, event_type, body, "
+                    "transmission_id) VALUES ('paypal', 'WH-1', 'X', :b, 'T-1'), "
+                    "('paypal', 'WH-2', 'X', :b, NULL), ('stripe', 'evt_1', 'X', :b, 'T-2')"
+                ),
+                {"b": b'{"id":"WH-1"}'},
+            )
+        migrations.upgrade(empty_database_url)
+        with engine.connect() as c:
+            rows = c.execute(
+                text("SELECT transmission_id, body_sha256, event_id FROM paypal_transmissions")
+            ).all()
+        assert [tuple(r) for r in rows] == [
+            ("T-1", hashlib.sha256(b'{"id":"WH-1"}').digest(), "WH-1")
+        ]
+    finally:
+        engine.dispose()

@@ -49,6 +49,22 @@ def offline(prefixes, **fetcher_options) -> OfflineVerifier:
     return OfflineVerifier(WEBHOOK_ID, CertificateFetcher(prefixes, **fetcher_options))
 
 
+class Clock:
+    """A monotonic clock the test moves: failures are remembered for ``FAILURE_TTL``."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def pass_failure_ttl(self) -> None:
+        self.now += FAILURE_TTL + 1
+
+
+FAILURE_TTL = 30.0
+
+
 # --------------------------------------------------------------------------- allowlist
 
 
@@ -100,18 +116,28 @@ def test_fetch_over_https_with_the_configured_ca_bundle_verifies(
     assert https_paypal.cert_hits[CERTS_PATH + "CERT-fake-paypal"] == 1
 
 
-def test_untrusted_ca_is_verification_unavailable_and_not_cached(https_paypal, signer, tmp_path):
+def test_untrusted_ca_is_verification_unavailable_and_remembered_only_briefly(
+    https_paypal, signer, tmp_path
+):
     # Decision: the URL is already one of the allowed PayPal prefixes, so a TLS failure is our
     # network or CA bundle, not a forged request. 503 lets PayPal retry once it is fixed.
     cert_url = https_paypal.install_signing_cert(signer)
     stranger = LocalCA("Some Other CA")
-    verifier = offline([https_paypal.cert_prefix], ca_bundle=stranger.write_bundle(tmp_path))
+    clock = Clock()
+    verifier = offline(
+        [https_paypal.cert_prefix],
+        ca_bundle=stranger.write_bundle(tmp_path),
+        failure_ttl=FAILURE_TTL,
+        monotonic=clock,
+    )
     headers = signer.sign(WEBHOOK_ID, BODY, cert_url)
-    for _ in range(2):
+    for pause in (None, None, clock.pass_failure_ttl):
+        if pause:
+            pause()
         with pytest.raises(VerificationUnavailable):
             verifier.verify(headers, BODY)
     assert sum(https_paypal.cert_hits.values()) == 0  # no HTTP request got past the handshake
-    assert https_paypal.connections == 2  # and the failure was not cached
+    assert https_paypal.connections == 2  # remembered for a while, then tried again
 
 
 def test_system_trust_store_does_not_trust_a_local_ca(https_paypal, signer):
@@ -158,7 +184,8 @@ def test_concurrent_first_verifies_fetch_once(paypal, signer):
 
 def test_concurrent_first_verifies_share_one_failure_and_the_next_one_retries(paypal, signer):
     cert_url = paypal.serve(CERTS_PATH + "CERT-down", b"busy", status=503, delay=0.2)
-    verifier = offline([paypal.cert_prefix])
+    clock = Clock()
+    verifier = offline([paypal.cert_prefix], failure_ttl=FAILURE_TTL, monotonic=clock)
     headers = signer.sign(WEBHOOK_ID, BODY, cert_url)
     errors = _verify_concurrently(verifier, headers, BODY)
     assert len(errors) == 8
@@ -166,6 +193,9 @@ def test_concurrent_first_verifies_share_one_failure_and_the_next_one_retries(pa
     assert paypal.cert_hits[CERTS_PATH + "CERT-down"] == 1
 
     paypal.serve_cert(CERTS_PATH + "CERT-down", signer.cert_pem)
+    with pytest.raises(VerificationUnavailable):
+        verifier.verify(headers, BODY)  # the failure is remembered for a while
+    clock.pass_failure_ttl()
     verifier.verify(headers, BODY)
     assert paypal.cert_hits[CERTS_PATH + "CERT-down"] == 2
 
@@ -183,9 +213,12 @@ def test_redirect_is_not_followed(paypal, signer):
 def test_oversized_certificate_is_refused_and_not_cached(paypal, signer, send_length):
     huge = signer.cert_pem + b"\n" * (64 * 1024)
     cert_url = paypal.serve(CERTS_PATH + "CERT-huge", huge, send_length=send_length)
-    verifier = offline([paypal.cert_prefix])
+    clock = Clock()
+    verifier = offline([paypal.cert_prefix], failure_ttl=FAILURE_TTL, monotonic=clock)
     headers = signer.sign(WEBHOOK_ID, BODY, cert_url)
-    for _ in range(2):
+    for pause in (None, None, clock.pass_failure_ttl):
+        if pause:
+            pause()
         with pytest.raises(InvalidWebhook) as exc:
             verifier.verify(headers, BODY)
         assert exc.value.cause == "certificate"
@@ -203,9 +236,12 @@ def test_certificate_just_under_the_limit_is_accepted(paypal, signer):
 
 def test_answer_that_is_not_a_certificate_is_refused_and_not_cached(paypal, signer):
     cert_url = paypal.serve(CERTS_PATH + "CERT-html", b"<html>maintenance</html>")
-    verifier = offline([paypal.cert_prefix])
+    clock = Clock()
+    verifier = offline([paypal.cert_prefix], failure_ttl=FAILURE_TTL, monotonic=clock)
     headers = signer.sign(WEBHOOK_ID, BODY, cert_url)
-    for _ in range(2):
+    for pause in (None, None, clock.pass_failure_ttl):
+        if pause:
+            pause()
         with pytest.raises(InvalidWebhook) as exc:
             verifier.verify(headers, BODY)
         assert exc.value.cause == "certificate"

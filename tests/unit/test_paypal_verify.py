@@ -21,8 +21,11 @@ from core.paypal_verify import (
     InvalidWebhook,
     OfflineVerifier,
     PostbackVerifier,
+    Transmission,
+    TransmissionWindow,
     build_verifier,
     check_cert_url,
+    check_transmission_time,
     expected_message,
     verify_signature,
 )
@@ -120,6 +123,101 @@ def test_one_change_to_any_signed_header_fails(name, header, seeded_fetcher):
     assert exc.value.cause == "signature"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_verify_returns_the_transmission_exactly_as_received(name, seeded_fetcher):
+    headers, body = transmission(name)
+    verified = verifier_at(seeded_fetcher, sent_at(headers)).verify(headers, body)
+    assert verified == Transmission(headers["paypal-transmission-id"], sent_at(headers))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "paypal-transmission-id",
+        "paypal-transmission-time",
+        "paypal-transmission-sig",
+        "paypal-cert-url",
+        "paypal-auth-algo",
+    ],
+)
+@pytest.mark.parametrize("pad", [" {}", "{} ", "\t{}", "{}\t", "{}\xa0", "\x85{}", "{}\u3000"])
+def test_padding_around_any_paypal_header_is_refused_before_any_fetch(header, pad):
+    # Before, values were verified after .strip() (which also removes \xa0 and \x85, as WSGI
+    # delivers raw 0xA0 / 0x85 bytes) but stored as received.
+    headers, body = transmission(NAMES[0])
+    clock = sent_at(headers)
+    headers[header] = pad.format(headers[header])
+    fetcher = CountingFetcher({})
+    with pytest.raises(InvalidWebhook) as exc:
+        verifier_at(fetcher, clock).verify(headers, body)
+    assert exc.value.cause == "headers"
+    assert fetcher.requested == []
+
+
+@pytest.mark.parametrize("junk", ["\xe9", "\x00", "\x7f", "\u0130", " ", "\n"])
+def test_non_ascii_or_control_characters_inside_a_header_are_refused(junk):
+    headers, body = transmission(NAMES[0])
+    clock = sent_at(headers)
+    headers["paypal-transmission-id"] = headers["paypal-transmission-id"][:5] + junk
+    with pytest.raises(InvalidWebhook) as exc:
+        verifier_at(CountingFetcher({}), clock).verify(headers, body)
+    assert exc.value.cause == "headers"
+
+
+def test_a_header_sent_twice_is_refused(seeded_fetcher):
+    headers, body = transmission(NAMES[0])
+    doubled = Headers(list(headers.items()))
+    doubled.add("PAYPAL-TRANSMISSION-ID", "some-other-id")
+    with pytest.raises(InvalidWebhook) as exc:
+        verifier_at(seeded_fetcher, sent_at(headers)).verify(doubled, body)
+    assert exc.value.cause == "headers"
+
+
+@pytest.mark.parametrize(
+    "value", ["yesterday", "2024-08-02 19:34:57Z", "2024-08-02T19:34:57", "2024-13-02T19:34:57Z"]
+)
+def test_transmission_time_that_is_not_an_rfc3339_utc_time_is_refused(value):
+    headers, body = transmission(NAMES[0])
+    clock = sent_at(headers)
+    headers["paypal-transmission-time"] = value
+    fetcher = CountingFetcher({})
+    with pytest.raises(InvalidWebhook) as exc:
+        verifier_at(fetcher, clock).verify(headers, body)
+    assert exc.value.cause == "headers"
+    assert fetcher.requested == []
+
+
+@pytest.mark.parametrize(
+    "delay, accepted",
+    [
+        (timedelta(0), True),
+        (timedelta(days=3, hours=12), True),  # PayPal's last retry: 25 tries over 3 days
+        (timedelta(days=4), True),
+        (timedelta(days=4, seconds=1), False),
+        (timedelta(minutes=-5), True),
+        (timedelta(minutes=-5, seconds=-1), False),
+    ],
+)
+def test_a_genuine_transmission_verifies_only_inside_the_window(seeded_fetcher, delay, accepted):
+    headers, body = transmission(NAMES[0])
+    verifier = verifier_at(seeded_fetcher, sent_at(headers) + delay)
+    if accepted:
+        verifier.verify(headers, body)
+    else:
+        with pytest.raises(InvalidWebhook) as exc:
+            verifier.verify(headers, body)
+        assert exc.value.cause == "time"
+
+
+def test_window_is_configurable():
+    sent = datetime(2026, 1, 1, tzinfo=UTC)
+    narrow = TransmissionWindow(max_age=timedelta(hours=1), max_skew=timedelta(0))
+    check_transmission_time(sent, sent + timedelta(hours=1), narrow)
+    for now in (sent + timedelta(hours=1, seconds=1), sent - timedelta(seconds=1)):
+        with pytest.raises(InvalidWebhook):
+            check_transmission_time(sent, now, narrow)
+
+
 def test_transmission_after_certificate_expiry_fails(seeded_fetcher):
     headers, body = transmission(NAMES[0])
     with pytest.raises(InvalidWebhook) as exc:
@@ -172,7 +270,7 @@ def test_unsupported_auth_algo_is_refused(seeded_fetcher):
 
 def test_signature_that_is_not_base64_is_refused(seeded_fetcher):
     headers, body = transmission(NAMES[0])
-    headers["paypal-transmission-sig"] = "not base64!"
+    headers["paypal-transmission-sig"] = "not-base64!"
     with pytest.raises(InvalidWebhook) as exc:
         verifier_at(seeded_fetcher, sent_at(headers)).verify(headers, body)
     assert exc.value.cause == "signature"
@@ -410,6 +508,19 @@ def test_build_verifier_defaults_to_offline_with_the_configured_prefixes(signer)
     verifier.verify(signer.sign("WH", body, CERT_URL), body)
 
 
+def test_build_verifier_reads_the_transmission_window():
+    verifier = build_verifier(
+        _settings(
+            PAYPAL_WEBHOOK_ID="WH",
+            PAYPAL_TRANSMISSION_MAX_AGE_SECONDS=60,
+            PAYPAL_TRANSMISSION_MAX_SKEW_SECONDS=7,
+        )
+    )
+    assert verifier.window == TransmissionWindow(timedelta(seconds=60), timedelta(seconds=7))
+    default = build_verifier(_settings(PAYPAL_WEBHOOK_ID="WH")).window
+    assert default.max_age >= timedelta(days=3, hours=12)
+
+
 def test_build_verifier_postback():
     verifier = build_verifier(
         _settings(
@@ -440,3 +551,8 @@ def test_build_verifier_names_the_missing_variable(values, missing, monkeypatch)
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match=missing):
         build_verifier(_settings(**values))
+
+
+def test_build_verifier_reads_the_certificate_fetch_budget():
+    verifier = build_verifier(_settings(PAYPAL_WEBHOOK_ID="WH", PAYPAL_CERT_FETCH_BUDGET=3))
+    assert verifier.fetcher._max_new_urls == 3
