@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 MAX_REFERENCE = 200
 DEBT_FREEZE = "debt"
 CAPTURE_PREFIX = "hold:"  # journal reference of a captured hold: hold:<hold reference>
+# Operators' references live apart from providers' and the ledger's own: no `--reference`
+# typed by hand can take the idempotency key of a payment that has yet to arrive.
+OPERATOR_PREFIX = "op:"
 
 
 @dataclass(frozen=True)
@@ -580,7 +583,9 @@ def adjust(
         raise InvalidInput("adjustment must be a non-zero whole number of cents")
     _text("reason", reason)
     _text("actor", actor, 200)
-    ref = _reference(reference) if reference is not None else f"adjust:{uuid.uuid4()}"
+    ref = OPERATOR_PREFIX + (
+        _reference(reference) if reference is not None else f"adjust:{uuid.uuid4()}"
+    )
     if amount_cents > 0:
         return credit(
             conn, org_id, amount_cents, ref, kind="adjustment", actor=actor, reason=reason
