@@ -15,7 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, text
 
-from core.errors import InvalidInput, NotFound, Refused
+from core.errors import InvalidInput, NotFound, ParkEvent, Refused
 
 STATUSES = ("received", "processed", "ignored", "parked", "failed")
 REPLAYABLE = ("parked", "failed")
@@ -178,6 +178,38 @@ def finish(
     )
 
 
+def awaited_payment(provider: str, payment_id: str) -> str:
+    """The `awaiting` key of events parked until this payment is credited or recorded."""
+    return f"{provider}:{payment_id}"
+
+
+def park(conn: Connection, inbox_id: int, exc: ParkEvent) -> None:
+    """Settle an event that cannot be applied yet `parked`, remembering the payment it waits
+    for (if it names one) so that the payment's arrival re-drives it."""
+    conn.execute(
+        text("UPDATE webhook_events SET awaiting = :a WHERE id = :id AND status = 'received'"),
+        {"a": getattr(exc, "awaiting", None), "id": inbox_id},
+    )
+    finish(conn, inbox_id, "parked", error=str(exc)[:2000])
+
+
+def redrive_awaiting(conn: Connection, awaiting: str) -> list[int]:
+    """Put the events parked waiting for `awaiting` back to `received`, each with an outbox
+    row, in the caller's transaction: they are applied once the payment they need commits."""
+    ids = list(
+        conn.execute(
+            text(
+                "UPDATE webhook_events SET status = 'received', last_error = NULL, "
+                "awaiting = NULL WHERE awaiting = :a AND status = 'parked' RETURNING id"
+            ),
+            {"a": awaiting},
+        ).scalars()
+    )
+    for inbox_id in sorted(ids):
+        enqueue(conn, PROCESS_EVENT_TASK, [inbox_id])
+    return ids
+
+
 def record_attempt(conn: Connection, inbox_id: int, error: str) -> None:
     conn.execute(
         text("UPDATE webhook_events SET attempts = attempts + 1, last_error = :err WHERE id = :id"),
@@ -206,7 +238,7 @@ def replay(conn: Connection, inbox_id: int, *, actor: str) -> tuple[StoredEvent,
     """Put a parked or failed event back to `received` and queue it again."""
     row = conn.execute(
         text(
-            f"UPDATE webhook_events SET status = 'received', last_error = NULL "
+            f"UPDATE webhook_events SET status = 'received', last_error = NULL, awaiting = NULL "
             f"WHERE id = :id AND status IN ('parked', 'failed') RETURNING {_COLUMNS}"
         ),
         {"id": inbox_id},

@@ -32,6 +32,10 @@ def _settle(inbox_id: int, status: str, error: str) -> None:
     )
 
 
+def _park(inbox_id: int, exc: ParkEvent) -> None:
+    run_in_transaction(runtime.engine(), lambda conn: inbox.park(conn, inbox_id, exc))
+
+
 @app.task(
     name="payguard.process_event",
     bind=True,
@@ -52,11 +56,11 @@ def process_event(self: Task, inbox_id: int) -> str:
         if retries < max_retries:
             _note_attempt(inbox_id, exc)
             raise self.retry(countdown=backoff(retries), exc=exc) from None
-        _settle(inbox_id, "parked", str(exc))
+        _park(inbox_id, exc)
         log.warning("event parked", extra={"inbox_id": inbox_id, "reason": str(exc)})
         return "parked"
     except ParkEvent as exc:
-        _settle(inbox_id, "parked", str(exc))
+        _park(inbox_id, exc)
         log.warning("event parked", extra={"inbox_id": inbox_id, "reason": str(exc)})
         return "parked"
     except TRANSIENT as exc:
