@@ -35,7 +35,9 @@ by hand. The attacks and accidents, and what stops each:
   payment credited later would leave the customer with refunded credit: crediting a payment
   re-drives what was parked waiting for it.
   `test_a_refund_parked_before_its_payment_is_applied_when_the_payment_is_credited`,
-  `test_a_paypal_refund_parked_before_its_capture_is_applied_when_it_is_captured`.
+  `test_a_paypal_refund_parked_before_its_capture_is_applied_when_it_is_captured`,
+  and if the payment lands between the worker's last try and its parking:
+  `test_a_refund_whose_payment_arrived_while_it_was_being_parked_is_queued_again`.
 """
 
 from __future__ import annotations
@@ -343,3 +345,20 @@ def test_a_paypal_refund_parked_before_its_capture_is_applied_when_it_is_capture
     assert stripe.event(refund).status == "received"
     assert stripe.process(refund).status == "processed"
     assert figures(stripe, org_id) == (600, 0, ())
+
+
+def test_a_refund_whose_payment_arrived_while_it_was_being_parked_is_queued_again(stripe):
+    org_id = stripe.new_org()
+    refund = stripe.deliver(
+        sp.refund_created(refund_id="re_between", payment_intent_id="pi_between", amount=700)
+    )
+    with pytest.raises(NotYetApplicable) as last_try:
+        stripe.process(refund)
+
+    pay(stripe, org_id, 5000, payment_intent_id="pi_between")  # its re-drive finds nothing
+    parked = stripe.tx(lambda c: inbox.park(c, refund, last_try.value))
+
+    assert parked is False
+    assert stripe.event(refund).status == "received"
+    assert stripe.process(refund).status == "processed"
+    assert figures(stripe, org_id) == (4300, 0, ())
