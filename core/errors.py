@@ -39,4 +39,11 @@ class TransientError(PayguardError):
 
 class NotYetApplicable(ParkEvent):
     """The event depends on something not seen yet (a refund before its capture):
-    retry for a while, then park."""
+    retry for a while, then park.
+
+    `awaiting` names the payment it waits for (`<provider>:<payment id>`, see
+    core.inbox.awaited_payment): crediting or recording that payment re-drives it."""
+
+    def __init__(self, message: str, *, awaiting: str | None = None) -> None:
+        super().__init__(message)
+        self.awaiting = awaiting

@@ -17,6 +17,8 @@ from sqlalchemy import Connection, text
 from core import inbox, orgs, sending, subscriptions, wallet
 from core.errors import InvalidInput, MalformedEvent, NotYetApplicable, ParkEvent
 from core.provider_events import (
+    PREPAID,
+    SUBSCRIPTION,
     ChargebackOpened,
     DisputeClosed,
     DisputeOpened,
@@ -24,22 +26,12 @@ from core.provider_events import (
     PaymentCaptured,
     PaymentRefunded,
     Recorded,
+    RefundFailed,
     SubscriptionChanged,
     SubscriptionPayment,
 )
 
 log = logging.getLogger(__name__)
-
-# PayPal reports the money of a lost dispute as its own PAYMENT.CAPTURE.REVERSED event;
-# clawing back on the dispute's resolution too would take the money twice.
-_DISPUTE_LOSS_ARRIVES_SEPARATELY = {"paypal"}
-# Stripe announces one Checkout payment by two events (checkout.session.completed and
-# payment_intent.succeeded) whose organization hints need not both be set.
-_PAYMENT_ANNOUNCED_TWICE = {"stripe"}
-
-# A PayPal refund's custom_id is whatever the refund request set, not necessarily the org the
-# capture credited: only the capture we credited says whose money goes back.
-_REFUND_NEEDS_ITS_PAYMENT = {"paypal"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +95,8 @@ def apply(conn: Connection, event: NormalizedEvent, *, received_at: datetime) ->
             return credit_payment(conn, event)
         case PaymentRefunded():
             return claw_back_refund(conn, event)
+        case RefundFailed():
+            return give_back_failed_refund(conn, event)
         case ChargebackOpened():
             return freeze_for_chargeback(conn, event)
         case DisputeOpened():
@@ -126,14 +120,42 @@ def _known_org(conn: Connection, org_id: str | None, what: str) -> str:
     return org_id
 
 
-def _payment_org(conn: Connection, provider: str, payment_ids) -> str | None:
-    return conn.execute(
+@dataclass(frozen=True)
+class _Paid:
+    """A payment Payguard credited (kind PREPAID) or recorded (kind SUBSCRIPTION)."""
+
+    payment_id: str
+    org_id: str
+    kind: str
+
+
+def _paid(conn: Connection, provider: str, payment_ids) -> _Paid | None:
+    """The first of `payment_ids` that Payguard has seen paid: who, and for what."""
+    row = conn.execute(
         text(
-            "SELECT org_id FROM payments WHERE provider = :p AND payment_id = ANY(:ids) "
-            "ORDER BY created_at LIMIT 1"
+            "SELECT payment_id, org_id, kind FROM payments "
+            "WHERE provider = :p AND payment_id = ANY(:ids) ORDER BY created_at LIMIT 1"
         ),
         {"p": provider, "ids": [p for p in payment_ids if p]},
-    ).scalar()
+    ).first()
+    return None if row is None else _Paid(row.payment_id, row.org_id, row.kind)
+
+
+def _not_yet_paid(provider: str, payment_id: str | None, what: str) -> NotYetApplicable:
+    return NotYetApplicable(
+        f"{what} of unknown payment {payment_id}",
+        awaiting=inbox.awaited_payment(provider, payment_id) if payment_id else None,
+    )
+
+
+def _payment_arrived(conn: Connection, provider: str, payment_id: str) -> None:
+    """Refunds, chargebacks and disputes parked waiting for this payment go back in the queue."""
+    redriven = inbox.redrive_awaiting(conn, inbox.awaited_payment(provider, payment_id))
+    if redriven:
+        log.info(
+            "parked events re-driven by their payment",
+            extra={"provider": provider, "payment_id": payment_id, "inbox_ids": redriven},
+        )
 
 
 def _money(fn, *args, **kwargs):
@@ -147,20 +169,27 @@ def credit_payment(conn: Connection, ev: PaymentCaptured) -> str:
     if not ev.org_id:
         # Stripe announces a Checkout payment twice, and only the session is sure to name the
         # organization: its payment intent, often delivered first, may not.
-        credited_to = _payment_org(conn, ev.provider, [ev.payment_id])
-        if credited_to:
-            return credited_to
-        if ev.provider in _PAYMENT_ANNOUNCED_TWICE:
+        credited = _paid(conn, ev.provider, [ev.payment_id])
+        if credited is not None:
+            return credited.org_id
+        if ev.org_may_come_later:
             raise NotYetApplicable(f"payment {ev.payment_id} names no organization yet")
     org_id = _known_org(conn, ev.org_id, "payment")
     # Journal references are unique per organization only: the payment row, claimed before
     # any money moves, keeps two announcements naming two organizations from crediting both.
-    owner = _claim_payment(conn, ev, org_id)
+    owner, kind = _claim_payment(conn, ev, org_id)
+    if kind != PREPAID:
+        # Recorded as a subscription's payment: that money is not prepaid credit.
+        log.info(
+            "payment already recorded for another purpose: no credit",
+            extra={"provider": ev.provider, "payment_id": ev.payment_id, "kind": kind},
+        )
+        return owner
     if owner != org_id:
         raise ParkEvent(
             f"{ev.provider} payment {ev.payment_id} names {org_id!r} but was credited to {owner!r}"
         )
-    _money(
+    entry = _money(
         wallet.credit,
         conn,
         org_id,
@@ -169,11 +198,14 @@ def credit_payment(conn: Connection, ev: PaymentCaptured) -> str:
         currency=ev.currency,
         reason=f"{ev.provider} payment {ev.payment_id}",
     )
+    if not entry.duplicate:
+        _payment_arrived(conn, ev.provider, ev.payment_id)
     return org_id
 
 
-def _claim_payment(conn: Connection, ev: PaymentCaptured, org_id: str) -> str:
-    """Record the payment for `org_id` unless it is recorded already; its organization.
+def _claim_payment(conn: Connection, ev: PaymentCaptured, org_id: str) -> tuple[str, str]:
+    """Record the payment for `org_id` unless it is recorded already; its organization and
+    what it was recorded for.
 
     A concurrent claim of the same payment waits on the primary key until this one commits."""
     params = {
@@ -186,25 +218,35 @@ def _claim_payment(conn: Connection, ev: PaymentCaptured, org_id: str) -> str:
     claimed = conn.execute(
         text(
             "INSERT INTO payments (provider, payment_id, org_id, kind, amount_cents, currency) "
-            "VALUES (:p, :id, :o, 'payment', :a, :c) ON CONFLICT DO NOTHING RETURNING org_id"
+            "VALUES (:p, :id, :o, :kind, :a, :c) ON CONFLICT DO NOTHING RETURNING org_id, kind"
         ),
-        params,
-    ).scalar()
-    if claimed is not None:
-        return claimed
-    # A separate statement: its snapshot sees the claim a concurrent transaction committed.
-    return conn.execute(
-        text("SELECT org_id FROM payments WHERE provider = :p AND payment_id = :id"), params
-    ).scalar_one()
+        {**params, "kind": PREPAID},
+    ).first()
+    if claimed is None:
+        # A separate statement: its snapshot sees the claim a concurrent transaction committed.
+        claimed = conn.execute(
+            text("SELECT org_id, kind FROM payments WHERE provider = :p AND payment_id = :id"),
+            params,
+        ).one()
+    return claimed.org_id, claimed.kind
 
 
-def claw_back_refund(conn: Connection, ev: PaymentRefunded) -> str:
-    org_id = _payment_org(conn, ev.provider, [ev.payment_id])
-    if not org_id and ev.provider not in _REFUND_NEEDS_ITS_PAYMENT:
-        org_id = ev.org_id
-    if not org_id:
-        raise NotYetApplicable(f"refund {ev.refund_id} of unknown payment {ev.payment_id}")
-    org_id = _known_org(conn, org_id, "refund")
+def claw_back_refund(conn: Connection, ev: PaymentRefunded) -> str | None:
+    # Only the payment we credited says whose money goes back: a refund's own org hint
+    # (Stripe metadata, PayPal custom_id) is whatever the refund's creator put there.
+    paid = _paid(conn, ev.provider, [ev.payment_id])
+    if paid is None:
+        raise _not_yet_paid(ev.provider, ev.payment_id, f"refund {ev.refund_id}")
+    if paid.kind != PREPAID:
+        log.info(
+            "refund of a payment that was not prepaid credit: no money moves",
+            extra={"provider": ev.provider, "refund_id": ev.refund_id, "kind": paid.kind},
+        )
+        return paid.org_id
+    org_id = _known_org(conn, paid.org_id, "refund")
+    wallet.lock(conn, org_id)  # its failure may be applied at this very moment
+    if _refund_failed(conn, ev.provider, ev.refund_id):
+        return org_id  # the failure arrived first: this refund never moves money
     _money(
         wallet.clawback,
         conn,
@@ -214,16 +256,54 @@ def claw_back_refund(conn: Connection, ev: PaymentRefunded) -> str:
         currency=ev.currency,
         kind=ev.kind,
         reason=f"{ev.provider} {ev.kind} {ev.refund_id} of {ev.payment_id}",
+        payment=(ev.provider, paid.payment_id),
+    )
+    return org_id
+
+
+def _refund_failed(conn: Connection, provider: str, refund_id: str) -> bool:
+    return (
+        conn.execute(
+            text("SELECT 1 FROM refund_failures WHERE provider = :p AND refund_id = :r"),
+            {"p": provider, "r": refund_id},
+        ).first()
+        is not None
+    )
+
+
+def give_back_failed_refund(conn: Connection, ev: RefundFailed) -> str | None:
+    paid = _paid(conn, ev.provider, [ev.payment_id])
+    org_id = paid.org_id if paid is not None and paid.kind == PREPAID else None
+    if org_id is not None:
+        wallet.lock(conn, org_id)  # the refund itself may be applied at this very moment
+    # Remembered whatever happens next, so that a refund.created delivered late takes nothing.
+    conn.execute(
+        text(
+            "INSERT INTO refund_failures (provider, refund_id, payment_id) "
+            "VALUES (:p, :r, :pid) ON CONFLICT DO NOTHING"
+        ),
+        {"p": ev.provider, "r": ev.refund_id, "pid": ev.payment_id},
+    )
+    if paid is None or org_id is None:
+        return paid.org_id if paid is not None else None
+    wallet.give_back(
+        conn,
+        org_id,
+        f"{ev.provider}:refund:{ev.refund_id}",
+        f"{ev.provider}:refund:{ev.refund_id}:reversed",
+        payment=(ev.provider, paid.payment_id),
+        reason=f"{ev.provider} refund {ev.refund_id} failed",
     )
     return org_id
 
 
 def freeze_for_chargeback(conn: Connection, ev: ChargebackOpened) -> str:
-    org_id = ev.org_id or _payment_org(conn, ev.provider, [ev.payment_id])
+    paid = _paid(conn, ev.provider, [ev.payment_id])
+    org_id = paid.org_id if paid is not None else ev.org_id
     if not org_id and ev.subscription_id:
         org_id = subscriptions.org_of(conn, ev.provider, ev.subscription_id)
     if not org_id:
-        raise NotYetApplicable(f"chargeback of unknown payment {ev.payment_id}")
+        raise _not_yet_paid(ev.provider, ev.payment_id, "chargeback")
     org_id = _known_org(conn, org_id, "chargeback")
     wallet.freeze(
         conn, org_id, "chargeback", actor=f"{ev.provider}", note=f"payment {ev.payment_id} reversed"
@@ -233,9 +313,10 @@ def freeze_for_chargeback(conn: Connection, ev: ChargebackOpened) -> str:
 
 def open_dispute(conn: Connection, ev: DisputeOpened) -> str:
     # The payment we credited is the reliable link; a dispute's own org hint comes second.
-    org_id = _payment_org(conn, ev.provider, ev.payment_ids) or ev.org_id
+    paid = _paid(conn, ev.provider, ev.payment_ids)
+    org_id = paid.org_id if paid is not None else ev.org_id
     if not org_id:
-        raise NotYetApplicable(f"dispute {ev.dispute_id} of unknown payments")
+        raise _not_yet_paid(ev.provider, ev.payment_ids[0], f"dispute {ev.dispute_id}")
     org_id = _known_org(conn, org_id, "dispute")
     wallet.lock(conn, org_id)  # its close may be applied at this very moment
     reason = f"dispute:{ev.dispute_id}"
@@ -247,12 +328,18 @@ def open_dispute(conn: Connection, ev: DisputeOpened) -> str:
 
 
 def close_dispute(conn: Connection, ev: DisputeClosed) -> str:
-    org_id = _payment_org(conn, ev.provider, ev.payment_ids) or ev.org_id
+    paid = _paid(conn, ev.provider, ev.payment_ids)
+    takes_money = bool(ev.lost and ev.amount_cents and not ev.loss_arrives_separately)
+    if paid is None and takes_money:
+        # Only the payment credited says whose money goes back, and how much at most.
+        raise _not_yet_paid(ev.provider, ev.payment_ids[0], f"lost dispute {ev.dispute_id}")
+    org_id = paid.org_id if paid is not None else ev.org_id
     if not org_id:
-        raise NotYetApplicable(f"dispute {ev.dispute_id} of unknown payments")
+        raise _not_yet_paid(ev.provider, ev.payment_ids[0], f"dispute {ev.dispute_id}")
     org_id = _known_org(conn, org_id, "dispute")
     wallet.lock(conn, org_id)  # its opening may be applied at this very moment
-    if ev.lost and ev.amount_cents and ev.provider not in _DISPUTE_LOSS_ARRIVES_SEPARATELY:
+    if takes_money and paid is not None and paid.kind == PREPAID:
+        assert ev.amount_cents is not None
         _money(
             wallet.clawback,
             conn,
@@ -262,6 +349,7 @@ def close_dispute(conn: Connection, ev: DisputeClosed) -> str:
             currency=ev.currency,
             kind="dispute_lost",
             reason=f"{ev.provider} dispute {ev.dispute_id} lost",
+            payment=(ev.provider, paid.payment_id),
         )
     reason, note = f"dispute:{ev.dispute_id}", "dispute lost" if ev.lost else "dispute closed"
     if not wallet.unfreeze(conn, org_id, reason, actor=ev.provider, note=note):
@@ -293,19 +381,23 @@ def record_subscription_payment(
     if ev.status:
         subscriptions.apply_status(conn, ev.provider, ev.subscription_id, org_id, ev.status, at)
     if ev.payment_id:
-        conn.execute(
+        recorded = conn.execute(
             text(
                 "INSERT INTO payments (provider, payment_id, org_id, kind, amount_cents, "
-                "currency, subscription_id) VALUES (:p, :id, :o, 'subscription', :a, :c, :s) "
-                "ON CONFLICT DO NOTHING"
+                "currency, subscription_id) VALUES (:p, :id, :o, :kind, :a, :c, :s) "
+                "ON CONFLICT DO NOTHING RETURNING 1"
             ),
             {
                 "p": ev.provider,
                 "id": ev.payment_id,
                 "o": org_id,
+                "kind": SUBSCRIPTION,
                 "a": ev.amount_cents,
                 "c": ev.currency,
                 "s": ev.subscription_id,
             },
-        )
+        ).first()
+        if recorded is not None:
+            # A refund of it parked meanwhile now learns that it moves no prepaid credit.
+            _payment_arrived(conn, ev.provider, ev.payment_id)
     return org_id

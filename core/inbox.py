@@ -16,7 +16,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, text
 
-from core.errors import InvalidInput, NotFound, Refused
+from core.errors import InvalidInput, NotFound, ParkEvent, Refused
 
 STATUSES = ("received", "processed", "ignored", "parked", "failed")
 REPLAYABLE = ("parked", "failed")
@@ -208,6 +208,64 @@ def finish(
     )
 
 
+def awaited_payment(provider: str, payment_id: str) -> str:
+    """The `awaiting` key of events parked until this payment is credited or recorded."""
+    return f"{provider}:{payment_id}"
+
+
+def park(conn: Connection, inbox_id: int, exc: ParkEvent) -> bool:
+    """Settle an event that cannot be applied yet `parked`, remembering the payment it waits
+    for (if it names one) so that the payment's arrival re-drives it.
+
+    The worker parks in a transaction of its own, after the failed attempt: if the payment
+    committed in between, its re-drive found nothing parked, so the event is queued again.
+    True when parked, False when queued again."""
+    awaiting = getattr(exc, "awaiting", None)
+    if awaiting is not None:
+        _lock_awaiting(conn, awaiting)
+        arrived = conn.execute(
+            text(
+                "SELECT 1 FROM payments WHERE provider = split_part(:a, ':', 1) "
+                "AND payment_id = substr(:a, length(split_part(:a, ':', 1)) + 2)"
+            ),
+            {"a": awaiting},
+        ).first()
+        if arrived is not None:
+            record_attempt(conn, inbox_id, f"{exc}; its payment has arrived: queued again")
+            enqueue(conn, PROCESS_EVENT_TASK, [inbox_id])
+            return False
+        conn.execute(
+            text("UPDATE webhook_events SET awaiting = :a WHERE id = :id AND status = 'received'"),
+            {"a": awaiting, "id": inbox_id},
+        )
+    finish(conn, inbox_id, "parked", error=str(exc)[:2000])
+    return True
+
+
+def _lock_awaiting(conn: Connection, awaiting: str) -> None:
+    """Parking for a payment and that payment's re-drive take turns (until commit), so that
+    one of them always sees the other."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:a))"), {"a": f"awaiting:{awaiting}"})
+
+
+def redrive_awaiting(conn: Connection, awaiting: str) -> list[int]:
+    """Put the events parked waiting for `awaiting` back to `received`, each with an outbox
+    row, in the caller's transaction: they are applied once the payment they need commits."""
+    _lock_awaiting(conn, awaiting)
+    ids = list(
+        conn.execute(
+            text(
+                "UPDATE webhook_events SET status = 'received', last_error = NULL, "
+                "awaiting = NULL WHERE awaiting = :a AND status = 'parked' RETURNING id"
+            ),
+            {"a": awaiting},
+        ).scalars()
+    )
+    for inbox_id in sorted(ids):
+        enqueue(conn, PROCESS_EVENT_TASK, [inbox_id])
+    return ids
+
+
 def record_attempt(conn: Connection, inbox_id: int, error: str) -> None:
     conn.execute(
         text("UPDATE webhook_events SET attempts = attempts + 1, last_error = :err WHERE id = :id"),
@@ -236,7 +294,7 @@ def replay(conn: Connection, inbox_id: int, *, actor: str) -> tuple[StoredEvent,
     """Put a parked or failed event back to `received` and queue it again."""
     row = conn.execute(
         text(
-            f"UPDATE webhook_events SET status = 'received', last_error = NULL "
+            f"UPDATE webhook_events SET status = 'received', last_error = NULL, awaiting = NULL "
             f"WHERE id = :id AND status IN ('parked', 'failed') RETURNING {_COLUMNS}"
         ),
         {"id": inbox_id},

@@ -288,6 +288,8 @@ def _dispute_resolved(payload: dict, resource: Resource) -> NormalizedEvent:
         amount_cents=amount_cents,
         currency=currency,
         occurred_at=_first_time(payload, resource, "update_time"),
+        # PAYMENT.CAPTURE.REVERSED carries the money of a lost dispute.
+        loss_arrives_separately=True,
     )
 
 

@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+# What a payment was for: the `kind` of its row in `payments`, set by the event that brought
+# it (PaymentCaptured: prepaid credit; SubscriptionPayment: a subscription). Refunds, reversals
+# and lost disputes take back only from a PREPAID payment, at most what it credited.
+PREPAID = "payment"
+SUBSCRIPTION = "subscription"
+
 
 @dataclass(frozen=True)
 class PaymentCaptured:
@@ -21,13 +27,18 @@ class PaymentCaptured:
     amount_cents: int
     currency: str
     occurred_at: datetime | None = None
+    # Stripe announces one Checkout payment twice (session and intent) and only the session is
+    # sure to name the organization: an intent naming none waits for it instead of parking.
+    org_may_come_later: bool = False
 
 
 @dataclass(frozen=True)
 class PaymentRefunded:
-    """Money went back (refund, reversal, lost dispute): claw back once per refund_id.
+    """Money went back (refund, reversal): claw back once per refund_id, at most what the
+    payment credited.
 
-    org_id may be None; the handler then finds it from the original payment_id."""
+    The organization is always the one the payment_id credited: org_id is the provider's hint
+    only, never whose money goes back. A refund of a subscription's payment moves nothing."""
 
     provider: str
     refund_id: str
@@ -35,7 +46,18 @@ class PaymentRefunded:
     org_id: str | None
     amount_cents: int
     currency: str
-    kind: str = "refund"  # refund | reversal | dispute_lost
+    kind: str = "refund"  # refund | reversal
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RefundFailed:
+    """A refund failed or was canceled: whatever it took back is given back once, and it
+    never takes anything later."""
+
+    provider: str
+    refund_id: str
+    payment_id: str | None
     occurred_at: datetime | None = None
 
 
@@ -63,7 +85,8 @@ class DisputeOpened:
 
 @dataclass(frozen=True)
 class DisputeClosed:
-    """Lift `dispute:<dispute_id>`; when lost, claw back `amount_cents` once."""
+    """Lift `dispute:<dispute_id>`; when lost, claw back `amount_cents` once, at most what the
+    disputed prepaid payment credited (a subscription's charge takes nothing)."""
 
     provider: str
     dispute_id: str
@@ -73,6 +96,9 @@ class DisputeClosed:
     amount_cents: int | None = None
     currency: str | None = None
     occurred_at: datetime | None = None
+    # PayPal reports the money of a lost dispute as its own reversal event: taking it on the
+    # resolution too would take it twice.
+    loss_arrives_separately: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +139,7 @@ class Recorded:
 NormalizedEvent = (
     PaymentCaptured
     | PaymentRefunded
+    | RefundFailed
     | ChargebackOpened
     | DisputeOpened
     | DisputeClosed

@@ -25,6 +25,11 @@ then `charge.refunded` carries only the cumulative `amount_refunded`. Turning th
 refund under an invented id would claw back the same money a second time next to
 `refund.created` (and over-count every later partial refund, the amount being cumulative),
 so such an event is only Recorded: the endpoint must subscribe to `refund.created`.
+
+A refund can still fail or be canceled after `refund.created` (pending) clawed it back:
+`refund.updated` and `refund.failed` with status failed or canceled, and a failed refund
+embedded in `charge.refunded`, become RefundFailed, which gives the money back once.
+Subscribe to `refund.updated` (and `refund.failed`) too.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from core.provider_events import (
     PaymentCaptured,
     PaymentRefunded,
     Recorded,
+    RefundFailed,
     SubscriptionChanged,
     SubscriptionPayment,
 )
@@ -99,6 +105,7 @@ def _checkout_session_paid(
             amount_cents=_positive_amount(session, "amount_total"),
             currency=normalize_currency(session.get("currency")),
             occurred_at=at,
+            org_may_come_later=True,
         )
     ]
 
@@ -126,6 +133,7 @@ def _payment_intent_succeeded(
             amount_cents=_positive_amount(intent, amount_key),
             currency=normalize_currency(intent.get("currency")),
             occurred_at=at,
+            org_may_come_later=True,
         )
     ]
 
@@ -159,6 +167,7 @@ def _charge_refunded(
         if not isinstance(refund, dict):
             raise MalformedEvent("charge.refunds.data holds a non-object")
         if refund.get("status") in _REFUND_NOT_MOVING_MONEY:
+            out.append(_refund_failed(refund, payment_id, at))
             continue
         out.append(
             PaymentRefunded(
@@ -174,26 +183,38 @@ def _charge_refunded(
     return out
 
 
-def _refund_created(
+def _refund_snapshot(
     event: dict[str, Any], refund: dict[str, Any], at: datetime
 ) -> list[NormalizedEvent]:
+    """refund.created, refund.updated, refund.failed: the refund's state in its snapshot."""
     refund_id = _required_str(refund, "id")
-    status = refund.get("status")
-    if status in _REFUND_NOT_MOVING_MONEY:
-        return [_recorded(event, "refund did not move money", refund_id=refund_id, status=status)]
+    payment_id = _id_of(refund.get("payment_intent"), "refund payment_intent")
+    if refund.get("status") in _REFUND_NOT_MOVING_MONEY:
+        # Given back if an earlier snapshot (pending) took it; never taken if one arrives later.
+        return [_refund_failed(refund, payment_id, at)]
     # A pending refund is clawed back at once: the money is leaving, and spending it
-    # meanwhile is exactly what Payguard exists to prevent.
+    # meanwhile is exactly what Payguard exists to prevent. A later snapshot of the same
+    # refund (refund.updated, succeeded) names the same refund id and moves nothing more.
     return [
         PaymentRefunded(
             provider=PROVIDER,
             refund_id=refund_id,
-            payment_id=_id_of(refund.get("payment_intent"), "refund payment_intent"),
+            payment_id=payment_id,
             org_id=_org(_metadata(refund).get("org_id")),
             amount_cents=_positive_amount(refund, "amount"),
             currency=normalize_currency(refund.get("currency")),
             occurred_at=at,
         )
     ]
+
+
+def _refund_failed(refund: dict[str, Any], payment_id: str | None, at: datetime) -> RefundFailed:
+    return RefundFailed(
+        provider=PROVIDER,
+        refund_id=_required_str(refund, "id"),
+        payment_id=payment_id,
+        occurred_at=at,
+    )
 
 
 # -- disputes ---------------------------------------------------------------------------
@@ -315,7 +336,9 @@ _HANDLERS: dict[str, Handler] = {
     "checkout.session.async_payment_succeeded": _checkout_session_paid,
     "payment_intent.succeeded": _payment_intent_succeeded,
     "charge.refunded": _charge_refunded,
-    "refund.created": _refund_created,
+    "refund.created": _refund_snapshot,
+    "refund.updated": _refund_snapshot,
+    "refund.failed": _refund_snapshot,
     "charge.dispute.created": _dispute_created,
     "charge.dispute.closed": _dispute_closed,
     "customer.subscription.created": _subscription_changed,

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 MAX_REFERENCE = 200
 DEBT_FREEZE = "debt"
 CAPTURE_PREFIX = "hold:"  # journal reference of a captured hold: hold:<hold reference>
+# Operators' references live apart from providers' and the ledger's own: no `--reference`
+# typed by hand can take the idempotency key of a payment that has yet to arrive.
+OPERATOR_PREFIX = "op:"
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,12 @@ WITH prev AS (
         updated_at = now()
     FROM cur WHERE wallets.org_id = cur.org_id
     RETURNING wallets.balance_cents, wallets.debt_cents, least(cur.debt_cents, :amt) AS paid
+), p AS (
+    -- Money given back to a payment (a failed refund) may be taken back again later.
+    UPDATE payments SET refunded_cents = greatest(payments.refunded_cents - :amt, 0)
+    FROM w WHERE payments.provider = CAST(:pp AS text) AND payments.payment_id = CAST(:pid AS text)
+      AND payments.org_id = :org
+    RETURNING 1
 ), j AS (
     INSERT INTO journal (org_id, kind, amount_cents, debt_delta_cents, requested_cents,
                          reference, balance_after_cents, debt_after_cents, actor, reason)
@@ -217,22 +226,37 @@ SELECT (SELECT count(*) FROM w) AS updated, j.* FROM (SELECT 1) AS one LEFT JOIN
 _CLAWBACK = text(f"""
 WITH prev AS (
     SELECT 1 FROM journal WHERE org_id = :org AND reference = :ref
+), pay AS (
+    -- The payment taken back from, when one is named: what it credited and not yet given back
+    -- bounds what this takes (a refund or chargeback takes back at most its own payment).
+    SELECT greatest(amount_cents - refunded_cents, 0) AS room FROM payments
+    WHERE provider = CAST(:pp AS text) AND payment_id = CAST(:pid AS text) AND org_id = :org
+    FOR UPDATE
 ), cur AS (
-    SELECT org_id, balance_cents - held_cents AS available FROM wallets
+    SELECT org_id, balance_cents - held_cents AS available,
+           CASE WHEN CAST(:pid AS text) IS NULL THEN CAST(:amt AS bigint)
+                ELSE least(:amt, coalesce((SELECT room FROM pay), 0)) END AS owed
+    FROM wallets
     WHERE org_id = :org AND (CAST(:cur AS text) IS NULL OR currency = CAST(:cur AS text))
       AND NOT EXISTS (SELECT 1 FROM prev)
     FOR UPDATE
 ), w AS (
     UPDATE wallets SET
-        balance_cents = wallets.balance_cents - least(:amt, cur.available),
-        debt_cents = wallets.debt_cents + (:amt - least(:amt, cur.available)),
+        balance_cents = wallets.balance_cents - least(cur.owed, cur.available),
+        debt_cents = wallets.debt_cents + (cur.owed - least(cur.owed, cur.available)),
         updated_at = now()
     FROM cur WHERE wallets.org_id = cur.org_id
-    RETURNING wallets.balance_cents, wallets.debt_cents, least(:amt, cur.available) AS taken
+    RETURNING wallets.balance_cents, wallets.debt_cents, least(cur.owed, cur.available) AS taken,
+              cur.owed
+), p AS (
+    UPDATE payments SET refunded_cents = payments.refunded_cents + w.owed
+    FROM w WHERE payments.provider = CAST(:pp AS text) AND payments.payment_id = CAST(:pid AS text)
+      AND payments.org_id = :org
+    RETURNING 1
 ), j AS (
     INSERT INTO journal (org_id, kind, amount_cents, debt_delta_cents, requested_cents,
                          reference, balance_after_cents, debt_after_cents, actor, reason)
-    SELECT :org, :kind, -w.taken, :amt - w.taken, :amt, :ref, w.balance_cents, w.debt_cents,
+    SELECT :org, :kind, -w.taken, w.owed - w.taken, :amt, :ref, w.balance_cents, w.debt_cents,
            :actor, :reason
     FROM w
     ON CONFLICT ON CONSTRAINT journal_reference_once DO NOTHING
@@ -419,6 +443,8 @@ def _existing_entry(
     if row is None:
         return None
     took = row.amount_cents < 0 or row.debt_delta_cents > 0
+    if row.amount_cents == 0 and row.debt_delta_cents == 0:
+        took = takes  # a take-back its payment had nothing left for: either way, a repeat
     if row.kind not in kinds or row.requested_cents != amt or took != takes:
         log.warning(
             "ledger reference conflict",
@@ -468,8 +494,18 @@ def _params(
         "kind": kind,
         "actor": actor,
         "reason": reason,
+        "pp": None,
+        "pid": None,
         **extra,
     }
+
+
+def _payment(payment: tuple[str, str] | None) -> dict:
+    """The (provider, payment id) parameters of a statement that also tracks a payment."""
+    if payment is None:
+        return {}
+    provider, payment_id = payment
+    return {"pp": provider, "pid": payment_id}
 
 
 def _currency_matches(conn: Connection, org_id: str, params: dict) -> bool:
@@ -508,9 +544,16 @@ def credit(
     kind: str = "credit",
     actor: str = "system",
     reason: str | None = None,
+    payment: tuple[str, str] | None = None,
 ) -> Entry:
-    """Add money; debt is paid first. The same reference again returns the first result."""
-    params = _params(org_id, amount_cents, reference, kind, actor, reason, cur=_currency(currency))
+    """Add money; debt is paid first. The same reference again returns the first result.
+
+    `payment` (provider, payment id): money given back to that payment, which its later
+    refunds may take back again."""
+    params = _params(
+        org_id, amount_cents, reference, kind, actor, reason,
+        cur=_currency(currency), **_payment(payment),
+    )  # fmt: skip
     entry, why = _apply(conn, _CREDIT, params, (kind,), takes=False)
     if entry is None or (why == "duplicate" and not _currency_matches(conn, org_id, params)):
         _refuse_currency(conn, org_id, params["cur"])
@@ -550,11 +593,17 @@ def clawback(
     kind: str = "clawback",
     actor: str = "system",
     reason: str | None = None,
+    payment: tuple[str, str] | None = None,
 ) -> Entry:
     """Take back a refunded or charged-back payment: what is available now, the rest as debt.
 
+    With `payment` (provider, payment id), at most what that payment credited to this wallet
+    and has not had taken back yet; a payment of another wallet, or none, gives nothing.
     Any debt freezes the wallet with reason `debt` until credits have paid it."""
-    params = _params(org_id, amount_cents, reference, kind, actor, reason, cur=_currency(currency))
+    params = _params(
+        org_id, amount_cents, reference, kind, actor, reason,
+        cur=_currency(currency), **_payment(payment),
+    )  # fmt: skip
     entry, why = _apply(conn, _CLAWBACK, params, (kind,), takes=True)
     if entry is None or (why == "duplicate" and not _currency_matches(conn, org_id, params)):
         _refuse_currency(conn, org_id, params["cur"])
@@ -580,7 +629,9 @@ def adjust(
         raise InvalidInput("adjustment must be a non-zero whole number of cents")
     _text("reason", reason)
     _text("actor", actor, 200)
-    ref = _reference(reference) if reference is not None else f"adjust:{uuid.uuid4()}"
+    ref = OPERATOR_PREFIX + (
+        _reference(reference) if reference is not None else f"adjust:{uuid.uuid4()}"
+    )
     if amount_cents > 0:
         return credit(
             conn, org_id, amount_cents, ref, kind="adjustment", actor=actor, reason=reason
@@ -598,6 +649,35 @@ def adjust(
         )
     except Refused as exc:
         raise Refused(f"adjustment would take the balance below zero ({exc})") from None
+
+
+def give_back(
+    conn: Connection,
+    org_id: str,
+    taken_reference: str,
+    reference: str,
+    *,
+    payment: tuple[str, str],
+    reason: str | None = None,
+) -> Entry | None:
+    """Undo a take-back that did not happen after all (a refund that failed), once.
+
+    What `taken_reference` took (from the balance and as debt) comes back as a credit that pays
+    debt first, so the debt freeze it caused lifts once the debt is gone; its payment may be
+    refunded again. None when it took nothing or never happened."""
+    taken = entry(conn, org_id, taken_reference)
+    if taken is None or -taken.amount_cents + taken.debt_delta_cents <= 0:
+        return None
+    return credit(
+        conn, org_id, -taken.amount_cents + taken.debt_delta_cents, reference,
+        kind="refund_reversal", reason=reason, payment=payment,
+    )  # fmt: skip
+
+
+def entry(conn: Connection, org_id: str, reference: str) -> Entry | None:
+    """The journal row of a reference, if it was applied."""
+    row = conn.execute(_ENTRY_BY_REF, {"org": org_id, "ref": reference}).first()
+    return None if row is None else _entry(row)
 
 
 def hold(conn: Connection, org_id: str, amount_cents: int, reference: str) -> Hold:

@@ -32,6 +32,16 @@ def _settle(inbox_id: int, status: str, error: str) -> None:
     )
 
 
+def _park(inbox_id: int, exc: ParkEvent) -> str:
+    """Park the event; "requeued" when the payment it waited for arrived meanwhile."""
+    parked = run_in_transaction(runtime.engine(), lambda conn: inbox.park(conn, inbox_id, exc))
+    if not parked:
+        log.info("event queued again: its payment arrived", extra={"inbox_id": inbox_id})
+        return "requeued"
+    log.warning("event parked", extra={"inbox_id": inbox_id, "reason": str(exc)})
+    return "parked"
+
+
 @app.task(
     name="payguard.process_event",
     bind=True,
@@ -52,13 +62,9 @@ def process_event(self: Task, inbox_id: int) -> str:
         if retries < max_retries:
             _note_attempt(inbox_id, exc)
             raise self.retry(countdown=backoff(retries), exc=exc) from None
-        _settle(inbox_id, "parked", str(exc))
-        log.warning("event parked", extra={"inbox_id": inbox_id, "reason": str(exc)})
-        return "parked"
+        return _park(inbox_id, exc)
     except ParkEvent as exc:
-        _settle(inbox_id, "parked", str(exc))
-        log.warning("event parked", extra={"inbox_id": inbox_id, "reason": str(exc)})
-        return "parked"
+        return _park(inbox_id, exc)
     except TRANSIENT as exc:
         if retries < max_retries:
             # A retried try is counted here; the last one is counted by _settle (inbox.finish).

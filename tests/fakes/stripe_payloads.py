@@ -236,6 +236,21 @@ def refund_created(
     return event("refund.created", refund(**fields), event_id=event_id, created=created)
 
 
+def refund_updated(
+    *, event_id: str | None = None, created: int | None = None, **fields: Any
+) -> Event:
+    """refund.updated (a refund's status changed); keyword arguments as for refund()."""
+    return event("refund.updated", refund(**fields), event_id=event_id, created=created)
+
+
+def refund_failed(
+    *, event_id: str | None = None, created: int | None = None, **fields: Any
+) -> Event:
+    """refund.failed; status "failed" unless told."""
+    fields.setdefault("status", "failed")
+    return event("refund.failed", refund(**fields), event_id=event_id, created=created)
+
+
 def charge_refunded(
     *,
     payment_intent_id: str | None = None,

@@ -140,8 +140,9 @@ def test_adjust_both_ways_with_a_negative_positional_then_show_and_history(engin
     assert history.status == 0
     [newest] = history.json["entries"]
     assert ENTRY_KEYS <= set(newest)
+    # An operator's reference is kept in its own namespace, apart from every provider's.
     assert (newest["amount_cents"], newest["reference"], newest["actor"]) == (
-        -300, "ticket-7", "ana",
+        -300, "op:ticket-7", "ana",
     )  # fmt: skip
     with engine.connect() as conn:
         audited = conn.execute(

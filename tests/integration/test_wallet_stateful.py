@@ -244,6 +244,10 @@ class WalletMachine(RuleBasedStateMachine):
             again = Op(op.fn, -op.amount)
         elif variant == op.fn:
             return
+        elif op.fn == "adjust":
+            # The operator's reference is stored as op:<ref>: the same text given to another
+            # operation is another reference altogether (test_security_money covers it).
+            return
         else:
             again = Op(variant, abs(op.amount))
         got = self.outcome(call(org, again, ref))
@@ -299,7 +303,10 @@ class WalletMachine(RuleBasedStateMachine):
                 assert (w.balance_cents, w.held_cents, w.debt_cents) == (m.balance, m.held, m.debt)
                 assert set(state.freeze_reasons) == m.reasons
                 assert holds == m.holds
-                assert set(j.refs or ()) == set(m.ops)
+                assert set(j.refs or ()) == {
+                    wallet.OPERATOR_PREFIX + ref if op.fn == "adjust" else ref
+                    for ref, op in m.ops.items()
+                }
             assert wallet.verify(c) == []
 
 

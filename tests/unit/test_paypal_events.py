@@ -121,6 +121,7 @@ FIXTURE_EVENTS = {
         amount_cents=998,
         currency="USD",
         occurred_at=utc(2016, 6, 7, 22, 56, 19),
+        loss_arrives_separately=True,
     ),
 }
 
@@ -524,6 +525,7 @@ def test_dispute_lost_claws_back_the_disputed_amount():
         amount_cents=725,
         currency="USD",
         occurred_at=AT,
+        loss_arrives_separately=True,  # as PAYMENT.CAPTURE.REVERSED
     )
 
 

@@ -14,6 +14,7 @@ from core.provider_events import (
     PaymentCaptured,
     PaymentRefunded,
     Recorded,
+    RefundFailed,
     SubscriptionChanged,
     SubscriptionPayment,
 )
@@ -45,6 +46,7 @@ def test_paid_checkout_session_captures_its_payment_intent(org_in):
         amount_cents=2500,
         currency="USD",
         occurred_at=AT,
+        org_may_come_later=True,
     )
 
 
@@ -101,6 +103,7 @@ def test_payment_intent_succeeded_captures_the_amount_received():
         amount_cents=4000,
         currency="USD",
         occurred_at=AT,
+        org_may_come_later=True,
     )
 
 
@@ -160,10 +163,18 @@ def test_charge_refunded_yields_each_embedded_refund():
     ]
 
 
-def test_charge_refunded_skips_refunds_that_failed():
-    refunds = [sp.refund(refund_id="re_ok", amount=100), sp.refund(amount=200, status="failed")]
+def test_charge_refunded_reports_refunds_that_failed_as_failed():
+    refunds = [
+        sp.refund(refund_id="re_ok", amount=100),
+        sp.refund(refund_id="re_no", amount=200, status="failed"),
+    ]
 
-    assert [r.refund_id for r in normalize(sp.charge_refunded(refunds=refunds))] == ["re_ok"]
+    events = normalize(sp.charge_refunded(refunds=refunds))
+
+    assert [(type(e).__name__, e.refund_id) for e in events] == [
+        ("PaymentRefunded", "re_ok"),
+        ("RefundFailed", "re_no"),
+    ]
 
 
 def test_charge_refunded_and_refund_created_name_the_same_refund():
@@ -215,9 +226,21 @@ def test_pending_refund_is_clawed_back_at_once():
     assert isinstance(only(normalize(sp.refund_created(status="pending"))), PaymentRefunded)
 
 
+@pytest.mark.parametrize("build", [sp.refund_created, sp.refund_updated, sp.refund_failed])
 @pytest.mark.parametrize("status", ["failed", "canceled"])
-def test_refund_that_moved_no_money_is_only_recorded(status):
-    assert isinstance(only(normalize(sp.refund_created(status=status))), Recorded)
+def test_a_refund_that_failed_or_was_canceled_is_a_failed_refund(build, status):
+    event = build(refund_id="re_f", payment_intent_id="pi_f", status=status, created=CREATED)
+
+    assert only(normalize(event)) == RefundFailed(
+        provider="stripe", refund_id="re_f", payment_id="pi_f", occurred_at=AT
+    )
+
+
+def test_a_refund_updated_while_pending_or_succeeded_is_the_same_refund():
+    created = sp.refund_created(refund_id="re_u", payment_intent_id="pi_u", status="pending")
+    updated = sp.refund_updated(refund_id="re_u", payment_intent_id="pi_u", status="succeeded")
+
+    assert normalize(updated) == normalize({**created, "created": updated["created"]})
 
 
 # -- disputes ---------------------------------------------------------------------------
@@ -379,6 +402,8 @@ def test_handled_types_cover_every_builder():
         sp.payment_intent_succeeded()["type"],
         sp.charge_refunded()["type"],
         sp.refund_created()["type"],
+        sp.refund_updated()["type"],
+        sp.refund_failed()["type"],
         sp.charge_dispute_created()["type"],
         sp.charge_dispute_closed()["type"],
         sp.customer_subscription_created()["type"],
