@@ -60,9 +60,14 @@ class Settings(BaseSettings):
     RELAY_INTERVAL_SECONDS: float = 2.0
     BROKER_PUBLISH_TIMEOUT: float = 0.5
 
-    # Prometheus /metrics of the worker's main process and of beat (0: not served).
+    # Bearer token that web's /metrics requires; unset or empty, /metrics answers 404.
+    METRICS_TOKEN: str | None = None
+    # Prometheus /metrics of the worker's main process and of beat (0: not served). They have
+    # no token: they listen on loopback unless an operator chooses an address.
     WORKER_METRICS_PORT: Port = 9808
     BEAT_METRICS_PORT: Port = 9809
+    WORKER_METRICS_HOST: str = "127.0.0.1"
+    BEAT_METRICS_HOST: str = "127.0.0.1"
 
     @field_validator("DATABASE_URL")
     @classmethod

@@ -139,10 +139,14 @@ def reconcile_campaigns(page_size: int = RECONCILE_PAGE) -> int:
 
 @app.task(name="payguard.beat.verify_ledger", acks_late=True)
 def verify_ledger() -> int:
+    """Every wallet against its journal; the count is recorded for /metrics to serve."""
+
     def run(conn: Connection):
         if not _try_lock(conn, "verify_ledger"):
             return []
-        return wallet.verify(conn)
+        mismatches = wallet.verify(conn)
+        wallet.record_check(conn, len(mismatches))
+        return mismatches
 
     mismatches = run_in_transaction(runtime.engine(), run)
     for m in mismatches:
