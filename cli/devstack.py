@@ -498,6 +498,9 @@ def dev_environment(database_url: str, redis_url: str, data_dir: Path) -> dict[s
     env.setdefault("PORT", "5000")
     env.setdefault("LOG_FORMAT", "text")
     env.setdefault("BEAT_SCHEDULE_FILE", str(data_dir / "celerybeat-schedule"))
+    # No Twilio account: the worker may run on the console backend, which only logs.
+    if not env.get("TWILIO_ACCOUNT_SID"):
+        env["TWILIO_CONSOLE"] = "1"
     # web's /metrics answers only with this bearer token; printed at start, kept in var/dev/env.
     if not env.get("METRICS_TOKEN"):
         env["METRICS_TOKEN"] = secrets.token_urlsafe(24)

@@ -25,3 +25,9 @@ def test_the_dev_stack_makes_a_metrics_token_of_its_own(monkeypatch, tmp_path):
 
 def test_a_metrics_token_given_to_the_dev_stack_is_kept(monkeypatch, tmp_path):
     assert _env(monkeypatch, tmp_path, METRICS_TOKEN="mine")["METRICS_TOKEN"] == "mine"
+
+
+def test_the_dev_stack_runs_the_worker_on_the_console_backend_without_twilio(monkeypatch, tmp_path):
+    assert _env(monkeypatch, tmp_path)["TWILIO_CONSOLE"] == "1"
+    with_twilio = _env(monkeypatch, tmp_path, TWILIO_ACCOUNT_SID="AC" + "1" * 32)
+    assert "TWILIO_CONSOLE" not in with_twilio
