@@ -307,6 +307,7 @@ def main() -> int:
             REDIS_URL=redis_url,
             PAYPAL_WEBHOOK_ID=WEBHOOK_ID,
             PAYPAL_CERT_URL_PREFIXES=fake.cert_prefix,
+            TWILIO_CONSOLE="1",  # no Twilio here: the worker only processes webhooks
             LOG_FORMAT="json",
             PYTHONPATH=str(REPO),
             PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),

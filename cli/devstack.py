@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -497,6 +498,12 @@ def dev_environment(database_url: str, redis_url: str, data_dir: Path) -> dict[s
     env.setdefault("PORT", "5000")
     env.setdefault("LOG_FORMAT", "text")
     env.setdefault("BEAT_SCHEDULE_FILE", str(data_dir / "celerybeat-schedule"))
+    # No Twilio account: the worker may run on the console backend, which only logs.
+    if not env.get("TWILIO_ACCOUNT_SID"):
+        env["TWILIO_CONSOLE"] = "1"
+    # web's /metrics answers only with this bearer token; printed at start, kept in var/dev/env.
+    if not env.get("METRICS_TOKEN"):
+        env["METRICS_TOKEN"] = secrets.token_urlsafe(24)
     # The Procfile names gunicorn and celery: find them next to this interpreter even when
     # the venv is not activated.
     bin_dir = str(Path(sys.executable).parent)
@@ -569,13 +576,18 @@ def _run_dev(
         paypal_note = f"dev signing certificate at {cert_url}"
     # For a second terminal: `set -a; . var/dev/env; set +a` and the CLI talks to this stack.
     (data_dir / "env").write_text(
-        "".join(f"{k}={shlex.quote(env[k])}\n" for k in ("DATABASE_URL", "REDIS_URL", "PORT"))
+        "".join(
+            f"{k}={shlex.quote(env[k])}\n"
+            for k in ("DATABASE_URL", "REDIS_URL", "PORT", "METRICS_TOKEN")
+        )
     )
     print(
         "payguard dev\n"
         f"  database  {db_url}  ({db_note}; schema at {revision or 'no revision'})\n"
         f"  broker    {redis_url}  ({redis_note})\n"
         f"  web       http://127.0.0.1:{env['PORT']}/  (PORT={env['PORT']})\n"
+        f"  metrics   http://127.0.0.1:{env['PORT']}/metrics  "
+        f"(Authorization: Bearer {env['METRICS_TOKEN']})\n"
         f"  paypal    {paypal_note}\n"
         f"  processes {', '.join(processes)}; Ctrl-C stops everything",
         flush=True,

@@ -15,6 +15,7 @@ Refusals are core.errors exceptions; they are mapped to exit statuses in one pla
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -133,8 +134,17 @@ def _policy(ctx: Context) -> sending.Policy:
     return sending.Policy.from_settings(ctx.settings)
 
 
-def _audit(conn: Connection, *, actor: str, action: str, org_id: str, details: dict) -> None:
+def _audit(conn: Connection, *, actor: str, action: str, org_id: str | None, details: dict) -> None:
     audit.record(conn, actor=actor, action=action, org_id=org_id, details=details)
+
+
+def os_user() -> str:
+    """Who runs this console, as the operating system says (LOGNAME, USER, … then the
+    password database); "unknown" where it cannot say (a container with no passwd entry)."""
+    try:
+        return getpass.getuser() or "unknown"
+    except (OSError, KeyError, ImportError):
+        return "unknown"
 
 
 def _publish_after_commit(ctx: Context, task: str, args: list, outbox_id: int | None) -> None:
@@ -176,16 +186,38 @@ def _wallet_count(conn: Connection, org_id: str | None) -> int:
 # ---------------------------------------------------------------- commands
 
 ORG_ID = arg("org_id", metavar="ORG_ID")
-ACTOR = arg("--actor", required=True, metavar="NAME", help="who is doing this")
+# Every command that changes state takes --actor and writes one audit row with it, in the
+# command's own transaction; unset, the operating-system user (resolved in _execute).
+ACTOR = arg(
+    "--actor",
+    default=None,
+    metavar="NAME",
+    help="who is doing this, for the audit trail (default: the operating-system user)",
+)
 
 
-@command("db upgrade", "migrate the database to head (safe to run twice)", needs="settings")
+@command("db upgrade", "migrate the database to head (safe to run twice)", ACTOR, needs="settings")
 def db_upgrade(ctx: Context, args: argparse.Namespace) -> Result:
     import migrations  # Alembic is slow to import and only this command needs it
 
     assert ctx.settings and ctx.settings.DATABASE_URL
     before = migrations.current(ctx.settings.DATABASE_URL)
     revision = migrations.upgrade(ctx.settings.DATABASE_URL)
+    if revision != before:
+        # Alembic commits the schema itself; the audit row follows in a transaction of its
+        # own (there is no audit table before the first revision). A run that changed
+        # nothing, as every release but the one with a migration, records nothing.
+        engine = make_engine(ctx.settings.DATABASE_URL, pool_size=1, max_overflow=0)
+        try:
+            run_in_transaction(
+                engine,
+                lambda conn: _audit(
+                    conn, actor=args.actor, action="db.upgrade", org_id=None,
+                    details={"from": before, "to": revision},
+                ),
+            )  # fmt: skip
+        finally:
+            engine.dispose()
     return {"revision": revision, "previous_revision": before, "changed": revision != before}
 
 
@@ -204,6 +236,7 @@ def db_upgrade(ctx: Context, args: argparse.Namespace) -> Result:
         help="subscription (default): may send only while a subscription is active; "
         "prepaid: money alone decides",
     ),
+    ACTOR,
 )
 def org_create(ctx: Context, args: argparse.Namespace) -> Result:
     org = orgs.create(
@@ -215,6 +248,12 @@ def org_create(ctx: Context, args: argparse.Namespace) -> Result:
         segment_price_cents=args.segment_price_cents,
         billing=args.billing,
     )
+    _audit(
+        ctx.conn, actor=args.actor, action="org.create", org_id=org.org_id,
+        details={"currency": org.currency, "billing": args.billing,
+                 "twilio_subaccount_sid": args.twilio_subaccount, "sender": args.sender,
+                 "segment_price_cents": args.segment_price_cents},
+    )  # fmt: skip
     return {**org.as_dict(), "wallet": wallet.show(ctx.conn, org.org_id).as_dict()}
 
 
@@ -357,7 +396,17 @@ def status(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 CAMPAIGN_ARGS = (ORG_ID, arg("campaign_id", metavar="CAMPAIGN_ID"))
+CAMPAIGN_CHANGE_ARGS = (*CAMPAIGN_ARGS, ACTOR)
 CAMPAIGN_COLUMNS = ("campaign_id", "status", "paused_by", "pause_reason")
+
+
+def _audit_campaign(
+    ctx: Context, args: argparse.Namespace, action: str, c: sending.Campaign
+) -> None:
+    _audit(
+        ctx.conn, actor=args.actor, action=action, org_id=args.org_id,
+        details={"campaign_id": c.campaign_id, "status": c.status, "paused_by": c.paused_by},
+    )  # fmt: skip
 
 
 def _campaigns(ctx: Context, org_id: str, campaign: sending.Campaign | None = None) -> Result:
@@ -376,33 +425,36 @@ _CAMPAIGN_RENDER = {"render": lambda r: output.render(r, {"campaigns": CAMPAIGN_
 @command(
     "campaign create",
     "a campaign, running unless the organization may not send",
-    *CAMPAIGN_ARGS,
+    *CAMPAIGN_CHANGE_ARGS,
     **_CAMPAIGN_RENDER,
 )
 def campaign_create(ctx: Context, args: argparse.Namespace) -> Result:
     campaign = sending.create_campaign(ctx.conn, args.org_id, args.campaign_id, _policy(ctx))
+    _audit_campaign(ctx, args, "campaign.create", campaign)
     return _campaigns(ctx, args.org_id, campaign)
 
 
 @command(
     "campaign pause",
     "the user's own pause (stays until the user resumes)",
-    *CAMPAIGN_ARGS,
+    *CAMPAIGN_CHANGE_ARGS,
     **_CAMPAIGN_RENDER,
 )
 def campaign_pause(ctx: Context, args: argparse.Namespace) -> Result:
     campaign = sending.pause_campaign(ctx.conn, args.org_id, args.campaign_id)
+    _audit_campaign(ctx, args, "campaign.pause", campaign)
     return _campaigns(ctx, args.org_id, campaign)
 
 
 @command(
     "campaign resume",
     "the user's resume; refused while the organization may not send",
-    *CAMPAIGN_ARGS,
+    *CAMPAIGN_CHANGE_ARGS,
     **_CAMPAIGN_RENDER,
 )
 def campaign_resume(ctx: Context, args: argparse.Namespace) -> Result:
     campaign = sending.resume_campaign(ctx.conn, args.org_id, args.campaign_id, _policy(ctx))
+    _audit_campaign(ctx, args, "campaign.resume", campaign)
     return _campaigns(ctx, args.org_id, campaign)
 
 
@@ -418,11 +470,18 @@ def campaign_list(ctx: Context, args: argparse.Namespace) -> Result:
     arg("--to", required=True, metavar="E164", help="the recipient, +15551234567"),
     arg("--body", required=True, metavar="TEXT"),
     arg("--campaign", dest="campaign_id", metavar="CAMPAIGN_ID"),
+    ACTOR,
 )
 def message_send(ctx: Context, args: argparse.Namespace) -> Result:
     message = messages.queue(
         ctx.conn, args.org_id, args.to, args.body, _policy(ctx), args.campaign_id
     )
+    # The body stays in messages; the trail says who queued which message, and its fate.
+    _audit(
+        ctx.conn, actor=args.actor, action="message.send", org_id=args.org_id,
+        details={"message_id": message.message_id, "campaign_id": args.campaign_id,
+                 "status": message.status},
+    )  # fmt: skip
     _publish_after_commit(ctx, messages.SEND_TASK, [message.message_id], None)
     return message.as_dict()
 
@@ -470,7 +529,7 @@ def events_show(ctx: Context, args: argparse.Namespace) -> Result:
         help="replay every event in this status (parked or failed)",
     ),
     arg("--provider", choices=("paypal", "stripe")),
-    arg("--actor", default="operator", metavar="NAME"),
+    ACTOR,
 )
 def events_replay(ctx: Context, args: argparse.Namespace) -> Result:
     if (args.id is None) == (args.all_status is None):
@@ -631,6 +690,8 @@ def _execute(cmd: Command, args: argparse.Namespace) -> Result:
     interactive = sys.stderr.isatty()
     if cmd.needs == "nothing":
         return cmd.run(Context(None, interactive), args)
+    if getattr(args, "actor", "") is None:  # a command that takes --actor, given none
+        args.actor = os_user()
     settings = load_settings("DATABASE_URL")
     if cmd.needs == "settings":
         return cmd.run(Context(settings, interactive), args)

@@ -131,3 +131,14 @@ def exists(conn: Connection, org_id: str) -> bool:
         conn.execute(text("SELECT 1 FROM organizations WHERE org_id = :o"), {"o": org_id}).first()
         is not None
     )
+
+
+def ids_after(conn: Connection, after: str, limit: int) -> list[str]:
+    """The next `limit` organization ids after `after` in id order: a keyset page, so a walk
+    over every organization costs one index range scan per page however many there are."""
+    return list(
+        conn.execute(
+            text("SELECT org_id FROM organizations WHERE org_id > :a ORDER BY org_id LIMIT :n"),
+            {"a": after, "n": limit},
+        ).scalars()
+    )

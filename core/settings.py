@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     TWILIO_ACCOUNT_SID: str | None = None
     TWILIO_AUTH_TOKEN: str | None = None
     TWILIO_API_BASE: str = "https://api.twilio.com"
+    # Without TWILIO_ACCOUNT_SID the worker would "send" through a console backend that only
+    # logs, and capture the price of every message: it runs that way only when told to.
+    TWILIO_CONSOLE: bool = False
     PUBLIC_BASE_URL: str | None = None
 
     SMS_SEGMENT_PRICE_CENTS: int = 1
@@ -65,9 +68,14 @@ class Settings(BaseSettings):
     RELAY_INTERVAL_SECONDS: float = 2.0
     BROKER_PUBLISH_TIMEOUT: float = 0.5
 
-    # Prometheus /metrics of the worker's main process and of beat (0: not served).
+    # Bearer token that web's /metrics requires; unset or empty, /metrics answers 404.
+    METRICS_TOKEN: str | None = None
+    # Prometheus /metrics of the worker's main process and of beat (0: not served). They have
+    # no token: they listen on loopback unless an operator chooses an address.
     WORKER_METRICS_PORT: Port = 9808
     BEAT_METRICS_PORT: Port = 9809
+    WORKER_METRICS_HOST: str = "127.0.0.1"
+    BEAT_METRICS_HOST: str = "127.0.0.1"
 
     @field_validator("DATABASE_URL")
     @classmethod
@@ -132,6 +140,17 @@ def load_settings(*required: str) -> Settings:
                     f"configuration error: {name} is required when TWILIO_ACCOUNT_SID is set"
                 )
     return settings
+
+
+def require_twilio_or_console(settings: Settings) -> None:
+    """For processes that call Twilio (the worker): a real account, or TWILIO_CONSOLE=1 saying
+    that a console backend, which sends nothing yet charges wallets, is meant (dev, tests)."""
+    if not settings.twilio_configured and not settings.TWILIO_CONSOLE:
+        raise ConfigError(
+            "configuration error: TWILIO_ACCOUNT_SID is required by the worker (without it "
+            "messages are only logged, yet charged); set TWILIO_CONSOLE=1 to run on the "
+            "console backend on purpose"
+        )
 
 
 def load_settings_or_exit(*required: str) -> Settings:

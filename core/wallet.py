@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import NoReturn
 
 from sqlalchemy import Connection, column, text
@@ -881,3 +881,45 @@ def org_id_batches(conn: Connection, size: int = 1000):
             return
         yield batch
         after = batch[-1]
+
+
+# ---------------------------------------------------------------- verification results
+
+# How long results of verify_ledger are kept: the newest is what /metrics reads; the rest is
+# a short history for an operator wondering when a mismatch first appeared.
+CHECKS_KEPT = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class LedgerCheck:
+    checked_at: datetime
+    wallets_checked: int
+    mismatches: int
+
+
+def record_check(conn: Connection, mismatches: int) -> LedgerCheck:
+    """Record that every wallet was just verified and how many figures disagreed, in the
+    caller's transaction (the one that verified, so the count matches that snapshot)."""
+    row = conn.execute(
+        text(
+            "INSERT INTO ledger_checks (wallets_checked, mismatches) "
+            "SELECT count(*), :m FROM wallets RETURNING checked_at, wallets_checked, mismatches"
+        ),
+        {"m": mismatches},
+    ).one()
+    conn.execute(
+        text("DELETE FROM ledger_checks WHERE checked_at < now() - :kept"),
+        {"kept": CHECKS_KEPT},
+    )
+    return LedgerCheck(*row)
+
+
+def last_check(conn: Connection) -> LedgerCheck | None:
+    """The newest recorded verification; None before the first one."""
+    row = conn.execute(
+        text(
+            "SELECT checked_at, wallets_checked, mismatches FROM ledger_checks "
+            "ORDER BY checked_at DESC, id DESC LIMIT 1"
+        )
+    ).first()
+    return LedgerCheck(*row) if row is not None else None

@@ -255,7 +255,8 @@ def app_env(database_url: str, redis_clean: str) -> dict[str, str]:
     """Environment for subprocesses (web, worker, beat, CLI) of this test: a copy of
     os.environ without any Payguard variable from the developer's shell, plus DATABASE_URL
     (this test's database), REDIS_URL (the session Redis, flushed), PAYPAL_WEBHOOK_ID=WH-TEST,
-    LOG_FORMAT=text, PYTHONUNBUFFERED=1, PYTHONPATH=<repo root> and this venv's bin first on
+    TWILIO_CONSOLE=1 (a worker without a Twilio account may start), LOG_FORMAT=text,
+    PYTHONUNBUFFERED=1, PYTHONPATH=<repo root> and this venv's bin first on
     PATH (for `celery`, `gunicorn`, `payguard`). Add or override keys freely; it is a new dict
     per test. With own_redis, set env["REDIS_URL"] = own_redis.url."""
     env = {k: v for k, v in os.environ.items() if k not in _contract_variables()}
@@ -264,6 +265,9 @@ def app_env(database_url: str, redis_clean: str) -> dict[str, str]:
         DATABASE_URL=database_url,
         REDIS_URL=redis_clean,
         PAYPAL_WEBHOOK_ID="WH-TEST",
+        # Workers of tests that configure no Twilio account run on the console backend on
+        # purpose (a test with a fake Twilio sets TWILIO_ACCOUNT_SID, which then wins).
+        TWILIO_CONSOLE="1",
         # Several workers at once in one test run: no fixed metrics ports to fight over.
         WORKER_METRICS_PORT="0",
         BEAT_METRICS_PORT="0",

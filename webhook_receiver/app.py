@@ -6,6 +6,8 @@ is attempted after the commit and a failure there is left to the outbox relay.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -201,6 +203,18 @@ def readiness(receiver: Receiver) -> tuple[bool, dict[str, str]]:
     except Exception as exc:
         checks["broker"] = f"unavailable: {type(exc).__name__}"
     return all(v == "ok" for v in checks.values()), checks
+
+
+def bearer_token_matches(authorization: str, token: str) -> bool:
+    """`Authorization: Bearer <token>`, compared in constant time: both sides are hashed
+    first, so neither the content nor the length of the expected token leaks by timing."""
+    scheme, _, presented = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return False
+    return hmac.compare_digest(
+        hashlib.sha256(presented.strip().encode()).digest(),
+        hashlib.sha256(token.encode()).digest(),
+    )
 
 
 def parse_json_object(body: bytes) -> dict:

@@ -5,8 +5,9 @@ PROMETHEUS_MULTIPROC_DIR makes prometheus_client keep them in per-process files 
 worker's /metrics adds up (webhook_receiver/gunicorn_conf.py sets the directory up before the
 first fork: prometheus_client picks files or memory when it is first imported).
 
-The gauges (events by status, open holds, frozen wallets, messages, ledger mismatches) are the
-database's state, read at scrape time by DatabaseCollector. They are the same whichever worker
+The gauges (events by status, open holds, frozen wallets, messages) are the database's state,
+read at scrape time by DatabaseCollector; the ledger's figure is the last result beat's
+verify_ledger recorded (ledger_checks), so no scrape scans the journal. They are the same whichever worker
 answers, so the collector is registered in the registry built for each scrape, never in the
 multiprocess files. A query that fails or runs past its statement timeout drops its gauges and
 sets payguard_metrics_scrape_error to 1; the scrape itself still answers.
@@ -118,17 +119,26 @@ def _messages(conn: Connection) -> list[Metric]:
 
 
 def _ledger(conn: Connection) -> list[Metric]:
-    # wallet.verify aggregates the whole journal on every scrape: its cost grows with the
-    # journal. Fine for now; when it nears the statement timeout, publish the beat job's
-    # result (verify_ledger) instead of recomputing it here.
-    mismatches = wallet.verify(conn)
-    return [
+    # The last result of beat's verify_ledger, never a verification of its own: that one
+    # aggregates the whole journal, whose cost grows without bound.
+    check = wallet.last_check(conn)
+    families: list[Metric] = [
         _gauge(
-            "payguard_ledger_mismatches",
-            "Wallet figures that disagree with their journal, holds or freezes",
-            len(mismatches),
+            "payguard_ledger_checked_timestamp_seconds",
+            "When beat last verified every wallet against its journal (Unix time; 0: never)",
+            check.checked_at.timestamp() if check else 0,
         )
     ]
+    if check is not None:  # no figure before the first verification: unknown is not zero
+        families.append(
+            _gauge(
+                "payguard_ledger_mismatches",
+                "Wallet figures that disagreed with their journal, holds or freezes at the "
+                "last verification",
+                check.mismatches,
+            )
+        )
+    return families
 
 
 READERS: tuple[Callable[[Connection], list[Metric]], ...] = (

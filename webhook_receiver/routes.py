@@ -11,6 +11,7 @@ from webhook_receiver.app import (
     Unavailable,
     accept,
     answer,
+    bearer_token_matches,
     parse_json_object,
     raw_body,
     readiness,
@@ -103,6 +104,13 @@ def readyz() -> Response:
 
 @blueprint.get("/metrics")
 def metrics() -> Response:
+    token = _receiver().settings.METRICS_TOKEN
+    if not token:  # not configured: as if there were no such route
+        return answer(404, error="not found")
+    if not bearer_token_matches(request.headers.get("Authorization", ""), token):
+        response = answer(401, error="a bearer token is required")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
     body, content_type = _receiver().metrics.render()
     return Response(body, content_type=content_type)
 

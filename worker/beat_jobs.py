@@ -9,7 +9,7 @@ import zlib
 
 from sqlalchemy import Connection, text
 
-from core import inbox, sending, twilio_accounts, wallet
+from core import inbox, orgs, sending, twilio_accounts, wallet
 from core.db import run_in_transaction
 from worker import runtime
 from worker.celery_app import app
@@ -18,11 +18,23 @@ from worker.publisher import Publisher
 log = logging.getLogger(__name__)
 
 BATCH = 500
+# Organizations re-decided per transaction by reconcile_campaigns; each page commits on its own.
+RECONCILE_PAGE = 500
 
 
-def _try_lock(conn: Connection, job: str) -> bool:
-    key = zlib.crc32(f"payguard.beat.{job}".encode())
-    return bool(conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar())
+def _lock_key(job: str) -> int:
+    return zlib.crc32(f"payguard.beat.{job}".encode())
+
+
+def _try_lock(conn: Connection, job: str, *, session: bool = False) -> bool:
+    """The job's advisory lock: released at the end of the transaction, or with
+    `session=True` held by the connection until `_unlock` (for a job of many transactions)."""
+    fn = "pg_try_advisory_lock" if session else "pg_try_advisory_xact_lock"
+    return bool(conn.execute(text(f"SELECT {fn}(:k)"), {"k": _lock_key(job)}).scalar())
+
+
+def _unlock(conn: Connection, job: str) -> None:
+    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(job)})
 
 
 _publisher: dict[str, Publisher] = {}
@@ -85,27 +97,41 @@ def converge_twilio() -> int:
 
 
 @app.task(name="payguard.beat.reconcile_campaigns", acks_late=True)
-def reconcile_campaigns() -> int:
-    """Re-decide every organization with campaigns (a grace period may have run out)."""
+def reconcile_campaigns(page_size: int = RECONCILE_PAGE) -> int:
+    """Re-decide every organization, campaigns or not: a grace period may have run out, and
+    then campaigns pause and the Twilio subaccount is marked to be suspended.
 
-    def run(conn: Connection) -> int:
-        if not _try_lock(conn, "reconcile_campaigns"):
-            return 0
+    Keyset pages of `page_size` organizations, one transaction each, so no transaction holds
+    every organization's rows; a session advisory lock, held by a connection of its own for
+    the whole walk, keeps a second beat out until the walk is over."""
+    engine = runtime.engine()
+    policy = runtime.policy()
+
+    def page(conn: Connection, after: str) -> tuple[list[str], int]:
+        org_ids = orgs.ids_after(conn, after, page_size)
         changed = 0
-        org_ids = (
-            conn.execute(
-                text("SELECT DISTINCT org_id FROM campaigns ORDER BY org_id LIMIT :l"),
-                {"l": BATCH * 4},
-            )
-            .scalars()
-            .all()
-        )
         for org_id in org_ids:
-            r = sending.reconcile(conn, org_id, runtime.policy())
+            r = sending.reconcile(conn, org_id, policy)
             changed += len(r.paused) + len(r.resumed) + int(r.twilio_desired_changed)
-        return changed
+        return org_ids, changed
 
-    changed = run_in_transaction(runtime.engine(), run)
+    changed = 0
+    with engine.connect() as lock_conn:
+        taken = _try_lock(lock_conn, "reconcile_campaigns", session=True)
+        lock_conn.commit()  # the session lock outlives this; no transaction is left open
+        if not taken:
+            return 0
+        try:
+            after = ""
+            while True:
+                org_ids, n = run_in_transaction(engine, lambda c, a=after: page(c, a))
+                changed += n
+                if len(org_ids) < page_size:
+                    break
+                after = org_ids[-1]
+        finally:
+            _unlock(lock_conn, "reconcile_campaigns")
+            lock_conn.commit()
     if changed:
         log.info("campaigns reconciled", extra={"changed": changed})
     return changed
@@ -113,10 +139,14 @@ def reconcile_campaigns() -> int:
 
 @app.task(name="payguard.beat.verify_ledger", acks_late=True)
 def verify_ledger() -> int:
+    """Every wallet against its journal; the count is recorded for /metrics to serve."""
+
     def run(conn: Connection):
         if not _try_lock(conn, "verify_ledger"):
             return []
-        return wallet.verify(conn)
+        mismatches = wallet.verify(conn)
+        wallet.record_check(conn, len(mismatches))
+        return mismatches
 
     mismatches = run_in_transaction(runtime.engine(), run)
     for m in mismatches:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from celery import Celery
 from celery.signals import celeryd_init, setup_logging, worker_process_init
 
@@ -51,6 +53,26 @@ app.add_defaults(_config)
 @worker_process_init.connect
 def _fresh_resources(**_: object) -> None:
     runtime.reset_after_fork()
+
+
+@celeryd_init.connect
+def _require_twilio(**_: object) -> None:
+    """Before anything starts: refuse to run a worker whose sends would go nowhere."""
+    from core.settings import ConfigError, require_twilio_or_console
+
+    settings = runtime.settings()
+    try:
+        require_twilio_or_console(settings)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None  # not an Exception: Celery's signal dispatch lets it pass
+    if not settings.twilio_configured:
+        print(
+            "payguard worker: TWILIO_CONSOLE=1, console backend: messages and subaccount "
+            "changes are only logged",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @celeryd_init.connect

@@ -12,9 +12,11 @@ Where each number lives:
 * worker: the main process receives tasks, the prefork children run them. Every one of them
   writes its counts to prometheus_client's multiprocess files in one directory
   (PROMETHEUS_MULTIPROC_DIR, else a fresh temporary one the main process creates before the
-  pool forks), and the main process serves their sum on WORKER_METRICS_PORT. A child that
+  pool forks), and the main process serves their sum on WORKER_METRICS_HOST:WORKER_METRICS_PORT
+  (127.0.0.1 unless told otherwise: the endpoint has no token). A child that
   exits keeps its counts (they happened); mark_process_dead drops only its live gauges.
-* beat: one process, in-process values, served on BEAT_METRICS_PORT: the jobs it sent.
+* beat: one process, in-process values, served on BEAT_METRICS_HOST:BEAT_METRICS_PORT (also
+  127.0.0.1 by default): the jobs it sent.
 
 Nothing is recorded anywhere else (CLI, web, tests that run tasks in-process): every handler
 does nothing until the worker's or beat's start-up signal enabled it. prometheus_client itself
@@ -130,16 +132,20 @@ def _safely(record: Any) -> None:
         log.warning("could not record a metric", exc_info=True)
 
 
-def _serve(port: int, registry: Any) -> None:
+def _serve(host: str, port: int, registry: Any) -> None:
+    """Serve `registry` on host:port. The endpoint has no authentication: the host defaults to
+    127.0.0.1 (WORKER_METRICS_HOST, BEAT_METRICS_HOST) so only this machine can scrape it."""
     from prometheus_client import start_http_server
 
     try:
-        server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
+        server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:  # another copy on this machine has the port: run without it
-        log.error("metrics endpoint not started", extra={"port": port, "error": str(exc)})
+        log.error(
+            "metrics endpoint not started", extra={"host": host, "port": port, "error": str(exc)}
+        )
         return
     _state["server"], _state["server_pid"] = server, os.getpid()
-    log.info("metrics endpoint started", extra={"port": port})
+    log.info("metrics endpoint started", extra={"host": host, "port": port})
 
 
 class _Up:
@@ -197,7 +203,8 @@ def _serve_worker(sender: object = None, **_: object) -> None:
             {"hostname": _metrics.hostname},
         )
     )
-    _serve(runtime.settings().WORKER_METRICS_PORT, registry)
+    s = runtime.settings()
+    _serve(s.WORKER_METRICS_HOST, s.WORKER_METRICS_PORT, registry)
 
 
 @signals.worker_shutdown.connect
@@ -233,7 +240,8 @@ def _child_stopping(**_: object) -> None:
 @signals.beat_init.connect
 def _beat_starting(**_: object) -> None:
     global _metrics
-    port = runtime.settings().BEAT_METRICS_PORT
+    s = runtime.settings()
+    port = s.BEAT_METRICS_PORT
     if not port:
         return
     # One process: values in memory. A directory meant for web or the worker must not
@@ -243,7 +251,7 @@ def _beat_starting(**_: object) -> None:
     _metrics.registry.register(
         _Up("payguard_beat_up", "1 while beat is running", {"hostname": _metrics.hostname})
     )
-    _serve(port, _metrics.registry)
+    _serve(s.BEAT_METRICS_HOST, port, _metrics.registry)
 
 
 # ------------------------------------------------------------------ task events

@@ -64,8 +64,8 @@ def twice_at_once(task, *, meet_at_lock: bool = False) -> list:
     tried = threading.Barrier(2)
     try_lock = beat_jobs._try_lock
 
-    def try_lock_together(conn, name):
-        taken = try_lock(conn, name)
+    def try_lock_together(conn, name, **kwargs):
+        taken = try_lock(conn, name, **kwargs)
         tried.wait(timeout=30)
         return taken
 
@@ -92,7 +92,7 @@ def tx(engine, fn):
     return run_in_transaction(engine, fn)
 
 
-def new_org(conn, balance: int = 0, *, price: int = 1) -> str:
+def new_org(conn, balance: int = 0, *, price: int = 1, billing: str = "prepaid") -> str:
     org = f"org-{uuid.uuid4().hex[:10]}"
     orgs.create(
         conn,
@@ -100,7 +100,7 @@ def new_org(conn, balance: int = 0, *, price: int = 1) -> str:
         twilio_subaccount_sid="AC" + uuid.uuid4().hex,
         sender="+15005550006",
         segment_price_cents=price,
-        billing="prepaid",
+        billing=billing,
     )
     if balance:
         wallet.credit(conn, org, balance, f"seed:{org}")
@@ -172,7 +172,8 @@ def test_two_convergence_runs_at_once_queue_one_sync_per_subaccount(beat, engine
     def lapse(conn):
         org_ids = []
         for _ in range(40):
-            org = new_org(conn)
+            # Subscription-billed: a prepaid organization's subaccount stays active regardless.
+            org = new_org(conn, billing="subscription")
             subscriptions.apply_status(
                 conn, "paypal", f"I-{org}", org, "cancelled", datetime.now(UTC)
             )
@@ -258,25 +259,26 @@ def test_two_expiry_runs_at_once_settle_each_stale_hold_once(beat, engine, caplo
 
 
 def test_two_campaign_reconciliations_at_once_pause_each_campaign_once(beat, engine):
-    def grace_ran_out(conn):
+    def past_due(conn):
         org_ids = []
         for _ in range(5):
-            org = new_org(conn, 100)
-            for c in ("spring", "summer"):
-                sending.create_campaign(conn, org, c, POLICY)
-            # past_due for longer than the grace period: nothing told Payguard it ran out
+            org = new_org(conn, 100, billing="subscription")
             subscriptions.apply_status(
-                conn,
-                "paypal",
-                f"I-{org}",
-                org,
-                "past_due",
-                datetime.now(UTC) - POLICY.past_due_grace - timedelta(hours=1),
+                conn, "paypal", f"I-{org}", org, "past_due", datetime.now(UTC) - timedelta(hours=1)
             )
+            for c in ("spring", "summer"):
+                sending.create_campaign(conn, org, c, POLICY)  # running: still in grace
             org_ids.append(org)
+        conn.execute(text("DELETE FROM outbox"))
         return org_ids
 
-    org_ids = tx(engine, grace_ran_out)
+    org_ids = tx(engine, past_due)
+    # past_due for longer than the grace period: nothing told Payguard it ran out
+    lapsed_at = datetime.now(UTC) - POLICY.past_due_grace - timedelta(hours=1)
+    tx(
+        engine,
+        lambda c: c.execute(text("UPDATE subscriptions SET status_since = :t"), {"t": lapsed_at}),
+    )
 
     counts = twice_at_once(beat_jobs.reconcile_campaigns, meet_at_lock=True)
 
@@ -292,6 +294,57 @@ def test_two_campaign_reconciliations_at_once_pause_each_campaign_once(beat, eng
     }
     assert syncs == len(org_ids)
     assert beat_jobs.reconcile_campaigns() == 0
+
+
+def test_reconciliation_pages_through_every_organization_even_those_without_campaigns(beat, engine):
+    recently = datetime.now(UTC) - timedelta(hours=1)
+
+    def past_due(conn):
+        with_campaigns = []
+        for _ in range(7):  # more than two pages of 3
+            org = f"org-{uuid.uuid4().hex[:10]}"
+            orgs.create(conn, org, twilio_subaccount_sid="AC" + uuid.uuid4().hex)
+            wallet.credit(conn, org, 100, f"seed:{org}")
+            subscriptions.apply_status(conn, "paypal", f"I-{org}", org, "past_due", recently)
+            sending.create_campaign(conn, org, "spring", POLICY)  # running: still in grace
+            with_campaigns.append(org)
+        # Subscription-billed, no campaign at all: only its Twilio subaccount is at stake.
+        bare = "zz-" + uuid.uuid4().hex[:8]  # sorts after every other: on the last page
+        orgs.create(conn, bare, twilio_subaccount_sid="AC" + uuid.uuid4().hex)
+        subscriptions.apply_status(conn, "paypal", f"I-{bare}", bare, "past_due", recently)
+        sending.reconcile(conn, bare, POLICY)
+        return with_campaigns, bare
+
+    with_campaigns, bare = tx(engine, past_due)
+    with engine.begin() as c:
+        assert set(c.execute(text("SELECT status FROM campaigns")).scalars()) == {"running"}
+        c.execute(text("DELETE FROM outbox"))
+        # The grace runs out with no event at all: only the clock moved.
+        c.execute(
+            text("UPDATE subscriptions SET status_since = :t"),
+            {"t": datetime.now(UTC) - POLICY.past_due_grace - timedelta(hours=1)},
+        )
+
+    changed = beat_jobs.reconcile_campaigns.run(page_size=3)
+
+    # each organization with a campaign: one paused, the subaccount marked; the bare one: marked
+    assert changed == 2 * len(with_campaigns) + 1
+    with engine.connect() as c:
+        desired = dict(
+            c.execute(text("SELECT org_id, twilio_desired_status FROM organizations")).all()
+        )
+        statuses = set(c.execute(text("SELECT status FROM campaigns")).scalars())
+        synced = {
+            args[0]
+            for args in c.execute(
+                text("SELECT args FROM outbox WHERE task = :t"), {"t": sending.SYNC_TWILIO_TASK}
+            ).scalars()
+        }
+    assert desired[bare] == "suspended"
+    assert set(desired.values()) == {"suspended"}
+    assert statuses == {"paused"}
+    assert synced == {*with_campaigns, bare}
+    assert beat_jobs.reconcile_campaigns.run(page_size=3) == 0
 
 
 # --- verify_ledger ------------------------------------------------------------------------

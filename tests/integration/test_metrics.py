@@ -32,6 +32,8 @@ from worker.publisher import Publisher
 pytestmark = pytest.mark.integration
 
 POLICY = sending.Policy()
+TOKEN = "metrics-test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -60,8 +62,8 @@ class Scrape:
         )
 
 
-def scrape(url: str) -> Scrape:
-    response = requests.get(f"{url}/metrics", timeout=10)
+def scrape(url: str, headers: dict[str, str] | None = None) -> Scrape:
+    response = requests.get(f"{url}/metrics", headers=headers, timeout=10)
     assert response.status_code == 200, response.text
     return Scrape(response.text)
 
@@ -81,12 +83,13 @@ def clean_env(monkeypatch):
 def make_client(clean_env, database_url, redis_url):
     apps = []
 
-    def make(db_url: str = database_url):
+    def make(db_url: str = database_url, token: str | None = TOKEN):
         settings = Settings(
             DATABASE_URL=db_url,
             REDIS_URL=redis_url,
             STRIPE_WEBHOOK_SECRET=sp.TEST_SECRET,
             LOG_FORMAT="text",
+            METRICS_TOKEN=token,
         )
         app = create_app(settings)
         apps.append(app)
@@ -99,7 +102,7 @@ def make_client(clean_env, database_url, redis_url):
 
 
 def client_scrape(client) -> Scrape:
-    response = client.get("/metrics")
+    response = client.get("/metrics", headers=AUTH)
     assert response.status_code == 200, response.get_data(as_text=True)
     return Scrape(response.get_data(as_text=True))
 
@@ -131,14 +134,39 @@ def new_org(engine, *, balance: int = 0, active: bool = False) -> str:
 # --------------------------------------------------------------------------- web, in-process
 
 
-def test_metrics_count_answers_and_show_the_state_of_the_database(make_client, engine):
+@pytest.fixture
+def beat_runtime(monkeypatch, database_url, redis_url):
+    """worker.runtime of this process pointed at this test's database: beat jobs in-process."""
+    from worker import runtime
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setattr(runtime, "_state", {})
+    yield runtime
+    engine = runtime._state.get("engine")
+    if engine is not None:
+        engine.dispose()
+
+
+def verify_ledger_as_beat_does() -> int:
+    from worker import beat_jobs
+
+    return beat_jobs.verify_ledger.run()
+
+
+def test_metrics_count_answers_and_show_the_state_of_the_database(
+    make_client, engine, beat_runtime
+):
     client = make_client()
     before = client_scrape(client)
     assert before.value("payguard_metrics_scrape_error") == 0
     for status in ("received", "processed", "ignored", "parked", "failed"):
         assert before.value("payguard_events", status=status) == 0
-    for gauge in ("open_holds", "open_holds_cents", "frozen_wallets", "ledger_mismatches"):
+    for gauge in ("open_holds", "open_holds_cents", "frozen_wallets"):
         assert before.value(f"payguard_{gauge}") == 0
+    # No verification has run yet: no figure, and a check time of 0 that staleness alerts see.
+    assert before.value("payguard_ledger_mismatches") is None
+    assert before.value("payguard_ledger_checked_timestamp_seconds") == 0
     assert before.value("payguard_blocked_messages") == 0
 
     event = sp.payment_intent_succeeded(org_id="org-unknown", payment_intent_id=sp.new_id("pi"))
@@ -155,6 +183,7 @@ def test_metrics_count_answers_and_show_the_state_of_the_database(make_client, e
         )
     blocked = tx(engine, lambda c: messages.queue(c, frozen, "+15005550010", "hi", POLICY))
     assert tx(engine, lambda c: messages.prepare(c, blocked.message_id, POLICY)) is None
+    assert verify_ledger_as_beat_does() == 1
 
     after = client_scrape(client)
 
@@ -171,8 +200,64 @@ def test_metrics_count_answers_and_show_the_state_of_the_database(make_client, e
     assert after.value("payguard_open_holds") == 1
     assert after.value("payguard_open_holds_cents") == 300
     assert after.value("payguard_ledger_mismatches") == 1
+    assert after.value("payguard_ledger_checked_timestamp_seconds") > time.time() - 60
     assert after.value("payguard_blocked_messages") == 1
     assert after.value("payguard_messages", status="blocked") == 1
+
+
+def test_metrics_answer_404_when_no_token_is_configured(make_client):
+    client = make_client(token=None)
+
+    assert client.get("/metrics").status_code == 404
+    assert client.get("/metrics", headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+    ],
+    ids=["none", "empty", "wrong", "longer", "basic", "no-scheme"],
+)
+def test_metrics_refuse_a_missing_or_wrong_token(make_client, headers):
+    client = make_client()
+
+    response = client.get("/metrics", headers=headers)
+
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert b"payguard_" not in response.get_data()
+
+
+def test_a_scrape_reads_the_last_verification_and_never_scans_the_journal(
+    make_client, engine, beat_runtime
+):
+    from sqlalchemy import event
+
+    client = make_client()
+    tampered = new_org(engine, balance=1000)
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE wallets SET balance_cents = balance_cents + 7 WHERE org_id = :o"),
+            {"o": tampered},
+        )
+    statements: list[str] = []
+    scrape_engine = client.application.extensions["payguard"].engine
+    event.listen(scrape_engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
+
+    stale = client_scrape(client)  # the mismatch exists, but no verification has seen it yet
+    assert verify_ledger_as_beat_does() == 1
+    fresh = client_scrape(client)
+
+    assert stale.value("payguard_ledger_mismatches") is None
+    assert fresh.value("payguard_ledger_mismatches") == 1
+    assert statements, "the scrapes read the database"
+    assert not [s for s in statements if "journal" in s], statements
 
 
 def test_a_query_past_its_statement_timeout_drops_its_gauges_not_the_scrape(
@@ -245,7 +330,7 @@ def one_delivery_per_worker(port: int, workers: int) -> list[bytes]:
 def test_three_gunicorn_workers_count_every_request_once_in_any_scrape(
     stack_env, tmp_path, operator_dir
 ):
-    env = dict(stack_env)
+    env = {**stack_env, "METRICS_TOKEN": TOKEN}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     # The worker's pid on every access-log line: which workers served the requests.
     env["GUNICORN_CMD_ARGS"] = '--access-logformat "served-by=%(p)s %(r)s %(s)s"'
@@ -269,7 +354,7 @@ def test_three_gunicorn_workers_count_every_request_once_in_any_scrape(
         n += 60
 
         for _ in range(6):  # each scrape may be answered by any of the three
-            result = scrape(web.url)
+            result = scrape(web.url, AUTH)
             assert (
                 result.value("payguard_webhooks_received_total", provider="paypal", answer="400")
                 == n
@@ -283,7 +368,7 @@ def test_three_gunicorn_workers_count_every_request_once_in_any_scrape(
             20,
             what="gunicorn replacing its worker",
         )
-        after_death = scrape(web.url)
+        after_death = scrape(web.url, AUTH)
         assert (
             after_death.value("payguard_webhooks_received_total", provider="paypal", answer="400")
             == n
@@ -294,6 +379,17 @@ def test_three_gunicorn_workers_count_every_request_once_in_any_scrape(
 
 
 # --------------------------------------------------------------------------- worker and beat
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses something listens on at `port`, from /proc/net/tcp."""
+    found = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
 
 
 @pytest.fixture
@@ -344,6 +440,7 @@ def test_the_worker_serves_celery_exporter_metrics_summed_over_its_pool(
         )
 
         result = scrape(url)
+        assert listening_addresses(int(worker_env["WORKER_METRICS_PORT"])) == {"127.0.0.1"}
         assert result.value("celery_worker_up", hostname="payguard-test") == 1
         assert result.value("celery_task_received_total", **event) == 1
         assert result.value("celery_task_started_total", **event) == 1
@@ -376,5 +473,6 @@ def test_beat_serves_the_jobs_it_sent(stack_env, tmp_path):
             30,
             what="beat sending relay_outbox twice",
         )
+        assert listening_addresses(int(env["BEAT_METRICS_PORT"])) == {"127.0.0.1"}
 
     assert result.total("payguard_beat_up") == 1
