@@ -197,3 +197,43 @@ def test_0005_makes_stored_transmissions_vouch_for_their_bodies(empty_database_u
         ]
     finally:
         engine.dispose()
+
+
+def test_0008_ties_messages_already_sent_to_their_subaccount(empty_database_url):
+    # A callback signed with a subaccount's token counts only for messages sent through that
+    # subaccount: messages sent before 0008 take their organization's subaccount; messages
+    # never sent take none (they will record theirs when they are).
+    migrations.upgrade(empty_database_url, "0007")
+    engine = make_engine(empty_database_url)
+    sub = "AC" + "3" * 32
+    try:
+        with engine.begin() as c:
+            c.execute(
+                text(
+                    "INSERT INTO organizations (org_id, currency, twilio_subaccount_sid) "
+                    "VALUES ('acme', 'USD', :s)"
+                ),
+                {"s": sub},
+            )
+            c.execute(
+                text(
+                    "INSERT INTO messages (message_id, org_id, to_number, body, segments, "
+                    "encoding, price_cents, status, twilio_sid) VALUES "
+                    "('m-sent', 'acme', '+15005550010', 'hi', 1, 'GSM-7', 1, 'accepted', 'SM1'), "
+                    "('m-lost', 'acme', '+15005550010', 'hi', 1, 'GSM-7', 1, 'unknown', NULL), "
+                    "('m-queued', 'acme', '+15005550010', 'hi', 1, 'GSM-7', 1, 'queued', NULL)"
+                )
+            )
+        assert migrations.upgrade(empty_database_url) == "0008"
+        with engine.connect() as c:
+            tied = dict(
+                c.execute(text("SELECT message_id, twilio_subaccount_sid FROM messages")).all()
+            )
+            check = c.execute(
+                text("SELECT column_default FROM information_schema.columns "
+                     "WHERE table_name = 'ledger_checks' AND column_name = 'twilio_mismatches'")
+            ).scalar_one()  # fmt: skip
+        assert tied == {"m-sent": sub, "m-lost": sub, "m-queued": None}
+        assert check == "0"
+    finally:
+        engine.dispose()
