@@ -368,6 +368,11 @@ def wallet_unfreeze(ctx: Context, args: argparse.Namespace) -> Result:
     "ledger verify",
     "every balance against its journal; exit 1 when any differs",
     arg("--org", dest="org_id", metavar="ORG_ID", help="only this organization"),
+    arg(
+        "--twilio",
+        action="store_true",
+        help="also the segments Twilio billed against those charged (twilio_mismatches)",
+    ),
     exit_status=lambda result: EXIT_OK if result["ok"] else EXIT_REFUSED,
 )
 def ledger_verify(ctx: Context, args: argparse.Namespace) -> Result:
@@ -383,11 +388,17 @@ def ledger_verify(ctx: Context, args: argparse.Namespace) -> Result:
             mismatches += wallet.verify(ctx.conn, org_ids=batch)
             done += len(batch)
             ctx.progress_bar("verifying wallets", min(done, count), count)
-    return {
+    result: Result = {
         "ok": not mismatches,
         "wallets_checked": count,
         "mismatches": [m.as_dict() for m in mismatches],
     }
+    if args.twilio:
+        twilio_count, found = messages.segment_mismatches(ctx.conn)
+        result["ok"] = result["ok"] and twilio_count == 0
+        result["twilio_mismatches"] = twilio_count
+        result["twilio_mismatched_messages"] = [t.as_dict() for t in found]
+    return result
 
 
 @command("status", "may this organization send, and why not", ORG_ID)

@@ -360,7 +360,8 @@ def claim_for_relay(
     Unpublished rows older than `grace_seconds` (the receiver publishes right after commit;
     the grace keeps the relay from racing it), and event rows published more than
     `redeliver_seconds` ago whose work is still undone: an event still `received`, a message
-    still `queued` or `retrying` (a worker died holding the task, or the broker lost it).
+    still `queued` or `retrying`, or `sending` past its lease (a worker died holding the task,
+    or the broker lost it; the copy settles it as the lease rules say).
     A duplicate delivery is harmless: both tasks check the row's state under a lock."""
     return list(
         conn.execute(
@@ -373,7 +374,8 @@ LEFT JOIN webhook_events e
 LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
 WHERE (o.published_at IS NULL AND o.created_at < now() - make_interval(secs => :grace))
    OR (o.published_at < now() - make_interval(secs => :redeliver)
-       AND (e.status = 'received' OR m.status IN ('queued', 'retrying')))
+       AND (e.status = 'received' OR m.status IN ('queued', 'retrying')
+            OR (m.status = 'sending' AND m.send_lease_until < now())))
 ORDER BY o.id
 LIMIT :limit
 FOR UPDATE OF o SKIP LOCKED
@@ -401,6 +403,7 @@ DELETE FROM outbox WHERE id IN (
     WHERE o.published_at < now() - make_interval(secs => :age)
       AND e.status IS DISTINCT FROM 'received'
       AND m.status IS DISTINCT FROM 'queued' AND m.status IS DISTINCT FROM 'retrying'
+      AND m.status IS DISTINCT FROM 'sending'
     ORDER BY o.id LIMIT :limit
     FOR UPDATE OF o SKIP LOCKED)
 """),

@@ -1,10 +1,12 @@
 """The safe send path: no message reaches Twilio unless its price is held first.
 
-A message moves queued -> sending (committed, with its hold, before Twilio is called) ->
-accepted | rejected | unknown, and status callbacks move an accepted one forward only
-(sent, delivered, undelivered, failed). A message found in `sending` by a redelivered task
-means a worker died during the call: it may have been sent, so it becomes `unknown` and its
-hold is captured; the create is never repeated (Twilio takes no idempotency key).
+A message moves queued -> sending (committed, with its hold and a send lease, before Twilio is
+called) -> accepted | rejected | unknown, and status callbacks move an accepted one forward
+only (sent, delivered, undelivered, failed). A message found `sending` by another run waits
+for the lease of the run that owns it; once the lease is over with no SID recorded and no
+callback, the owner died during the call: it may have been sent, so it becomes `unknown` and
+its hold is captured; the create is never repeated (Twilio takes no idempotency key). A later
+answer or callback (which names its message: `?m=`) still settles it to what Twilio did.
 """
 
 from __future__ import annotations
@@ -157,18 +159,28 @@ class Plan:
     body: str
 
 
-def prepare(
-    conn: Connection, message_id: str, policy: sending.Policy, attempt: str | None = None
-) -> Plan | None:
+@dataclass(frozen=True)
+class LeaseHeld:
+    """Another run is sending this message and its lease lasts `seconds_left` more: come back
+    then (it will have settled the message, or died and left it to be settled)."""
+
+    seconds_left: float
+
+
+def prepare(conn: Connection, message_id: str, policy: sending.Policy) -> Plan | LeaseHeld | None:
     """Decide and hold, or block; None when there is nothing to send (any more).
 
-    `attempt` is the delivery's task id: a redelivery of the same task that finds the message
-    `sending` knows its own earlier run died during the call; a different (duplicate) task
-    leaves it to the run that owns it."""
+    The run that marks a message `sending` owns it for `policy.send_lease`, longer than any
+    Twilio call lasts. Another run (a redelivery, or a copy the outbox relay published with
+    the same task id) that finds it `sending` leaves it alone while the lease lasts; after
+    that, nobody recorded a SID and no callback named it: it may have gone out, so it
+    becomes `unknown`, charged, and is never sent again."""
     row = conn.execute(
         text(
             "SELECT m.message_id, m.org_id, m.campaign_id, m.to_number, m.body, m.status, "
-            "m.price_cents, m.send_attempt, o.twilio_subaccount_sid, o.sender FROM messages m "
+            "m.price_cents, m.segments, m.refunded, "
+            "extract(epoch FROM m.send_lease_until - now()) AS lease_left, "
+            "o.twilio_subaccount_sid, o.sender FROM messages m "
             "JOIN organizations o ON o.org_id = m.org_id "
             "WHERE m.message_id = :m FOR UPDATE OF m"
         ),
@@ -177,10 +189,11 @@ def prepare(
     if row is None:
         raise NotFound(f"no message {message_id!r}")
     if row.status == "sending":
-        if attempt is not None and row.send_attempt not in (None, attempt):
-            return None  # a duplicate delivery; the owning run settles it
-        # A worker died during the Twilio call: it may have gone out. Never send again.
+        if row.lease_left is not None and row.lease_left > 0:
+            return LeaseHeld(float(row.lease_left))
+        # The owning run died during (or right after) the Twilio call: it may have gone out.
         _settle(conn, row, "unknown", capture=True, error="worker lost during the Twilio call")
+        sending.reconcile(conn, row.org_id, policy)
         return None
     if row.status not in ("queued", "retrying"):
         return None
@@ -212,14 +225,26 @@ def prepare(
         return None
     conn.execute(
         text(
-            "UPDATE messages SET status = 'sending', send_attempt = :a, updated_at = now() "
-            "WHERE message_id = :m"
+            "UPDATE messages SET status = 'sending', send_attempt = :a, "
+            "send_lease_until = now() + make_interval(secs => :lease), "
+            "twilio_subaccount_sid = :sub, updated_at = now() WHERE message_id = :m"
         ),
-        {"a": attempt, "m": message_id},
+        {
+            "a": uuid.uuid4().hex,
+            "lease": policy.send_lease.total_seconds(),
+            "sub": row.twilio_subaccount_sid,
+            "m": message_id,
+        },
     )
     return Plan(
         message_id, row.org_id, row.twilio_subaccount_sid, row.sender, row.to_number, row.body
     )
+
+
+def status_callback_url(public_base_url: str, message_id: str) -> str:
+    """Where Twilio reports a message's status: the message is named in the URL (which
+    Twilio's signature covers), so a callback finds it even if its SID was never recorded."""
+    return f"{public_base_url.rstrip('/')}/webhooks/twilio/status?m={message_id}"
 
 
 def _refusals(conn: Connection, row, policy: sending.Policy, *, needed_cents: int) -> list[str]:
@@ -247,7 +272,6 @@ def _settle(
     capture: bool,
     error: str | None = None,
     sid: str | None = None,
-    twilio_status: str | None = None,
 ) -> None:
     ref = hold_reference(row.message_id)
     charged = 0
@@ -259,39 +283,49 @@ def _settle(
     conn.execute(
         text(
             "UPDATE messages SET status = :s, error = :e, twilio_sid = coalesce(:sid, "
-            "twilio_sid), charged_cents = :c, updated_at = now() WHERE message_id = :m"
+            "twilio_sid), charged_cents = charged_cents + :c, send_lease_until = NULL, "
+            "updated_at = now() WHERE message_id = :m"
         ),
-        {"s": twilio_status or status, "e": error, "sid": sid, "c": charged, "m": row.message_id},
+        {"s": status, "e": error, "sid": sid, "c": charged, "m": row.message_id},
     )
 
 
+_LOCK_MESSAGE = (
+    "SELECT m.message_id, m.org_id, m.price_cents, m.segments, m.status, m.twilio_sid, "
+    "m.charged_cents, m.refunded, m.twilio_num_segments, "
+    "coalesce(m.twilio_subaccount_sid, o.twilio_subaccount_sid) AS subaccount "
+    "FROM messages m JOIN organizations o ON o.org_id = m.org_id "
+)
+
+
+def _lock_message(conn: Connection, *, message_id: str | None = None, sid: str | None = None):
+    where = "WHERE m.message_id = :k" if message_id is not None else "WHERE m.twilio_sid = :k"
+    return conn.execute(
+        text(_LOCK_MESSAGE + where + " FOR UPDATE OF m"), {"k": message_id or sid}
+    ).first()
+
+
 def record_result(conn: Connection, message_id: str, result, policy: sending.Policy) -> str:
-    """Settle the hold by Twilio's answer: captured if it may have been sent, else released."""
+    """Settle the hold by Twilio's answer: captured if it may have been sent, else released.
+
+    An answer that comes after the message was settled otherwise still says what happened:
+    a message given up as `unknown` learns its SID, one a callback settled its billing."""
     from core.twilio_gateway import SendOutcome
 
-    row = conn.execute(
-        text(
-            "SELECT message_id, org_id, price_cents, status FROM messages "
-            "WHERE message_id = :m FOR UPDATE"
-        ),
-        {"m": message_id},
-    ).one()
-    if row.status != "sending":
-        return row.status
+    row = _lock_message(conn, message_id=message_id)
+    if row is None:
+        raise NotFound(f"no message {message_id!r}")
     outcome = result.outcome
+    if row.status != "sending":
+        if outcome == SendOutcome.ACCEPTED and result.sid:
+            return _late_answer(conn, row, result, policy)
+        return row.status
     if outcome == SendOutcome.ACCEPTED:
         if result.sid:
             _lock_sid(conn, result.sid)  # a callback for it waits, or is already kept
         _settle(conn, row, "accepted", capture=True, sid=result.sid)
-        if result.price is not None:
-            conn.execute(
-                text(
-                    "UPDATE messages SET twilio_price = :p, twilio_price_unit = :u "
-                    "WHERE message_id = :m"
-                ),
-                {"p": str(result.price), "u": result.price_unit, "m": message_id},
-            )
         status = "accepted"
+        _record_billing(conn, row, result.price, result.price_unit, result.num_segments)
         if result.sid:
             status = apply_early_callbacks(conn, result.sid, policy) or status
     elif outcome == SendOutcome.REJECTED:
@@ -315,7 +349,7 @@ def record_result(conn: Connection, message_id: str, result, policy: sending.Pol
     else:  # RETRY_SAFE: nothing reached Twilio; keep the hold and try again
         conn.execute(
             text(
-                "UPDATE messages SET status = 'retrying', error = :e, "
+                "UPDATE messages SET status = 'retrying', error = :e, send_lease_until = NULL, "
                 "updated_at = now() WHERE message_id = :m"
             ),
             {"e": result.error_message or "retrying", "m": message_id},
@@ -323,6 +357,36 @@ def record_result(conn: Connection, message_id: str, result, policy: sending.Pol
         return "retrying"
     sending.reconcile(conn, row.org_id, policy)
     return status
+
+
+def _late_answer(conn: Connection, row, result, policy: sending.Policy) -> str:
+    """Twilio's `accepted` for a message no longer `sending`: it settled without the answer."""
+    if row.twilio_sid is None and row.status == "unknown":
+        _lock_sid(conn, result.sid)
+        _adopt_sid(conn, row, result.sid)
+        row = _lock_message(conn, message_id=row.message_id)
+        _record_billing(conn, row, result.price, result.price_unit, result.num_segments)
+        status = apply_early_callbacks(conn, result.sid, policy) or "accepted"
+        sending.reconcile(conn, row.org_id, policy)
+        return status
+    if row.twilio_sid == result.sid:  # a callback named the message first
+        _record_billing(conn, row, result.price, result.price_unit, result.num_segments)
+    return row.status
+
+
+def _adopt_sid(conn: Connection, row, sid: str) -> None:
+    """Twilio has this message as `sid`: a message still `sending` is captured as accepted;
+    one given up as `unknown` (already captured) is accepted after all."""
+    if row.status == "sending":
+        _settle(conn, row, "accepted", capture=True, sid=sid)
+    else:
+        conn.execute(
+            text(
+                "UPDATE messages SET status = 'accepted', twilio_sid = :sid, error = NULL, "
+                "updated_at = now() WHERE message_id = :m"
+            ),
+            {"sid": sid, "m": row.message_id},
+        )
 
 
 def give_up(conn: Connection, message_id: str, policy: sending.Policy, error: str) -> None:
@@ -339,6 +403,15 @@ def give_up(conn: Connection, message_id: str, policy: sending.Policy, error: st
         sending.reconcile(conn, row.org_id, policy)
 
 
+class WrongSigner(Exception):
+    """A callback signed with one subaccount's token names a message of another subaccount."""
+
+
+def _signed_by(row, signer: str | None) -> bool:
+    # The parent account's token (signer None) vouches for every subaccount's messages.
+    return signer is None or signer == row.subaccount
+
+
 def apply_status_callback(
     conn: Connection,
     sid: str,
@@ -346,61 +419,140 @@ def apply_status_callback(
     *,
     price: str | None = None,
     price_unit: str | None = None,
+    num_segments: object = None,
     policy: sending.Policy | None = None,
+    signer: str | None = None,
+    message_id: str | None = None,
 ) -> str | None:
     """Move a message forward only; `failed` refunds its charge once. Returns the new status.
 
+    `signer` is the subaccount whose token signed the callback (None: the parent account's);
+    WrongSigner when that is not the subaccount the message was sent through. `message_id`
+    (the callback URL's `?m=`) finds a message whose SID was never recorded: Twilio's
+    callback proves it was accepted, so it is settled as such.
     A refund can make sending possible again, so it reconciles campaigns in the same unit."""
     status = status.lower()
     if status not in CALLBACK_STATUSES:
         return None
+    policy = policy or sending.Policy()
+    segments = _parse_segments(num_segments) if num_segments is not None else None
+    named = None
+    if message_id is not None:
+        # The message row first, then the SID: the order record_result takes them in.
+        named = _lock_message(conn, message_id=message_id)
+        if named is not None and not _signed_by(named, signer):
+            raise WrongSigner(f"{signer} did not send {message_id}")
     _lock_sid(conn, sid)
-    row = conn.execute(
-        text(
-            "SELECT message_id, org_id, status, charged_cents FROM messages "
-            "WHERE twilio_sid = :sid FOR UPDATE"
-        ),
-        {"sid": sid},
-    ).first()
+    row = _lock_message(conn, sid=sid)
+    if row is None and named is not None and named.twilio_sid is None:
+        if named.status in ("sending", "unknown"):
+            _adopt_sid(conn, named, sid)
+            row = _lock_message(conn, sid=sid)
     if row is None:
         # The worker has not recorded this SID yet (or never will): keep the callback;
-        # record_result applies it when the SID arrives. Twilio does not send it again.
+        # record_result applies it when the SID arrives, if its signer may speak for the
+        # message then. Twilio does not send it again.
         conn.execute(
             text(
-                "INSERT INTO early_callbacks (twilio_sid, status, price, price_unit) "
-                "VALUES (:sid, :s, :p, :u)"
+                "INSERT INTO early_callbacks (twilio_sid, status, price, price_unit, "
+                "num_segments, signer_account, message_id) "
+                "VALUES (:sid, :s, :p, :u, :n, :signer, :m)"
             ),
-            {"sid": sid, "s": status, "p": price, "u": price_unit},
-        )
+            {
+                "sid": sid, "s": status, "p": price, "u": price_unit, "n": segments,
+                "signer": signer, "m": message_id,
+            },
+        )  # fmt: skip
         return "pending"
-    if price:
+    if not _signed_by(row, signer):
+        raise WrongSigner(f"{signer} did not send {row.message_id}")
+    new = _apply(conn, row, status, policy)
+    _record_billing(conn, _lock_message(conn, sid=sid), price, price_unit, segments)
+    if named is not None and named.status in ("sending", "unknown") and named.twilio_sid is None:
+        sending.reconcile(conn, row.org_id, policy)
+        new = apply_early_callbacks(conn, sid, policy) or new
+    return new
+
+
+def _apply(conn: Connection, row, status: str, policy: sending.Policy) -> str:
+    if _RANK.get(status, 0) <= _RANK.get(row.status, 0):
+        return str(row.status)
+    conn.execute(
+        text("UPDATE messages SET status = :s, updated_at = now() WHERE message_id = :m"),
+        {"s": status, "m": row.message_id},
+    )
+    if status == "failed":
+        # Re-read: the charge may have grown by extra segments in this very unit.
+        charged = conn.execute(
+            text("SELECT charged_cents FROM messages WHERE message_id = :m"),
+            {"m": row.message_id},
+        ).scalar_one()
+        if charged > 0:
+            wallet.credit(
+                conn,
+                row.org_id,
+                charged,
+                f"msg:{row.message_id}:refund",
+                kind="message_refund",
+                reason="Twilio reported the message failed",
+            )
+            conn.execute(
+                text("UPDATE messages SET refunded = true WHERE message_id = :m"),
+                {"m": row.message_id},
+            )
+            sending.reconcile(conn, row.org_id, policy)
+    return status
+
+
+def segments_reference(message_id: str) -> str:
+    return f"msg:{message_id}:segments"
+
+
+def _record_billing(
+    conn: Connection, row, price, price_unit: str | None, num_segments: int | None
+) -> None:
+    """Keep what Twilio billed; charge segments it billed beyond those held, once.
+
+    The extra is charged like a refunded payment is taken back: from what is available, the
+    rest as debt (which freezes the wallet). A refunded (failed) message is charged nothing
+    more; one refunded after the extra was charged gets that back with the rest."""
+    if price is not None and str(price) != "":
         conn.execute(
             text(
                 "UPDATE messages SET twilio_price = :p, twilio_price_unit = "
                 "coalesce(:u, twilio_price_unit) WHERE message_id = :m"
             ),
-            {"p": price, "u": price_unit, "m": row.message_id},
+            {"p": str(price), "u": price_unit, "m": row.message_id},
         )
-    if _RANK.get(status, 0) <= _RANK.get(row.status, 0):
-        return row.status
+    if num_segments is None or num_segments < 1:
+        return
     conn.execute(
-        text("UPDATE messages SET status = :s, updated_at = now() WHERE message_id = :m"),
-        {"s": status, "m": row.message_id},
+        text("UPDATE messages SET twilio_num_segments = :n WHERE message_id = :m"),
+        {"n": num_segments, "m": row.message_id},
     )
-    if status == "failed" and row.charged_cents > 0:
-        wallet.credit(
-            conn,
-            row.org_id,
-            row.charged_cents,
-            f"msg:{row.message_id}:refund",
-            kind="message_refund",
-            reason="Twilio reported the message failed",
-        )
-        conn.execute(
-            text("UPDATE messages SET refunded = true WHERE message_id = :m"), {"m": row.message_id}
-        )
-        sending.reconcile(conn, row.org_id, policy or sending.Policy())
-    return status
+    extra = num_segments - row.segments
+    if extra <= 0 or row.price_cents <= 0 or row.refunded:
+        return
+    reference = segments_reference(row.message_id)
+    if wallet.entry(conn, row.org_id, reference) is not None:
+        return  # charged already (the message row is locked: nobody else is charging it)
+    amount = extra * (row.price_cents // row.segments)
+    wallet.clawback(
+        conn, row.org_id, amount, reference, kind="segments_charge",
+        reason=f"Twilio billed {num_segments} segments, {row.segments} were held",
+    )  # fmt: skip
+    conn.execute(
+        text("UPDATE messages SET charged_cents = charged_cents + :a WHERE message_id = :m"),
+        {"a": amount, "m": row.message_id},
+    )
+
+
+def _parse_segments(value: object) -> int | None:
+    try:
+        n = int(str(value))
+    except ValueError:
+        return None
+    return n if n > 0 else None
 
 
 def _lock_sid(conn: Connection, sid: str) -> None:
@@ -411,20 +563,69 @@ def _lock_sid(conn: Connection, sid: str) -> None:
 
 
 def apply_early_callbacks(conn: Connection, sid: str, policy: sending.Policy) -> str | None:
-    """Apply, in arrival order, callbacks that came before the SID was recorded."""
+    """Apply, in arrival order, callbacks that came before the SID was recorded; one whose
+    signer did not send this message is dropped (it could not have spoken for it then)."""
     early = conn.execute(
         text(
             "DELETE FROM early_callbacks WHERE twilio_sid = :sid "
-            "RETURNING status, price, price_unit, id"
+            "RETURNING status, price, price_unit, num_segments, signer_account, id"
         ),
         {"sid": sid},
     ).all()
     status = None
     for cb in sorted(early, key=lambda r: r.id):
-        status = apply_status_callback(
-            conn, sid, cb.status, price=cb.price, price_unit=cb.price_unit, policy=policy
-        )
+        try:
+            status = apply_status_callback(
+                conn, sid, cb.status, price=cb.price, price_unit=cb.price_unit,
+                num_segments=cb.num_segments, policy=policy, signer=cb.signer_account,
+            )  # fmt: skip
+        except WrongSigner:
+            log.warning(
+                "early callback dropped: signed by another subaccount",
+                extra={"twilio_sid": sid, "signer": cb.signer_account},
+            )
     return status
+
+
+@dataclass(frozen=True)
+class SegmentMismatch:
+    """A message Twilio billed for another number of segments than its wallet paid for."""
+
+    message_id: str
+    org_id: str
+    charged_segments: int
+    twilio_segments: int
+
+    def as_dict(self) -> dict:
+        return {
+            "message_id": self.message_id,
+            "org_id": self.org_id,
+            "charged_segments": self.charged_segments,
+            "twilio_segments": self.twilio_segments,
+        }
+
+
+def segment_mismatches(conn: Connection, limit: int = 1000) -> tuple[int, list[SegmentMismatch]]:
+    """How many charged, unrefunded messages Twilio billed for other than the segments
+    charged, and the first `limit` of them. A message charged its extra segments
+    (`msg:<id>:segments`) agrees; one billed fewer than held, or more but not charged, does
+    not. Reads only messages whose Twilio count differs from the held one (a partial index)."""
+    rows = conn.execute(
+        text("""
+SELECT m.message_id, m.org_id, m.segments AS charged_segments,
+       m.twilio_num_segments AS twilio_segments, count(*) OVER () AS total
+FROM messages m
+LEFT JOIN journal j ON j.org_id = m.org_id AND j.reference = 'msg:' || m.message_id || :suffix
+WHERE m.twilio_num_segments IS NOT NULL AND m.twilio_num_segments <> m.segments
+  AND m.price_cents > 0 AND m.charged_cents > 0 AND NOT m.refunded
+  AND j.id IS NULL
+ORDER BY m.message_id
+LIMIT :limit
+"""),
+        {"limit": limit, "suffix": ":segments"},
+    ).all()
+    found = [SegmentMismatch(*r[:4]) for r in rows]
+    return (int(rows[0].total) if rows else 0), found
 
 
 def expire_stale_holds(

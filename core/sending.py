@@ -37,12 +37,15 @@ class Policy:
 
     default_segment_price_cents: int = 1
     past_due_grace: timedelta = timedelta(hours=72)
+    # How long the run that marks a message `sending` owns it (longer than a Twilio call).
+    send_lease: timedelta = timedelta(seconds=60)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
         return cls(
             default_segment_price_cents=settings.SMS_SEGMENT_PRICE_CENTS,
             past_due_grace=timedelta(hours=settings.STRIPE_PAST_DUE_GRACE_HOURS),
+            send_lease=timedelta(seconds=settings.SEND_LEASE_SECONDS),
         )
 
 

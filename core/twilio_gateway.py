@@ -19,7 +19,7 @@ import logging
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -74,6 +74,27 @@ class SendResult:
     @property
     def may_have_been_sent(self) -> bool:
         return self.outcome in (SendOutcome.ACCEPTED, SendOutcome.UNKNOWN)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-safe, for a retried task to carry Twilio's answer to its next try."""
+        fields = asdict(self)
+        fields["outcome"] = str(self.outcome)
+        fields["price"] = None if self.price is None else str(self.price)
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> SendResult:
+        return cls(
+            SendOutcome(fields["outcome"]),
+            sid=fields.get("sid"),
+            status=fields.get("status"),
+            price=_decimal(fields.get("price")),
+            price_unit=fields.get("price_unit"),
+            num_segments=fields.get("num_segments"),
+            http_status=fields.get("http_status"),
+            error_code=fields.get("error_code"),
+            error_message=fields.get("error_message"),
+        )
 
 
 class AccountOutcome(StrEnum):

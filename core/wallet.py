@@ -895,17 +895,20 @@ class LedgerCheck:
     checked_at: datetime
     wallets_checked: int
     mismatches: int
+    twilio_mismatches: int = 0
 
 
-def record_check(conn: Connection, mismatches: int) -> LedgerCheck:
-    """Record that every wallet was just verified and how many figures disagreed, in the
-    caller's transaction (the one that verified, so the count matches that snapshot)."""
+def record_check(conn: Connection, mismatches: int, twilio_mismatches: int = 0) -> LedgerCheck:
+    """Record that every wallet was just verified and how many figures disagreed (and how
+    many messages Twilio billed otherwise than charged), in the caller's transaction (the
+    one that verified, so the counts match that snapshot)."""
     row = conn.execute(
         text(
-            "INSERT INTO ledger_checks (wallets_checked, mismatches) "
-            "SELECT count(*), :m FROM wallets RETURNING checked_at, wallets_checked, mismatches"
+            "INSERT INTO ledger_checks (wallets_checked, mismatches, twilio_mismatches) "
+            "SELECT count(*), :m, :t FROM wallets "
+            "RETURNING checked_at, wallets_checked, mismatches, twilio_mismatches"
         ),
-        {"m": mismatches},
+        {"m": mismatches, "t": twilio_mismatches},
     ).one()
     conn.execute(
         text("DELETE FROM ledger_checks WHERE checked_at < now() - :kept"),
@@ -918,7 +921,7 @@ def last_check(conn: Connection) -> LedgerCheck | None:
     """The newest recorded verification; None before the first one."""
     row = conn.execute(
         text(
-            "SELECT checked_at, wallets_checked, mismatches FROM ledger_checks "
+            "SELECT checked_at, wallets_checked, mismatches, twilio_mismatches FROM ledger_checks "
             "ORDER BY checked_at DESC, id DESC LIMIT 1"
         )
     ).first()

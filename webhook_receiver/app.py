@@ -29,6 +29,8 @@ from worker.publisher import Publisher
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1024 * 1024
+TOKEN_CACHE_SECONDS = 3600.0
+TOKEN_FAILURE_CACHE_SECONDS = 10.0
 
 
 @dataclass
@@ -39,16 +41,24 @@ class Receiver:
     paypal_verifier: Any | None
     metrics: Any
     _subaccount_tokens: dict[str, tuple[str | None, float]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
 
     def subaccount_token(self, subaccount_sid: str) -> str | None:
-        """The auth token of one of our organizations' subaccounts, asked of Twilio once an
-        hour at most; None for a subaccount that is not ours (never asked) or unknown."""
+        """The auth token of a subaccount of ours (an organization's, or one a message was
+        sent through), asked of Twilio once an hour at most; None for a subaccount that is
+        not ours (never asked) or whose token Twilio would not give. That failure is
+        remembered for seconds only: Twilio does not send a refused callback again, so an
+        hour of refusals would lose an hour of them, while remembering it at all keeps a
+        flood of forged callbacks from becoming a flood of requests to Twilio."""
         cached = self._subaccount_tokens.get(subaccount_sid)
-        if cached is not None and cached[1] > time.monotonic():
+        if cached is not None and cached[1] > self.clock():
             return cached[0]
         with self.engine.connect() as conn:
             ours = conn.execute(
-                text("SELECT 1 FROM organizations WHERE twilio_subaccount_sid = :s"),
+                text(
+                    "SELECT 1 FROM organizations WHERE twilio_subaccount_sid = :s "
+                    "UNION ALL SELECT 1 FROM messages WHERE twilio_subaccount_sid = :s LIMIT 1"
+                ),
                 {"s": subaccount_sid},
             ).first()
         if ours is None or not self.settings.twilio_configured:
@@ -60,7 +70,8 @@ class Receiver:
             token = gateway.subaccount_auth_token(subaccount_sid)
         finally:
             gateway.close()
-        self._subaccount_tokens[subaccount_sid] = (token, time.monotonic() + 3600)
+        ttl = TOKEN_CACHE_SECONDS if token else TOKEN_FAILURE_CACHE_SECONDS
+        self._subaccount_tokens[subaccount_sid] = (token, self.clock() + ttl)
         return token
 
 

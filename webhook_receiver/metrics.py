@@ -138,6 +138,14 @@ def _ledger(conn: Connection) -> list[Metric]:
                 check.mismatches,
             )
         )
+        families.append(
+            _gauge(
+                "payguard_twilio_segment_mismatches",
+                "Charged messages Twilio billed for other segments than were charged, at the "
+                "last verification",
+                check.twilio_mismatches,
+            )
+        )
     return families
 
 

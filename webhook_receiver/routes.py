@@ -120,23 +120,11 @@ def twilio_status() -> Response:
     from core import messages
     from core.db import run_in_transaction
     from core.sending import Policy
-    from core.twilio_gateway import validate_status_callback
 
     receiver = _receiver()
-    s = receiver.settings
-    policy = Policy.from_settings(s)
-    url = f"{(s.PUBLIC_BASE_URL or request.host_url).rstrip('/')}/webhooks/twilio/status"
-    signature = request.headers.get("X-Twilio-Signature")
-    valid = validate_status_callback(s.TWILIO_AUTH_TOKEN or "", url, request.form, signature)
-    account = request.form.get("AccountSid")
-    if not valid and signature and account and account != s.TWILIO_ACCOUNT_SID:
-        # Twilio may sign a subaccount's callbacks with the subaccount's own token.
-        try:
-            token = receiver.subaccount_token(account)
-        except Exception as exc:
-            raise Unavailable(f"cannot check the signature now: {type(exc).__name__}") from None
-        valid = bool(token) and validate_status_callback(token, url, request.form, signature)
-    if not valid:
+    policy = Policy.from_settings(receiver.settings)
+    signer = _twilio_signer(receiver)
+    if signer is False:
         receiver.metrics.WEBHOOKS.labels("twilio", "403").inc()
         return answer(403, error="invalid X-Twilio-Signature")
     sid, status = request.form.get("MessageSid"), request.form.get("MessageStatus")
@@ -146,15 +134,42 @@ def twilio_status() -> Response:
         new = run_in_transaction(
             receiver.engine,
             lambda c: messages.apply_status_callback(
-                c,
-                sid,
-                status,
-                price=request.form.get("Price"),
+                c, sid, status, price=request.form.get("Price"),
                 price_unit=request.form.get("PriceUnit"),
-                policy=policy,
+                num_segments=request.form.get("NumSegments"), policy=policy,
+                signer=signer, message_id=request.args.get("m"),
             ),
-        )
+        )  # fmt: skip
+    except messages.WrongSigner:
+        receiver.metrics.WEBHOOKS.labels("twilio", "403").inc()
+        return answer(403, error="signed by a subaccount that did not send this message")
     except Exception as exc:
         raise Unavailable(f"storage unavailable: {type(exc).__name__}") from None
     receiver.metrics.WEBHOOKS.labels("twilio", "200").inc()
     return answer(200, status=new or "ignored")
+
+
+def _twilio_signer(receiver: Receiver) -> str | None | bool:
+    """Who signed this callback: None for the parent account, a subaccount SID for that
+    subaccount's own token, False for nobody we know. The signed URL is the public one,
+    query (`?m=`) included, as Twilio called it."""
+    from core.twilio_gateway import validate_status_callback
+
+    s = receiver.settings
+    url = f"{(s.PUBLIC_BASE_URL or request.host_url).rstrip('/')}/webhooks/twilio/status"
+    if request.query_string:
+        url += "?" + request.query_string.decode("latin-1")
+    signature = request.headers.get("X-Twilio-Signature")
+    if validate_status_callback(s.TWILIO_AUTH_TOKEN or "", url, request.form, signature):
+        return None
+    account = request.form.get("AccountSid")
+    if not signature or not account or account == s.TWILIO_ACCOUNT_SID:
+        return False
+    # Twilio may sign a subaccount's callbacks with the subaccount's own token.
+    try:
+        token = receiver.subaccount_token(account)
+    except Exception as exc:
+        raise Unavailable(f"cannot check the signature now: {type(exc).__name__}") from None
+    if token and validate_status_callback(token, url, request.form, signature):
+        return account
+    return False

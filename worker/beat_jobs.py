@@ -9,7 +9,7 @@ import zlib
 
 from sqlalchemy import Connection, text
 
-from core import inbox, orgs, sending, twilio_accounts, wallet
+from core import inbox, messages, orgs, sending, twilio_accounts, wallet
 from core.db import run_in_transaction
 from worker import runtime
 from worker.celery_app import app
@@ -145,7 +145,10 @@ def verify_ledger() -> int:
         if not _try_lock(conn, "verify_ledger"):
             return []
         mismatches = wallet.verify(conn)
-        wallet.record_check(conn, len(mismatches))
+        twilio_count, twilio_found = messages.segment_mismatches(conn, limit=100)
+        wallet.record_check(conn, len(mismatches), twilio_count)
+        for t in twilio_found:
+            log.warning("twilio billed other segments than charged", extra=t.as_dict())
         return mismatches
 
     mismatches = run_in_transaction(runtime.engine(), run)
@@ -156,8 +159,6 @@ def verify_ledger() -> int:
 
 @app.task(name="payguard.beat.expire_holds", acks_late=True)
 def expire_holds() -> int:
-    from core import messages
-
     s = runtime.settings()
     count = messages.expire_stale_holds(
         runtime.engine(), s.HOLD_MAX_AGE_SECONDS, BATCH, runtime.policy()

@@ -113,6 +113,11 @@ def sync_twilio_account(self: Task, org_id: str) -> str:
     return result
 
 
+# A recording of Twilio's answer is tried this many times (RECORD_RESULT_RETRY_SECONDS apart,
+# an hour at the default) before it is left to the lease's expiry and to status callbacks.
+RECORD_RESULT_MAX_TRIES = 120
+
+
 @app.task(
     name="payguard.send_message",
     bind=True,
@@ -120,14 +125,27 @@ def sync_twilio_account(self: Task, org_id: str) -> str:
     reject_on_worker_lost=True,
     max_retries=None,
 )
-def send_message(self: Task, message_id: str) -> str:
-    """Decide and hold, call Twilio once, settle the hold by its answer."""
+def send_message(
+    self: Task, message_id: str, answer: dict | None = None, record_tries: int = 0
+) -> str:
+    """Decide and hold, call Twilio once, settle the hold by its answer.
+
+    `answer` is Twilio's answer carried by a retry whose recording failed: it is recorded,
+    never sent again."""
     from core import messages
     from core.twilio_gateway import SendOutcome, SendResult
 
     engine, policy, s = runtime.engine(), runtime.policy(), runtime.settings()
-    attempt = self.request.id
-    plan = run_in_transaction(engine, lambda c: messages.prepare(c, message_id, policy, attempt))
+    if answer is not None:
+        status = _record(self, message_id, SendResult.from_dict(answer), record_tries)
+        if status == "retrying":  # the answer was "nothing reached Twilio": send again later
+            raise self.retry(args=[message_id], kwargs={}, countdown=backoff(self.request.retries))
+        return status
+    plan = run_in_transaction(engine, lambda c: messages.prepare(c, message_id, policy))
+    if isinstance(plan, messages.LeaseHeld):
+        # Another run is sending it (a redelivery, or the relay's copy): look again once its
+        # lease is over, when it is settled or can be called unknown.
+        raise self.retry(countdown=plan.seconds_left + 1, max_retries=None)
     if plan is None:
         return "nothing to send"
     if not plan.subaccount_sid or not plan.sender:
@@ -136,7 +154,9 @@ def send_message(self: Task, message_id: str) -> str:
         )
     else:
         callback = (
-            f"{s.PUBLIC_BASE_URL.rstrip('/')}/webhooks/twilio/status" if s.PUBLIC_BASE_URL else None
+            messages.status_callback_url(s.PUBLIC_BASE_URL, message_id)
+            if s.PUBLIC_BASE_URL
+            else None
         )
         try:
             result = runtime.gateway().send_message(
@@ -145,9 +165,7 @@ def send_message(self: Task, message_id: str) -> str:
             metrics.count_twilio_send(result.outcome)
         except ValueError as exc:  # refused before any request was made
             result = SendResult(SendOutcome.REJECTED, error_message=str(exc))
-    status = run_in_transaction(
-        engine, lambda c: messages.record_result(c, message_id, result, policy)
-    )
+    status = _record(self, message_id, result, 0)
     if status == "retrying":
         if self.request.retries < s.TASK_MAX_RETRIES:
             raise self.retry(countdown=backoff(self.request.retries))
@@ -168,3 +186,32 @@ def send_message(self: Task, message_id: str) -> str:
         },
     )
     return status
+
+
+def _record(self: Task, message_id: str, result, tries: int) -> str:
+    """Record Twilio's answer; when that fails, try again later with the answer in hand:
+    what Twilio did must not be lost because the database was away for a moment."""
+    from core import messages
+
+    engine, policy, s = runtime.engine(), runtime.policy(), runtime.settings()
+    try:
+        return run_in_transaction(
+            engine, lambda c: messages.record_result(c, message_id, result, policy)
+        )
+    except Exception as exc:
+        if tries + 1 >= RECORD_RESULT_MAX_TRIES:
+            log.error(
+                "recording of Twilio's answer abandoned",
+                extra={"message_id": message_id, "twilio_sid": result.sid, "error": repr(exc)},
+            )
+            raise
+        log.warning(
+            "recording of Twilio's answer failed; trying again",
+            extra={"message_id": message_id, "twilio_sid": result.sid, "error": repr(exc)},
+        )
+        raise self.retry(
+            args=[message_id],
+            kwargs={"answer": result.as_dict(), "record_tries": tries + 1},
+            countdown=s.RECORD_RESULT_RETRY_SECONDS,
+            max_retries=None,
+        ) from None

@@ -209,6 +209,7 @@ class FakeTwilio:
         self._requests: list[RecordedRequest] = []
         self._messages: list[dict[str, Any]] = []
         self._account_status: dict[str, str] = {}
+        self._auth_tokens: dict[str, str] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -287,6 +288,7 @@ class FakeTwilio:
             self._requests.clear()
             self._messages.clear()
             self._account_status.clear()
+            self._auth_tokens.clear()
 
     # --- inspection ---------------------------------------------------------------------
 
@@ -325,6 +327,12 @@ class FakeTwilio:
         """Change a subaccount's status directly, as if done in Twilio's console."""
         with self._lock:
             self._account_status[account_sid] = status
+
+    def set_auth_token(self, account_sid: str, token: str) -> None:
+        """The auth token the account resource reports for this subaccount (default 32 zeros),
+        so tests can give each subaccount a token of its own."""
+        with self._lock:
+            self._auth_tokens[account_sid] = token
 
     # --- the server side ----------------------------------------------------------------
 
@@ -462,7 +470,7 @@ class FakeTwilio:
                 self._account_status[account_sid] = current = wanted
         now = _twilio_date(datetime.now(UTC))
         payload = {
-            "auth_token": "0" * 32,
+            "auth_token": self._auth_tokens.get(account_sid, "0" * 32),
             "date_created": now,
             "date_updated": now,
             "friendly_name": params.get("FriendlyName", f"Subaccount {account_sid}"),

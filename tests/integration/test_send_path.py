@@ -275,7 +275,7 @@ def test_a_rate_limited_send_is_retried_and_charged_once(engine, env, fake_twili
     assert fake_twilio.message_count(sub) == 3
     [created] = fake_twilio.messages(sub)
     assert (created["sid"], created["from"], created["to"]) == (m.twilio_sid, SENDER, TO)
-    assert created["status_callback"] == f"{env['PUBLIC_BASE_URL']}/webhooks/twilio/status"
+    assert created["status_callback"] == f"{env['PUBLIC_BASE_URL']}/webhooks/twilio/status?m={mid}"
     assert {r.auth for r in fake_twilio.requests("messages")} == {(PARENT, TOKEN)}
     assert holds(engine, org) == [(f"msg:{mid}", "captured", 2)]
     assert wallet_of(engine, org).balance_cents == 8
@@ -335,6 +335,9 @@ def test_a_worker_killed_during_the_twilio_call_leaves_the_message_unknown_and_c
     engine, env, fake_twilio, tmp_path
 ):
     env["BROKER_VISIBILITY_TIMEOUT"] = "2"  # the killed delivery is handed out again soon
+    # The redelivery leaves the message to the dead run until its lease is over (the shortest
+    # lease allowed), then calls it unknown.
+    env["SEND_LEASE_SECONDS"] = "20"
     fake_twilio.hang_seconds = 60
     fake_twilio.script("messages", ["timeout"])
     org, sub = new_org(engine, 10, price=2)
@@ -353,7 +356,7 @@ def test_a_worker_killed_during_the_twilio_call_leaves_the_message_unknown_and_c
     with start_worker(env, tmp_path) as fresh:
         m = wait_for(
             lambda: (found := message(engine, mid)).status == "unknown" and found,
-            30,
+            90,
             what="the message settled as unknown",
         )
         time.sleep(1.0)
