@@ -11,8 +11,11 @@ segments (money moves out of it), a forged `delivered` hides a real failure. So 
 signed with a subaccount's token counts only for messages sent through that very subaccount:
 checked when it arrives, and again when a callback that arrived before its message's SID was
 recorded ("early") is applied. Callbacks signed with the parent account's token (ours alone)
-count for every message. Within its own subaccount a signer can still reorder or replay only
-within what callbacks allow anyway: a message moves forward only and a refund happens once.
+count for every message, and the `?m=` message id is part of the signed URL, so a captured
+signature cannot be pointed at another message. Within its own subaccount a signer can still
+reorder or replay only within what callbacks allow anyway: a message moves forward only and a
+refund happens once. What is out of reach here: a customer forging `failed` for their own
+messages to be refunded (telling that from Twilio's word would take asking Twilio's API).
 
 A second, availability threat: when asking Twilio for a subaccount's token fails once, every
 callback of that subaccount would be refused for as long as the failure is remembered, and
