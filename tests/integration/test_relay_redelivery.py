@@ -70,3 +70,33 @@ def test_pending_work_is_never_pruned(engine):
     )
     assert pruned == 0
     assert len(_claim(engine)) == 1
+
+
+def test_a_send_whose_lease_ended_is_published_again_to_be_settled(engine):
+    message_id = _queued_message(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE messages SET status = 'sending', "
+                "send_lease_until = now() - interval '1 minute' WHERE message_id = :m"
+            ),
+            {"m": message_id},
+        )
+    _age_outbox(engine, 3600)
+
+    assert _claim(engine) == [(messages.SEND_TASK, [message_id])]
+
+
+def test_a_send_under_a_live_lease_is_left_to_its_owner(engine):
+    message_id = _queued_message(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE messages SET status = 'sending', "
+                "send_lease_until = now() + interval '1 minute' WHERE message_id = :m"
+            ),
+            {"m": message_id},
+        )
+    _age_outbox(engine, 3600)
+
+    assert _claim(engine) == []
