@@ -319,6 +319,8 @@ def record_result(conn: Connection, message_id: str, result, policy: sending.Pol
     if row.status != "sending":
         if outcome == SendOutcome.ACCEPTED and result.sid:
             return _late_answer(conn, row, result, policy)
+        if outcome == SendOutcome.REJECTED and row.status == "unknown" and not row.twilio_sid:
+            return _late_refusal(conn, row, result, policy)
         return row.status
     if outcome == SendOutcome.ACCEPTED:
         if result.sid:
@@ -372,6 +374,25 @@ def _late_answer(conn: Connection, row, result, policy: sending.Policy) -> str:
     if row.twilio_sid == result.sid:  # a callback named the message first
         _record_billing(conn, row, result.price, result.price_unit, result.num_segments)
     return row.status
+
+
+def _late_refusal(conn: Connection, row, result, policy: sending.Policy) -> str:
+    """Twilio refused a message given up as `unknown`: it was never sent, so what `unknown`
+    charged is given back (once: the refund's reference is the message's)."""
+    if row.charged_cents > 0:
+        wallet.credit(
+            conn, row.org_id, row.charged_cents, f"msg:{row.message_id}:refund",
+            kind="message_refund", reason="Twilio refused the message after all",
+        )  # fmt: skip
+    conn.execute(
+        text(
+            "UPDATE messages SET status = 'rejected', refunded = charged_cents > 0, error = :e, "
+            "updated_at = now() WHERE message_id = :m"
+        ),
+        {"e": f"twilio {result.error_code}: {result.error_message}", "m": row.message_id},
+    )
+    sending.reconcile(conn, row.org_id, policy)
+    return "rejected"
 
 
 def _adopt_sid(conn: Connection, row, sid: str) -> None:

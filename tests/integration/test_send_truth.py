@@ -197,6 +197,24 @@ def test_a_late_answer_corrects_a_message_given_up_as_unknown(engine):
     assert captures(engine, org) == 1
 
 
+def test_a_late_refusal_gives_back_what_unknown_charged(engine):
+    org, _ = new_org(engine)
+    mid = queue(engine, org)
+    assert isinstance(tx(engine, lambda c: messages.prepare(c, mid, POLICY)), messages.Plan)
+    expire_lease(engine, mid)
+    assert tx(engine, lambda c: messages.prepare(c, mid, POLICY)) is None
+    assert tx(engine, lambda c: wallet.show(c, org)).balance_cents == 8
+
+    refused = SendResult(SendOutcome.REJECTED, http_status=400, error_code=21211)
+    assert tx(engine, lambda c: messages.record_result(c, mid, refused, POLICY)) == "rejected"
+    again = tx(engine, lambda c: messages.record_result(c, mid, refused, POLICY))
+
+    assert again == "rejected"
+    assert message(engine, mid).status == "rejected"
+    assert tx(engine, lambda c: wallet.show(c, org)).balance_cents == 10  # given back once
+    assert tx(engine, lambda c: wallet.verify(c, org)) == []
+
+
 # --- real workers: failures between Twilio's answer and the database ------------------------
 
 
