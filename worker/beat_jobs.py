@@ -43,7 +43,7 @@ _publisher: dict[str, Publisher] = {}
 def publisher() -> Publisher:
     if "p" not in _publisher:
         s = runtime.settings()
-        _publisher["p"] = Publisher(s.REDIS_URL or "", timeout=s.BROKER_PUBLISH_TIMEOUT)
+        _publisher["p"] = Publisher.from_settings(s)
     return _publisher["p"]
 
 
