@@ -113,9 +113,11 @@ class Settings(BaseSettings):
     @field_validator("BROKER_URL")
     @classmethod
     def _broker_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(BROKER_SCHEMES):
+        if not v:
+            return None  # set but empty, as in many env files: unset, Redis is the broker
+        if not v.startswith(BROKER_SCHEMES):
             raise ValueError("must be an amqp:// (RabbitMQ) or redis:// URL")
-        return v or None
+        return v
 
     @field_validator("DATABASE_PREPARE_THRESHOLD", mode="before")
     @classmethod

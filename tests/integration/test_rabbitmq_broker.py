@@ -14,10 +14,8 @@ import time
 import pytest
 import requests
 
-from core.settings import Settings
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.stack import start_web, start_worker, wait_for
-from worker import broker
 from worker.publisher import Publisher
 
 
@@ -58,37 +56,6 @@ def _arguments(queue: dict) -> dict:
     if isinstance(args, dict):
         return args
     return {a[0]: a[-1] for a in args}
-
-
-def test_the_broker_is_rabbitmq_only_when_broker_url_says_so():
-    redis_only = Settings(_env_file=None, REDIS_URL="redis://127.0.0.1:6379/0")
-    assert redis_only.broker_url == "redis://127.0.0.1:6379/0"
-    assert not redis_only.broker_is_rabbitmq
-
-    both = Settings(
-        _env_file=None, REDIS_URL="redis://127.0.0.1:6379/0", BROKER_URL="amqp://u:p@mq:5672/pg"
-    )
-    assert both.broker_url == "amqp://u:p@mq:5672/pg" and both.broker_is_rabbitmq
-    assert both.REDIS_URL == "redis://127.0.0.1:6379/0"  # still the shared store
-
-    with pytest.raises(ValueError):
-        Settings(_env_file=None, BROKER_URL="http://mq:15672/")
-
-
-def test_on_rabbitmq_every_queue_is_a_durable_quorum_queue_with_confirmed_publishes():
-    options = broker.celery_options(
-        "amqp://u:p@mq:5672/pg", delivery_limit=7, visibility_timeout=3600
-    )
-    queues = {q.name: q for q in options["task_queues"]}
-    assert set(queues) == set(broker.QUEUES)
-    for q in queues.values():
-        assert q.durable
-        assert q.queue_arguments == {"x-queue-type": "quorum", "x-delivery-limit": 7}
-        # Native delayed delivery (retry countdowns) forwards through topic exchanges only.
-        assert q.exchange.type == "topic"
-    assert options["broker_transport_options"]["confirm_publish"] is True
-    assert options["worker_detect_quorum_queues"] is True
-    assert options["task_create_missing_queue_type"] == "quorum"
 
 
 def test_the_worker_keeps_acks_late_on_rabbitmq(monkeypatch, database_url, redis_url, rabbitmq):
@@ -180,3 +147,46 @@ def test_a_worker_on_rabbitmq_declares_its_queues_as_quorum_queues(
         assert queues[name]["type"] == "quorum", queues[name]
     # Celery's native delayed delivery, for retry countdowns, is set up on quorum queues too.
     assert queues["celery_delayed_0"]["type"] == "quorum"
+
+
+def test_the_cli_publishes_to_rabbitmq_when_broker_url_is_set(database_url, engine, rabbitmq_clean):
+    """`payguard events replay` queues the event again: its task goes to RabbitMQ, confirmed,
+    and its outbox row is marked published (Redis is not even configured for the console)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from sqlalchemy import text
+
+    from core import inbox
+    from core.db import run_in_transaction
+
+    def failed_event(conn) -> int:
+        stored, _ = inbox.store(conn, "paypal", "WH-CLI-1", "PAYMENT.CAPTURE.COMPLETED", {}, b"{}")
+        inbox.finish(conn, stored.id, "failed", error="test")
+        conn.execute(text("UPDATE outbox SET published_at = now()"))  # its first task went out
+        return stored.id
+
+    inbox_id = run_in_transaction(engine, failed_event)
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "LANG": "C.UTF-8",
+        "DATABASE_URL": database_url,
+        "BROKER_URL": rabbitmq_clean.url,
+    }
+    payguard = [str(Path(sys.executable).parent / "payguard")]
+    run = subprocess.run(
+        [*payguard, "events", "replay", str(inbox_id), "--actor", "test", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+
+    assert _ready_messages(rabbitmq_clean.url, "payguard.events") == 1
+    with engine.connect() as conn:
+        unpublished = conn.execute(
+            text("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        ).scalar_one()
+    assert unpublished == 0
