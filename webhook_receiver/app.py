@@ -197,9 +197,12 @@ def readiness(receiver: Receiver) -> tuple[bool, dict[str, str]]:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
-    checks["redis"] = _check(lambda: _ping_redis(receiver.settings.REDIS_URL or ""))
-    if receiver.settings.broker_is_rabbitmq:
-        checks["broker"] = _check(lambda: _ping_amqp(receiver.settings.broker_url))
+    s = receiver.settings
+    checks["redis"] = _check(lambda: _ping_redis(s.REDIS_URL or ""))
+    if s.broker_is_rabbitmq:
+        checks["broker"] = _check(lambda: _ping_amqp(s.broker_url))
+    elif s.broker_url != s.REDIS_URL:
+        checks["broker"] = _check(lambda: _ping_redis(s.broker_url))
     else:
         checks["broker"] = checks["redis"]  # one server: the broker and the shared store
     return all(v == "ok" for v in checks.values()), checks
@@ -227,7 +230,7 @@ def _ping_amqp(url: str) -> None:
     from kombu import Connection
 
     with Connection(url, connect_timeout=1, transport_options={"read_timeout": 1}) as conn:
-        conn.ensure_connection(max_retries=1, timeout=1)
+        conn.ensure_connection(max_retries=0, timeout=1)  # one attempt: no retry sleeps
 
 
 def bearer_token_matches(authorization: str, token: str) -> bool:
