@@ -4,6 +4,8 @@ the broker (the machine's RabbitMQ is shared; it is never stopped or reconfigure
     with TcpProxy("127.0.0.1", 5672) as proxy:   # proxy.port forwards to 127.0.0.1:5672
         proxy.cut()       # every open connection reset, new ones refused
         proxy.restore()   # listening again, on the same port
+        proxy.stall()     # a black hole: connections stay open, nothing goes through
+        proxy.unstall()   # stalled connections closed, forwarding again
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class TcpProxy:
         self._pairs: set[tuple[socket.socket, socket.socket]] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._stalled = False
+        self._held: list[socket.socket] = []
 
     # ------------------------------------------------------------------ control
 
@@ -52,12 +56,31 @@ class TcpProxy:
             for sock in (client, upstream):
                 _close(sock)
 
+    def stall(self) -> None:
+        """A broker that is there but does not answer (stopped, swapping, partitioned): open
+        connections and new ones stay up, and everything sent into them is swallowed."""
+        self._stalled = True
+
+    def unstall(self) -> None:
+        """Close what the black hole held (its peers see their connections die) and forward
+        again."""
+        self._stalled = False
+        with self._lock:
+            held, self._held = self._held, []
+            pairs, self._pairs = self._pairs, set()
+        for sock in held:
+            _close(sock)
+        for client, upstream in pairs:
+            _close(client)
+            _close(upstream)
+
     def restore(self) -> None:
         """Listen again on the same port."""
         if self._listener is None:
             self.start()
 
     def close(self) -> None:
+        self.unstall()
         self.cut()
 
     def __enter__(self) -> TcpProxy:
@@ -74,6 +97,10 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # cut
+            if self._stalled:
+                with self._lock:
+                    self._held.append(client)  # accepted, never answered
+                continue
             try:
                 upstream = socket.create_connection(self.upstream, timeout=5)
                 upstream.settimeout(None)
@@ -104,7 +131,8 @@ class TcpProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
-                    peer[sock].sendall(data)
+                    if not self._stalled:
+                        peer[sock].sendall(data)
                 with self._lock:
                     if pair not in self._pairs:
                         return

@@ -113,6 +113,31 @@ def test_a_publish_to_a_rabbitmq_that_is_gone_fails_fast(rabbitmq_clean):
             publisher.close()
 
 
+def test_a_publish_to_a_rabbitmq_that_does_not_answer_gives_up_in_time(rabbitmq_clean):
+    """A broker that accepts bytes and never answers (a partition, a stopped VM) must not hold
+    a webhook request: the confirm wait, and a new connection's handshake, end at the
+    publish timeout."""
+    with TcpProxy(rabbitmq_clean.host, rabbitmq_clean.port) as proxy:
+        publisher = Publisher(rabbitmq_clean.url_via("127.0.0.1", proxy.port), timeout=0.5)
+        try:
+            publisher.publish("payguard.process_event", [1])  # a pooled connection exists
+            proxy.stall()
+            for _ in range(3):  # the pooled connection first, then fresh ones
+                started = time.monotonic()
+                with pytest.raises(Exception):  # noqa: B017 (any broker error: the relay retries)
+                    publisher.publish("payguard.process_event", [2])
+                assert time.monotonic() - started < 3.0  # 0.5 s timeouts, slack for a busy box
+            proxy.unstall()
+            wait_for(
+                lambda: publisher.publish("payguard.process_event", [3]) is None,
+                30,
+                interval=0.2,
+                what="a publish after the broker answered again",
+            )
+        finally:
+            publisher.close()
+
+
 @pytest.mark.slow
 def test_readyz_names_the_broker_when_rabbitmq_is_down_and_redis_is_up(
     stack_env, tmp_path, rabbitmq_clean
