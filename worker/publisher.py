@@ -16,8 +16,6 @@ from worker import broker
 
 log = logging.getLogger(__name__)
 
-ROUTES = broker.ROUTES
-
 
 class Publisher:
     def __init__(
