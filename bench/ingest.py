@@ -6,7 +6,8 @@ capture takes from POST to a committed wallet credit with one Celery worker.
 
 Everything runs on this machine: its own scratch database (on BENCH_DATABASE_URL's server,
 an admin URL that may CREATE DATABASE, else an embedded PostgreSQL with default durability),
-BENCH_REDIS_URL or an embedded Redis, a local fake PayPal serving the signing certificate,
+BENCH_REDIS_URL or an embedded Redis, BENCH_BROKER_URL (amqp://… to a vhost of its own: tasks
+go through RabbitMQ's quorum queues, which the run empties) or Redis as the broker, a local fake PayPal serving the signing certificate,
 gunicorn and the worker as subprocesses. Distinct event ids, each signed like PayPal does
 (RSA-2048 over id|time|webhook_id|crc32), pre-signed before the clock starts.
 
@@ -192,7 +193,9 @@ def credit_latency(web_url: str, database_url: str, signed: list, gap: float) ->
     }
 
 
-def breakdown(database_url: str, redis_url: str, fake: FakePayPal, signed: list) -> dict:
+def breakdown(
+    database_url: str, redis_url: str, broker_url: str | None, fake: FakePayPal, signed: list
+) -> dict:
     """Where a request's time goes, stage by stage, in this process (no HTTP, no gunicorn)."""
     from core import inbox
     from core.settings import Settings
@@ -203,6 +206,7 @@ def breakdown(database_url: str, redis_url: str, fake: FakePayPal, signed: list)
             _env_file=None,
             DATABASE_URL=database_url,
             REDIS_URL=redis_url,
+            BROKER_URL=broker_url,
             PAYPAL_WEBHOOK_ID=WEBHOOK_ID,
             PAYPAL_CERT_URL_PREFIXES=fake.cert_prefix,
             LOG_FORMAT="text",
@@ -302,6 +306,9 @@ def main() -> int:
             for k, v in os.environ.items()
             if not k.startswith(("PAYPAL_", "TASK_", "BROKER_", "DATABASE_", "REDIS_"))
         }
+        broker_url = os.environ.get("BENCH_BROKER_URL") or None
+        if broker_url:
+            env["BROKER_URL"] = broker_url
         env.update(
             DATABASE_URL=database_url,
             REDIS_URL=redis_url,
@@ -321,6 +328,7 @@ def main() -> int:
             where += " (synchronous_commit=off for the scratch database: no WAL flush wait)"
         cpus = os.cpu_count()
         print(f"machine: {cpus} CPUs, load average {os.getloadavg()[0]:.1f}; database: {where}")
+        print(f"broker: {'RabbitMQ (BENCH_BROKER_URL)' if broker_url else 'Redis'}")
 
         sizes = {
             "warm": args.web_workers * 8,
@@ -368,7 +376,7 @@ def main() -> int:
                 before, t0 = _backlog(database_url), time.perf_counter()
                 time.sleep(args.drain)
                 drained = (before - _backlog(database_url)) / (time.perf_counter() - t0)
-                _purge(database_url, redis_url)
+                _purge(database_url, redis_url, broker_url)
                 credit = credit_latency(web.url, database_url, credit_set, args.gap)
             print(f"\n[worker] one worker (concurrency 1) applied {drained:.0f} captures/s")
             print(
@@ -378,7 +386,7 @@ def main() -> int:
             print(f"         (their POSTs alone: p50 {ms(credit['post_p50'])})")
             print("         goal: credit p50 < 25 ms, p99 < 100 ms")
 
-        stages = breakdown(database_url, redis_url, fake, breakdown_set)
+        stages = breakdown(database_url, redis_url, broker_url, fake, breakdown_set)
         print(f"\n[breakdown] receiver stages in-process, mean of {len(breakdown_set) // 2}:")
         for name, value in stages.items():
             print(f"         {name:<28} {ms(value)}")
@@ -422,14 +430,20 @@ def cpu_seconds(web_pid: int, database_url: str, redis_pid: int | None) -> dict[
     return figures
 
 
-def _purge(database_url: str, redis_url: str) -> None:
-    import redis
+def _purge(database_url: str, redis_url: str, broker_url: str | None = None) -> None:
+    if broker_url:
+        from kombu import Connection
 
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.delete("payguard.events")  # only our queue: BENCH_REDIS_URL may be shared
-    finally:
-        client.close()
+        with Connection(broker_url, connect_timeout=10) as conn:
+            conn.default_channel.queue_purge("payguard.events")
+    else:
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+        try:
+            client.delete("payguard.events")  # only our queue: BENCH_REDIS_URL may be shared
+        finally:
+            client.close()
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("UPDATE webhook_events SET status = 'ignored' WHERE status = 'received'")
 

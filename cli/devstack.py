@@ -578,13 +578,21 @@ def _run_dev(
     (data_dir / "env").write_text(
         "".join(
             f"{k}={shlex.quote(env[k])}\n"
-            for k in ("DATABASE_URL", "REDIS_URL", "PORT", "METRICS_TOKEN")
+            for k in ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "PORT", "METRICS_TOKEN")
+            if env.get(k)
         )
+    )
+    # BROKER_URL from the environment (a RabbitMQ) carries the tasks; Redis stays the store.
+    broker_line = (
+        f"  broker    {env['BROKER_URL']}  (from BROKER_URL)\n"
+        f"  redis     {redis_url}  ({redis_note})"
+        if env.get("BROKER_URL")
+        else f"  broker    {redis_url}  ({redis_note})"
     )
     print(
         "payguard dev\n"
         f"  database  {db_url}  ({db_note}; schema at {revision or 'no revision'})\n"
-        f"  broker    {redis_url}  ({redis_note})\n"
+        f"{broker_line}\n"
         f"  web       http://127.0.0.1:{env['PORT']}/  (PORT={env['PORT']})\n"
         f"  metrics   http://127.0.0.1:{env['PORT']}/metrics  "
         f"(Authorization: Bearer {env['METRICS_TOKEN']})\n"

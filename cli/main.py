@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from cli import output
@@ -157,12 +157,12 @@ def _publish_after_commit(ctx: Context, task: str, args: list, outbox_id: int | 
 
 
 def _flush_publishes(ctx: Context) -> None:
-    if not (ctx.settings and ctx.settings.REDIS_URL and ctx.pending_publish):
+    if not (ctx.settings and ctx.settings.broker_url and ctx.pending_publish):
         return
     from worker.publisher import Publisher
 
-    publisher = Publisher(ctx.settings.REDIS_URL, ctx.settings.BROKER_PUBLISH_TIMEOUT)
-    engine = make_engine(ctx.settings.DATABASE_URL or "", pool_size=1, max_overflow=0)
+    publisher = Publisher.from_settings(ctx.settings)
+    engine = _engine(ctx.settings)
     try:
         for task, args, outbox_id in ctx.pending_publish:
             publisher.publish(task, args, task_id=f"outbox-{outbox_id}" if outbox_id else None)
@@ -174,6 +174,16 @@ def _flush_publishes(ctx: Context) -> None:
     finally:
         publisher.close()
         engine.dispose()
+
+
+def _engine(settings: Settings) -> Engine:
+    """One connection, as a console command needs."""
+    return make_engine(
+        settings.DATABASE_URL or "",
+        pool_size=1,
+        max_overflow=0,
+        prepare_threshold=settings.DATABASE_PREPARE_THRESHOLD,
+    )
 
 
 def _wallet_count(conn: Connection, org_id: str | None) -> int:
@@ -207,7 +217,7 @@ def db_upgrade(ctx: Context, args: argparse.Namespace) -> Result:
         # Alembic commits the schema itself; the audit row follows in a transaction of its
         # own (there is no audit table before the first revision). A run that changed
         # nothing, as every release but the one with a migration, records nothing.
-        engine = make_engine(ctx.settings.DATABASE_URL, pool_size=1, max_overflow=0)
+        engine = _engine(ctx.settings)
         try:
             run_in_transaction(
                 engine,
@@ -707,7 +717,7 @@ def _execute(cmd: Command, args: argparse.Namespace) -> Result:
     if cmd.needs == "settings":
         return cmd.run(Context(settings, interactive), args)
     assert settings.DATABASE_URL
-    engine = make_engine(settings.DATABASE_URL, pool_size=1, max_overflow=0)
+    engine = _engine(settings)
     try:
         hooks: list[Callable[[], None]] = []
 

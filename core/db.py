@@ -29,21 +29,34 @@ def sqlalchemy_url(url: str) -> str:
 
 
 def make_engine(
-    url: str, *, pool_size: int = 5, max_overflow: int = 10, pre_ping: bool = False, **kw
+    url: str,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    pre_ping: bool = False,
+    prepare_threshold: int | None = 5,
+    **kw,
 ) -> Engine:
     """An engine with a bounded pool.
 
     No pre-ping by default: it costs a round trip on every transaction (a quarter of a
     debit's), while a connection gone stale after a database restart fails one unit of work
     that is retried anyway (Celery retries tasks, providers retry webhooks, beat runs again)
-    and SQLAlchemy then discards the pool's dead connections. pool_recycle bounds their age."""
+    and SQLAlchemy then discards the pool's dead connections. pool_recycle bounds their age.
+
+    `prepare_threshold` is psycopg's (5 is its default); None never prepares a statement
+    server-side, as PgBouncer in transaction mode requires (DATABASE_PREPARE_THRESHOLD)."""
     if "poolclass" not in kw:
         kw.update(
             pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=pre_ping, pool_recycle=300
         )
     return create_engine(
         sqlalchemy_url(url),
-        connect_args={"connect_timeout": 5, "application_name": "payguard"},
+        connect_args={
+            "connect_timeout": 5,
+            "application_name": "payguard",
+            "prepare_threshold": prepare_threshold,
+        },
         **kw,
     )
 

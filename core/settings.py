@@ -16,6 +16,14 @@ DEFAULT_CERT_PREFIXES = (
 )
 
 
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+BROKER_SCHEMES = (*AMQP_SCHEMES, "redis://", "rediss://")
+
+
+def is_amqp_url(url: str) -> bool:
+    return url.startswith(AMQP_SCHEMES)
+
+
 class ConfigError(Exception):
     """A required variable is missing or malformed; the message names it in one line."""
 
@@ -25,6 +33,15 @@ class Settings(BaseSettings):
 
     DATABASE_URL: str | None = None
     REDIS_URL: str | None = None
+    # The Celery broker when it is not Redis: amqp:// (RabbitMQ, quorum queues). Unset, tasks
+    # go through REDIS_URL; Redis stays the shared store of rate limits and caps either way.
+    BROKER_URL: str | None = None
+    # Deliveries of one message a quorum queue allows before dropping it (a task that kills its
+    # worker every time); what matters comes back through the outbox relay.
+    BROKER_DELIVERY_LIMIT: int = Field(default=20, ge=1)
+    # psycopg's prepare_threshold: how often a statement runs on a connection before psycopg
+    # prepares it server-side. "none" never prepares, which PgBouncer in transaction mode needs.
+    DATABASE_PREPARE_THRESHOLD: int | None = 5
 
     PAYPAL_WEBHOOK_ID: str | None = None
     PAYPAL_VERIFY: Literal["offline", "postback"] = "offline"
@@ -100,6 +117,22 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis:// URL")
         return v
 
+    @field_validator("BROKER_URL")
+    @classmethod
+    def _broker_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None  # set but empty, as in many env files: unset, Redis is the broker
+        if not v.startswith(BROKER_SCHEMES):
+            raise ValueError("must be an amqp:// (RabbitMQ) or redis:// URL")
+        return v
+
+    @field_validator("DATABASE_PREPARE_THRESHOLD", mode="before")
+    @classmethod
+    def _prepare_threshold(cls, v: object) -> object:
+        if isinstance(v, str) and v.strip().lower() in ("none", "off", ""):
+            return None
+        return v
+
     @field_validator("SMS_SEGMENT_PRICE_CENTS")
     @classmethod
     def _positive_price(cls, v: int) -> int:
@@ -114,6 +147,15 @@ class Settings(BaseSettings):
         if v <= longest:
             raise ValueError("must be longer than TASK_RETRY_MAX_SECONDS (the longest countdown)")
         return v
+
+    @property
+    def broker_url(self) -> str:
+        """Where tasks are published and consumed: BROKER_URL, else REDIS_URL."""
+        return self.BROKER_URL or self.REDIS_URL or ""
+
+    @property
+    def broker_is_rabbitmq(self) -> bool:
+        return is_amqp_url(self.broker_url)
 
     @property
     def cert_url_prefixes(self) -> tuple[str, ...]:

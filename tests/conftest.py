@@ -241,6 +241,110 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         yield server
 
 
+# --------------------------------------------------------------------------- RabbitMQ
+
+DEFAULT_TEST_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@dataclass(frozen=True)
+class RabbitVhost:
+    """A virtual host of the session's RabbitMQ, made for this session and deleted after it.
+    `url` is amqp://user:password@host:port/vhost; `url_via(port)` the same through another
+    port on 127.0.0.1 (a TcpProxy)."""
+
+    user: str
+    password: str
+    host: str
+    port: int
+    vhost: str
+
+    @property
+    def url(self) -> str:
+        return self.url_via(self.host, self.port)
+
+    def url_via(self, host: str, port: int) -> str:
+        from urllib.parse import quote
+
+        return f"amqp://{self.user}:{self.password}@{host}:{port}/{quote(self.vhost, safe='')}"
+
+
+def _rabbitmqctl(*args: str) -> None:
+    import subprocess
+
+    subprocess.run(
+        ["rabbitmqctl", "--quiet", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+
+
+def _rabbitmq_reachable(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitVhost]:
+    """A fresh virtual host `payguard-test-<random>` on TEST_RABBITMQ_URL's server (default
+    amqp://guest:guest@127.0.0.1:5672//), made with `rabbitmqctl add_vhost` +
+    `set_permissions` and deleted at the end of the session. The server itself is never
+    stopped or reconfigured (cut a TcpProxy for an outage). Skips the test, saying why, where
+    no RabbitMQ answers (a laptop without one) or rabbitmqctl cannot make a vhost."""
+    import shutil as _shutil
+    import subprocess
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(os.environ.get("TEST_RABBITMQ_URL", DEFAULT_TEST_RABBITMQ_URL))
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5672
+    user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
+    if not _rabbitmq_reachable(host, port):
+        pytest.skip(f"no RabbitMQ answers at {host}:{port} (set TEST_RABBITMQ_URL)")
+    if _shutil.which("rabbitmqctl") is None:
+        pytest.skip("RabbitMQ answers, but rabbitmqctl (to make a test vhost) is not on PATH")
+    vhost = f"payguard-test-{secrets.token_hex(4)}"
+    try:
+        _rabbitmqctl("add_vhost", vhost)
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        pytest.skip(f"RabbitMQ answers, but rabbitmqctl could not make a vhost: {detail}")
+    try:
+        yield RabbitVhost(user, password, host, port, vhost)
+    finally:
+        try:
+            _rabbitmqctl("delete_vhost", vhost)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
+            pass
+
+
+@pytest.fixture
+def rabbitmq_clean(rabbitmq: RabbitVhost) -> RabbitVhost:
+    """The session's vhost without the queues and exchanges of earlier tests (Payguard's own and
+    Celery's delayed-delivery ones): nothing a previous test left is delivered to this one."""
+    from kombu import Connection
+
+    from worker.broker import QUEUES
+
+    delayed = [f"celery_delayed_{level}" for level in range(28)]
+    with Connection(rabbitmq.url, connect_timeout=10) as conn:
+        for name in (*QUEUES, *delayed):
+            channel = conn.channel()
+            try:
+                channel.queue_delete(name)
+                channel.exchange_delete(name)
+            finally:
+                channel.close()
+        channel = conn.channel()
+        try:
+            channel.exchange_delete("celery_delayed_delivery")
+        finally:
+            channel.close()
+    return rabbitmq
+
+
 # --------------------------------------------------------------------------- subprocesses
 
 

@@ -86,6 +86,7 @@ class Unavailable(Exception):
 
 
 def create_app(settings: Settings | None = None, *, paypal_clock: Callable | None = None) -> Flask:
+    # REDIS_URL even with BROKER_URL set: Redis is the shared store of rate limits and caps.
     settings = settings or load_settings_or_exit("DATABASE_URL", "REDIS_URL")
     from core import logging_setup
     from webhook_receiver import metrics
@@ -102,11 +103,16 @@ def create_app(settings: Settings | None = None, *, paypal_clock: Callable | Non
 
         paypal_verifier = build_verifier(settings, clock=paypal_clock)
     # A connection that went stale fails one request with 503, which the provider retries.
-    engine = make_engine(settings.DATABASE_URL or "", pool_size=4, max_overflow=4)
+    engine = make_engine(
+        settings.DATABASE_URL or "",
+        pool_size=4,
+        max_overflow=4,
+        prepare_threshold=settings.DATABASE_PREPARE_THRESHOLD,
+    )
     receiver = Receiver(
         settings=settings,
         engine=engine,
-        publisher=Publisher(settings.REDIS_URL or "", timeout=settings.BROKER_PUBLISH_TIMEOUT),
+        publisher=Publisher.from_settings(settings),
         paypal_verifier=paypal_verifier,
         metrics=metrics.ReceiverMetrics(engine),  # counters + database gauges per scrape
     )
@@ -202,18 +208,40 @@ def readiness(receiver: Receiver) -> tuple[bool, dict[str, str]]:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
-    try:
-        import redis
-
-        client = redis.Redis.from_url(
-            receiver.settings.REDIS_URL or "", socket_connect_timeout=1, socket_timeout=1
-        )
-        client.ping()
-        client.close()
-        checks["broker"] = "ok"
-    except Exception as exc:
-        checks["broker"] = f"unavailable: {type(exc).__name__}"
+    s = receiver.settings
+    checks["redis"] = _check(lambda: _ping_redis(s.REDIS_URL or ""))
+    if s.broker_is_rabbitmq:
+        checks["broker"] = _check(lambda: _ping_amqp(s.broker_url))
+    elif s.broker_url != s.REDIS_URL:
+        checks["broker"] = _check(lambda: _ping_redis(s.broker_url))
+    else:
+        checks["broker"] = checks["redis"]  # one server: the broker and the shared store
     return all(v == "ok" for v in checks.values()), checks
+
+
+def _check(probe: Callable[[], None]) -> str:
+    try:
+        probe()
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}"
+    return "ok"
+
+
+def _ping_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def _ping_amqp(url: str) -> None:
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=1, transport_options={"read_timeout": 1}) as conn:
+        conn.ensure_connection(max_retries=0, timeout=1)  # one attempt: no retry sleeps
 
 
 def bearer_token_matches(authorization: str, token: str) -> bool:

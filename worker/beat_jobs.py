@@ -26,15 +26,15 @@ def _lock_key(job: str) -> int:
     return zlib.crc32(f"payguard.beat.{job}".encode())
 
 
-def _try_lock(conn: Connection, job: str, *, session: bool = False) -> bool:
-    """The job's advisory lock: released at the end of the transaction, or with
-    `session=True` held by the connection until `_unlock` (for a job of many transactions)."""
-    fn = "pg_try_advisory_lock" if session else "pg_try_advisory_xact_lock"
-    return bool(conn.execute(text(f"SELECT {fn}(:k)"), {"k": _lock_key(job)}).scalar())
+def _try_lock(conn: Connection, job: str) -> bool:
+    """The job's advisory lock, released at the end of the transaction.
 
-
-def _unlock(conn: Connection, job: str) -> None:
-    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(job)})
+    Transaction-scoped only, never a session lock: behind PgBouncer in transaction mode a
+    session lock stays on whichever server connection took it, and the unlock can run on
+    another one, leaving the job locked out for good."""
+    return bool(
+        conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_key(job)}).scalar()
+    )
 
 
 _publisher: dict[str, Publisher] = {}
@@ -43,7 +43,7 @@ _publisher: dict[str, Publisher] = {}
 def publisher() -> Publisher:
     if "p" not in _publisher:
         s = runtime.settings()
-        _publisher["p"] = Publisher(s.REDIS_URL or "", timeout=s.BROKER_PUBLISH_TIMEOUT)
+        _publisher["p"] = Publisher.from_settings(s)
     return _publisher["p"]
 
 
@@ -102,8 +102,10 @@ def reconcile_campaigns(page_size: int = RECONCILE_PAGE) -> int:
     then campaigns pause and the Twilio subaccount is marked to be suspended.
 
     Keyset pages of `page_size` organizations, one transaction each, so no transaction holds
-    every organization's rows; a session advisory lock, held by a connection of its own for
-    the whole walk, keeps a second beat out until the walk is over."""
+    every organization's rows; the job's advisory lock, taken in a transaction of its own left
+    open on a connection of its own for the whole walk, keeps a second beat out until the walk
+    is over. That transaction only holds the lock: it writes nothing (no transaction id) and,
+    at READ COMMITTED, keeps no snapshot between statements, so it holds back no vacuum."""
     engine = runtime.engine()
     policy = runtime.policy()
 
@@ -117,11 +119,9 @@ def reconcile_campaigns(page_size: int = RECONCILE_PAGE) -> int:
 
     changed = 0
     with engine.connect() as lock_conn:
-        taken = _try_lock(lock_conn, "reconcile_campaigns", session=True)
-        lock_conn.commit()  # the session lock outlives this; no transaction is left open
-        if not taken:
-            return 0
         try:
+            if not _try_lock(lock_conn, "reconcile_campaigns"):
+                return 0
             after = ""
             while True:
                 org_ids, n = run_in_transaction(engine, lambda c, a=after: page(c, a))
@@ -130,8 +130,7 @@ def reconcile_campaigns(page_size: int = RECONCILE_PAGE) -> int:
                     break
                 after = org_ids[-1]
         finally:
-            _unlock(lock_conn, "reconcile_campaigns")
-            lock_conn.commit()
+            lock_conn.rollback()  # ends the lock's transaction: the lock goes with it
     if changed:
         log.info("campaigns reconciled", extra={"changed": changed})
     return changed

@@ -8,9 +8,7 @@ import sys
 from celery import Celery
 from celery.signals import celeryd_init, setup_logging, worker_process_init
 
-from worker import metrics, runtime  # noqa: F401  (metrics: its signal handlers connect)
-
-QUEUES = ("payguard.events", "payguard.send", "payguard.twilio", "payguard.beat")
+from worker import broker, metrics, runtime  # noqa: F401  (metrics: its signal handlers connect)
 
 
 def _config() -> dict:
@@ -18,14 +16,13 @@ def _config() -> dict:
     from worker.schedule import beat_schedule
 
     return {
-        "broker_url": s.REDIS_URL,
+        # Redis (REDIS_URL) unless BROKER_URL names RabbitMQ: worker/broker.py.
+        **broker.celery_options(
+            s.broker_url,
+            delivery_limit=s.BROKER_DELIVERY_LIMIT,
+            visibility_timeout=s.BROKER_VISIBILITY_TIMEOUT,
+        ),
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {
-            # Longer than any retry countdown, or an ETA'd retry would be delivered twice.
-            "visibility_timeout": s.BROKER_VISIBILITY_TIMEOUT,
-            "socket_connect_timeout": 2,
-            "socket_timeout": 5,
-        },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,

@@ -27,7 +27,12 @@ def engine():
     s = settings()
     with _lock:
         if "engine" not in _state:
-            _state["engine"] = make_engine(s.DATABASE_URL or "", pool_size=4, max_overflow=4)
+            _state["engine"] = make_engine(
+                s.DATABASE_URL or "",
+                pool_size=4,
+                max_overflow=4,
+                prepare_threshold=s.DATABASE_PREPARE_THRESHOLD,
+            )
         return _state["engine"]
 
 

@@ -20,10 +20,14 @@ TRANSIENT = (OperationalError, RetryableConflict, TransientError, ConnectionErro
 
 
 def backoff(retries: int) -> float:
-    """Exponential backoff with full jitter, capped (the broker's visibility timeout is longer)."""
+    """Exponential backoff with full jitter, capped (the broker's visibility timeout is longer).
+
+    On RabbitMQ never under a second: native delayed delivery counts whole seconds, and Celery
+    refuses to publish a countdown that rounds down to none onto a quorum queue."""
     s = runtime.settings()
     ceiling = min(s.TASK_RETRY_MAX_SECONDS, s.TASK_RETRY_BASE_SECONDS * (2**retries))
-    return random.uniform(ceiling / 2, ceiling)
+    delay = random.uniform(ceiling / 2, ceiling)
+    return max(delay, 1.0) if s.broker_is_rabbitmq else delay
 
 
 def _settle(inbox_id: int, status: str, error: str) -> None:

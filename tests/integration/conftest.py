@@ -46,3 +46,51 @@ def stack_env(app_env: dict[str, str], fake_paypal: FakePayPal) -> dict[str, str
         RELAY_INTERVAL_SECONDS="0.5",
     )
     return env
+
+
+# --------------------------------------------------------------------------- both brokers
+
+BROKERS = ("redis", "rabbitmq")
+
+
+@pytest.fixture(params=BROKERS)
+def broker_env(request: pytest.FixtureRequest, stack_env: dict[str, str]) -> dict[str, str]:
+    """stack_env once per broker: Redis (REDIS_URL, the default) and RabbitMQ (BROKER_URL to
+    a fresh vhost; Redis stays the shared store). The RabbitMQ variant skips, saying why,
+    where no RabbitMQ answers."""
+    if request.param == "redis":
+        return stack_env
+    rabbit = request.getfixturevalue("rabbitmq_clean")
+    return dict(stack_env, BROKER_URL=rabbit.url)
+
+
+class CuttableBroker:
+    """A broker a test may take away (`stop()`) and bring back (`start()`): its own
+    redis-server, or the session's RabbitMQ behind a TcpProxy that is cut and restored."""
+
+    def __init__(self, kind: str, env: dict[str, str], stop, start) -> None:
+        self.kind, self.env, self.stop, self.start = kind, env, stop, start
+
+
+@pytest.fixture(params=BROKERS)
+def cuttable_broker(
+    request: pytest.FixtureRequest, stack_env: dict[str, str], tmp_path
+) -> Iterator[CuttableBroker]:
+    """For outage tests, once per broker. Redis: an own redis-server (it comes back empty:
+    only the outbox remembers). RabbitMQ: a TcpProxy in front of the session vhost, cut to
+    reset every connection and refuse new ones (the queues survive, as on a real restart of
+    a durable broker)."""
+    if request.param == "redis":
+        from cli.devstack import start_redis
+
+        with start_redis(tmp_path / "own-redis") as server:
+            yield CuttableBroker(
+                "redis", dict(stack_env, REDIS_URL=server.url), server.stop, server.start
+            )
+        return
+    from tests.fakes.tcp_proxy import TcpProxy
+
+    rabbit = request.getfixturevalue("rabbitmq_clean")
+    with TcpProxy(rabbit.host, rabbit.port) as proxy:
+        env = dict(stack_env, BROKER_URL=rabbit.url_via("127.0.0.1", proxy.port))
+        yield CuttableBroker("rabbitmq", env, proxy.cut, proxy.restore)

@@ -3,7 +3,9 @@ retries that run out.
 
 The fast tests run worker.tasks.process_event eagerly in this process (Task.apply runs its
 retries inline) to pin down what is retried and what is not. The slow ones run gunicorn,
-Celery worker and beat as real subprocesses (tests/stack.py) and kill them.
+Celery worker and beat as real subprocesses (tests/stack.py) and kill them, once on each
+broker (`broker_env`, `cuttable_broker`: Redis, and RabbitMQ's quorum queues where a RabbitMQ
+answers; tests/integration/conftest.py).
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ def _post_all_at_once(url: str, jobs: list[tuple[bytes, dict]]) -> list[tuple[in
 
 @pytest.mark.slow
 def test_fifty_concurrent_deliveries_credit_once(
-    stack_env, tmp_path, engine, paypal_signer, fake_paypal, org
+    broker_env, tmp_path, engine, paypal_signer, fake_paypal, org
 ):
     cert_url = fake_paypal.signing_cert_url
     one_event = [pp.capture_completed(org, pp.new_id(), value="25.00")]
@@ -308,8 +310,8 @@ def test_fifty_concurrent_deliveries_credit_once(
     five_events = [pp.capture_completed(org, capture_id, value="25.00") for _ in range(5)]
 
     with running(
-        lambda: start_web(stack_env, tmp_path, workers=3),
-        lambda: start_worker(stack_env, tmp_path, concurrency=2),
+        lambda: start_web(broker_env, tmp_path, workers=3),
+        lambda: start_worker(broker_env, tmp_path, concurrency=2),
     ) as (web, _):
         for payloads, credited in ((one_event, 2500), (five_events, 5000)):
             answers = _post_all_at_once(
@@ -338,14 +340,14 @@ def test_fifty_concurrent_deliveries_credit_once(
 
 @pytest.mark.slow
 def test_a_worker_child_killed_mid_task_is_redelivered_and_credits_once(
-    stack_env, tmp_path, engine, database_url, paypal_signer, fake_paypal, org
+    broker_env, tmp_path, engine, database_url, paypal_signer, fake_paypal, org
 ):
     """No beat here: only acks_late + reject_on_worker_lost can bring the message back."""
     payload = pp.capture_completed(org, pp.new_id(), value="25.00")
     lock = WalletLock(database_url, org)
     try:
         with running(
-            lambda: start_web(stack_env, tmp_path), lambda: start_worker(stack_env, tmp_path)
+            lambda: start_web(broker_env, tmp_path), lambda: start_worker(broker_env, tmp_path)
         ) as (web, worker):
             assert signed_post(web.url, paypal_signer, fake_paypal.signing_cert_url, payload).ok
             wait_for_a_backend_blocked_on_a_lock(engine)
@@ -366,16 +368,17 @@ def test_a_worker_child_killed_mid_task_is_redelivered_and_credits_once(
 
 @pytest.mark.slow
 def test_a_whole_worker_killed_mid_task_leaves_the_event_to_the_next_worker(
-    stack_env, tmp_path, engine, database_url, paypal_signer, fake_paypal, org
+    broker_env, tmp_path, engine, database_url, paypal_signer, fake_paypal, org
 ):
-    """The worker's unacked message would only come back after the visibility timeout and
-    Kombu's restore sweep (about 100 s with its defaults); the outbox relay redelivers an
-    event still `received` after EVENT_REDELIVER_SECONDS (3 s in stack_env)."""
+    """On Redis the worker's unacked message would only come back after the visibility
+    timeout and Kombu's restore sweep (about 100 s with its defaults); the outbox relay
+    redelivers an event still `received` after EVENT_REDELIVER_SECONDS (3 s in stack_env).
+    On RabbitMQ the broker requeues it as soon as the dead worker's connection closes."""
     payload = pp.capture_completed(org, pp.new_id(), value="25.00")
     lock = WalletLock(database_url, org)
     try:
         with running(
-            lambda: start_web(stack_env, tmp_path), lambda: start_worker(stack_env, tmp_path)
+            lambda: start_web(broker_env, tmp_path), lambda: start_worker(broker_env, tmp_path)
         ) as (web, worker):
             assert signed_post(web.url, paypal_signer, fake_paypal.signing_cert_url, payload).ok
             wait_for_a_backend_blocked_on_a_lock(engine)
@@ -385,7 +388,8 @@ def test_a_whole_worker_killed_mid_task_leaves_the_event_to_the_next_worker(
             assert balance(engine, org) == 0
 
             with running(
-                lambda: start_worker(stack_env, tmp_path), lambda: start_beat(stack_env, tmp_path)
+                lambda: start_worker(broker_env, tmp_path),
+                lambda: start_beat(broker_env, tmp_path),
             ):
                 wait_for(lambda: balance(engine, org) == 2500, 30, what="credit by a new worker")
                 time.sleep(1.5)  # more relay rounds: nothing applied twice
@@ -397,10 +401,10 @@ def test_a_whole_worker_killed_mid_task_leaves_the_event_to_the_next_worker(
 
 
 @pytest.mark.slow
-def test_webhooks_arriving_while_redis_is_down_are_all_acknowledged_and_credited_once(
-    stack_env, tmp_path, engine, own_redis, paypal_signer, fake_paypal, org
+def test_webhooks_arriving_while_the_broker_is_down_are_all_acknowledged_and_credited_once(
+    cuttable_broker, tmp_path, engine, paypal_signer, fake_paypal, org
 ):
-    env = stack_env | {"REDIS_URL": own_redis.url}
+    env = cuttable_broker.env
     cert_url = fake_paypal.signing_cert_url
     with running(
         lambda: start_web(env, tmp_path, workers=2),
@@ -412,7 +416,7 @@ def test_webhooks_arriving_while_redis_is_down_are_all_acknowledged_and_credited
         ).ok
         wait_for(lambda: balance(engine, org) == 1000, 30, what="the first credit")
 
-        own_redis.stop()
+        cuttable_broker.stop()
         during = [pp.capture_completed(org, pp.new_id(), value="10.00") for _ in range(10)]
 
         def deliver(payload):
@@ -423,11 +427,15 @@ def test_webhooks_arriving_while_redis_is_down_are_all_acknowledged_and_credited
         with ThreadPoolExecutor(5) as pool:
             answers = list(pool.map(deliver, during))
         assert [(code, status) for code, status, _ in answers] == [(200, "accepted")] * 10
-        assert max(elapsed for *_, elapsed in answers) < 1.0
+        # The receiver's publish gives up after BROKER_PUBLISH_TIMEOUT (0.5 s); the rest is
+        # slack for a loaded machine.
+        assert max(elapsed for *_, elapsed in answers) < 1.5
         time.sleep(1.0)  # beat fires into the outage too
         assert balance(engine, org) == 1000
 
-        own_redis.start()  # empty: only the outbox remembers what to do
+        # Redis comes back empty: only the outbox remembers what to do. RabbitMQ kept its
+        # queues, but nothing reached them during the outage either.
+        cuttable_broker.start()
         wait_for(lambda: balance(engine, org) == 11_000, 45, what="credits after the outage")
 
         # The receiver publishes by itself again (the relay only takes rows past the grace).
@@ -451,12 +459,14 @@ def test_webhooks_arriving_while_redis_is_down_are_all_acknowledged_and_credited
 
 @pytest.mark.slow
 def test_retries_exhausted_leave_the_event_failed_until_replayed(
-    stack_env, tmp_path, engine, paypal_signer, fake_paypal, org
+    broker_env, tmp_path, engine, paypal_signer, fake_paypal, org
 ):
     # The relay stays out of the retries being counted: on a busy machine the receiver's own
     # publish can outlast a 0.5 s grace, or the retries a 3 s redelivery, and a second copy of
     # the task adds attempts of its own (harmless to money, but not what is counted here).
-    env = dict(stack_env, OUTBOX_GRACE_SECONDS="5", EVENT_REDELIVER_SECONDS="120")
+    # On RabbitMQ each retry waits at least a second (native delayed delivery counts whole
+    # seconds), so the grace also covers three of them.
+    env = dict(broker_env, OUTBOX_GRACE_SECONDS="5", EVENT_REDELIVER_SECONDS="120")
     payload = pp.capture_completed(org, pp.new_id(), value="25.00")
     install_journal_failure(engine, "53000")
     with running(
@@ -483,15 +493,17 @@ def test_retries_exhausted_leave_the_event_failed_until_replayed(
 
 
 @pytest.mark.slow
-def test_a_worker_holding_a_task_survives_redis_going_away(
-    stack_env, tmp_path, engine, database_url, paypal_signer, fake_paypal, org, own_redis
+def test_a_worker_holding_a_task_survives_the_broker_going_away(
+    cuttable_broker, tmp_path, engine, database_url, paypal_signer, fake_paypal, org
 ):
-    """The task in hand is finished, once, after Redis comes back, by the same worker.
+    """The task in hand is finished, once, after the broker comes back, by the same worker.
 
-    The soak run saw kombu 5.7 kill workers in this situation (worker/broker_guard.py); this
-    test does not reproduce that crash reliably (it passes without the guard too), so it
-    proves the behaviour, not the guard."""
-    env = dict(stack_env, REDIS_URL=own_redis.url)
+    The soak run saw kombu 5.7 kill workers in this situation on Redis
+    (worker/broker_guard.py); this test does not reproduce that crash reliably (it passes
+    without the guard too), so it proves the behaviour, not the guard. On RabbitMQ the
+    broker requeues the unacked message when the connection drops, and it is delivered again
+    after the reconnect: the second delivery finds the event processed."""
+    env = cuttable_broker.env
     payload = pp.capture_completed(org, pp.new_id(), value="7.00")
     lock = WalletLock(database_url, org)
     try:
@@ -502,10 +514,10 @@ def test_a_worker_holding_a_task_survives_redis_going_away(
             assert signed_post(web.url, paypal_signer, fake_paypal.signing_cert_url, payload).ok
             wait_for_a_backend_blocked_on_a_lock(engine)  # the task is in hand, unacked
 
-            own_redis.stop()
+            cuttable_broker.stop()
             time.sleep(3)  # the worker's consumer sees the connection die
             assert worker.alive(), worker.log()[-3000:]
-            own_redis.start()
+            cuttable_broker.start()
             lock.release()
 
             wait_for(lambda: balance(engine, org) == 700, 40, what="credit after reconnect")

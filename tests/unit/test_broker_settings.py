@@ -1,0 +1,52 @@
+"""Which broker the settings select, and what Payguard asks of RabbitMQ (no server needed:
+tests/integration/test_rabbitmq_broker.py runs them against a real one)."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.settings import Settings
+from worker import broker
+
+
+def test_the_broker_is_rabbitmq_only_when_broker_url_says_so():
+    redis_only = Settings(_env_file=None, REDIS_URL="redis://127.0.0.1:6379/0")
+    assert redis_only.broker_url == "redis://127.0.0.1:6379/0"
+    assert not redis_only.broker_is_rabbitmq
+
+    both = Settings(
+        _env_file=None, REDIS_URL="redis://127.0.0.1:6379/0", BROKER_URL="amqp://u:p@mq:5672/pg"
+    )
+    assert both.broker_url == "amqp://u:p@mq:5672/pg" and both.broker_is_rabbitmq
+    assert both.REDIS_URL == "redis://127.0.0.1:6379/0"  # still the shared store
+
+    empty = Settings(_env_file=None, REDIS_URL="redis://127.0.0.1:6379/0", BROKER_URL="")
+    assert empty.broker_url == "redis://127.0.0.1:6379/0"  # empty is unset
+
+    with pytest.raises(ValueError):
+        Settings(_env_file=None, BROKER_URL="http://mq:15672/")
+
+
+def test_on_rabbitmq_every_queue_is_a_durable_quorum_queue_with_confirmed_publishes():
+    options = broker.celery_options(
+        "amqp://u:p@mq:5672/pg", delivery_limit=7, visibility_timeout=3600
+    )
+    queues = {q.name: q for q in options["task_queues"]}
+    assert set(queues) == set(broker.QUEUES)
+    for q in queues.values():
+        assert q.durable
+        assert q.queue_arguments == {"x-queue-type": "quorum", "x-delivery-limit": 7}
+        # Native delayed delivery (retry countdowns) forwards through topic exchanges only.
+        assert q.exchange.type == "topic"
+    assert options["broker_transport_options"]["confirm_publish"] is True
+    assert options["worker_detect_quorum_queues"] is True
+    assert options["task_create_missing_queue_type"] == "quorum"
+
+
+def test_prepared_statements_can_be_turned_off_for_pgbouncer():
+    assert Settings(_env_file=None).DATABASE_PREPARE_THRESHOLD == 5  # psycopg's default
+    assert (
+        Settings(_env_file=None, DATABASE_PREPARE_THRESHOLD="none").DATABASE_PREPARE_THRESHOLD
+        is None
+    )
+    assert Settings(_env_file=None, DATABASE_PREPARE_THRESHOLD="0").DATABASE_PREPARE_THRESHOLD == 0
