@@ -43,7 +43,12 @@ def make_engine(
         )
     return create_engine(
         sqlalchemy_url(url),
-        connect_args={"connect_timeout": 5, "application_name": "payguard"},
+        # Timestamps leave as RFC 3339 UTC (the host API's promise) whatever the server's zone.
+        connect_args={
+            "connect_timeout": 5,
+            "application_name": "payguard",
+            "options": "-c timezone=UTC",
+        },
         **kw,
     )
 
