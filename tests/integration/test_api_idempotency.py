@@ -102,9 +102,7 @@ def test_keys_are_kept_a_day_and_then_pruned(api, engine):
 
     pruned = run_in_transaction(
         engine,
-        lambda c: idempotency.prune(
-            c, older_than_seconds=idempotency.RETENTION_SECONDS, limit=100
-        ),
+        lambda c: idempotency.prune(c, older_than_seconds=idempotency.RETENTION_SECONDS, limit=100),
     )
 
     assert pruned == 2

@@ -60,9 +60,7 @@ def test_can_send_wallet_and_campaigns_answer_as_the_cli_does(api, engine, cli):
 # ---------------------------------------------------------------- organizations
 
 
-def test_creating_an_organization_twice_with_the_same_body_answers_200_and_another_409(
-    api, engine
-):
+def test_creating_an_organization_twice_with_the_same_body_answers_200_and_another_409(api, engine):
     key = make_key(engine, "admin")
     body = {"org_id": "acme", "billing": "prepaid", "low_balance_cents": 500, "currency": "eur"}
 
@@ -259,7 +257,9 @@ def test_bodies_over_1_mib_answer_413_and_batches_get_8_mib(api, engine):
     org = new_org(engine, 100)
     key = make_key(engine, "send")
     big = json.dumps(_message(org, body="x" * (1024 * 1024))).encode()
-    over_8 = b'{"org_id": "' + org.encode() + b'", "messages": [], "pad": "' + b"x" * (8 << 20) + b'"}'
+    over_8 = (
+        b'{"org_id": "' + org.encode() + b'", "messages": [], "pad": "' + b"x" * (8 << 20) + b'"}'
+    )
 
     assert_problem(api.post("/messages", key, raw=big, headers={"Idempotency-Key": "b"}), 413)
     assert_problem(api.post("/messages/batch", key, raw=over_8), 413)

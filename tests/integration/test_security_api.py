@@ -72,9 +72,7 @@ def test_a_known_key_id_with_a_wrong_secret_answers_401(api, engine):
 def test_secrets_are_stored_only_as_hashes(engine):
     secret = make_key(engine, "admin")
     with engine.connect() as conn:
-        dump = json.dumps(
-            [list(map(str, r)) for r in conn.execute(text("SELECT * FROM api_keys"))]
-        )
+        dump = json.dumps([list(map(str, r)) for r in conn.execute(text("SELECT * FROM api_keys"))])
     assert secret.split(".", 1)[1] not in dump
     assert len(secret.split(".", 1)[1]) == 43  # 32 random bytes
 
@@ -90,9 +88,7 @@ def test_a_revoked_key_is_refused_and_nothing_is_queued(api, engine):
     assert count(engine, "messages") == 1
 
 
-def test_revocation_takes_effect_within_a_second_in_every_web_process(
-    app_env, engine, tmp_path
-):
+def test_revocation_takes_effect_within_a_second_in_every_web_process(app_env, engine, tmp_path):
     org = new_org(engine, 100)
     key = make_key(engine, "read")
     url = f"/v1/organizations/{org}/can-send"

@@ -23,6 +23,7 @@ def _ref(model: type[BaseModel]) -> dict:
 
 @cache
 def document() -> dict:
+    from webhook_receiver.api import routes  # noqa: F401  (declares the endpoints)
     from webhook_receiver.api.registry import ENDPOINTS, PREFIX
 
     requests = {ep.body for ep in ENDPOINTS if ep.body}
