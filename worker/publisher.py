@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 ROUTES = {
     "payguard.process_event": "payguard.events",
     "payguard.send_message": "payguard.send",
+    "payguard.fan_out_sends": "payguard.send",
     "payguard.sync_twilio_account": "payguard.twilio",
 }
 

@@ -319,3 +319,26 @@ def test_unknown_routes_and_methods_answer_problem_documents(api, engine):
     assert_problem(api.call("DELETE", "/organizations/acme", key), 405)
     # The webhooks keep their own answers.
     assert api._c.get("/healthz").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_batch_reaches_the_worker_and_every_message_is_sent(api, engine, app_env, tmp_path):
+    from tests.stack import start_worker, wait_for
+
+    org = new_org(engine, 100)
+    key = make_key(engine, "send")
+    items = [{"to": TO, "body": f"m{i}", "idempotency_key": f"k{i}"} for i in range(5)]
+    answer = api.post("/messages/batch", key, {"org_id": org, "messages": items})
+    ids = [m["message_id"] for m in answer.body["messages"]]
+
+    with start_worker(app_env, tmp_path):
+        wait_for(
+            lambda: all(
+                run_in_transaction(engine, lambda c, m=m: messages.get(c, m)).status == "accepted"
+                for m in ids
+            ),
+            60,
+            0.2,
+            what="every message of the batch sent",
+        )
+    assert count(engine, "outbox", "published_at IS NULL") == 0

@@ -49,7 +49,7 @@ class KeyCache:
         if cached is not None and cached[0] > now:
             return cached[1]
         with self._engine.connect() as conn:
-            key = apikeys.get(conn, key_id)
+            key = apikeys.get(conn.execution_options(isolation_level="AUTOCOMMIT"), key_id)
         with self._lock:
             if len(self._entries) >= KEY_CACHE_MAX:
                 self._entries.clear()

@@ -116,9 +116,15 @@ class Call:
         return run_in_transaction(self.receiver.engine, fn)
 
     def read(self, fn: Callable[[Connection], T]) -> T:
-        """A read: one connection, no explicit transaction to commit."""
+        """A read of several statements, from one snapshot (rolled back at the end)."""
         with self.receiver.engine.connect() as conn:
             return fn(conn)
+
+    def read_one(self, fn: Callable[[Connection], T]) -> T:
+        """A read of one statement, in autocommit: no BEGIN and no ROLLBACK around it, so a
+        hot read such as can-send costs a single database round trip."""
+        with self.receiver.engine.connect() as conn:
+            return fn(conn.execution_options(isolation_level="AUTOCOMMIT"))
 
 
 def endpoint(
