@@ -52,18 +52,19 @@ def claim_many(
     another request."""
     wanted = {key: request_digest(request) for key, request in items}
     order = sorted(wanted)
+    # One JSON parameter rather than arrays: psycopg escapes array elements in Python.
+    rows = json.dumps([{"k": k, "h": wanted[k].hex(), "n": n} for n, k in enumerate(order)])
     claimed = set(
         conn.execute(
             text(
                 "INSERT INTO idempotency_keys (org_id, route, key, request_sha256, key_id) "
-                "SELECT :o, :r, k, h, :kid FROM unnest(CAST(:keys AS text[]), "
-                "CAST(:hashes AS bytea[])) WITH ORDINALITY AS t(k, h, n) ORDER BY n "
-                "ON CONFLICT DO NOTHING RETURNING key"
+                "SELECT :o, :r, k, decode(h, 'hex'), :kid FROM jsonb_to_recordset("
+                "CAST(:rows AS jsonb)) AS t(k text, h text, n int) "
+                "ORDER BY n ON CONFLICT DO NOTHING RETURNING key"
             ),
-            {"o": org_id, "r": route, "keys": order, "hashes": [wanted[k] for k in order],
-             "kid": key_id},
+            {"o": org_id, "r": route, "rows": rows, "kid": key_id},
         ).scalars()
-    )  # fmt: skip
+    )
     taken = [key for key in order if key not in claimed]
     if not taken:
         return {}
@@ -95,20 +96,14 @@ def complete_many(
     """Store the answers of keys this transaction claimed."""
     if not answers:
         return
-    keys = list(answers)
+    rows = json.dumps([{"k": k, "s": code, "b": body} for k, (code, body) in answers.items()])
     conn.execute(
         text(
-            "UPDATE idempotency_keys i SET status_code = t.s, response = CAST(t.b AS jsonb) "
-            "FROM unnest(CAST(:keys AS text[]), CAST(:codes AS int[]), CAST(:bodies AS text[])) "
-            "AS t(k, s, b) WHERE i.org_id = :o AND i.route = :r AND i.key = t.k"
+            "UPDATE idempotency_keys i SET status_code = t.s, response = t.b "
+            "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS t(k text, s int, b jsonb) "
+            "WHERE i.org_id = :o AND i.route = :r AND i.key = t.k"
         ),
-        {
-            "o": org_id,
-            "r": route,
-            "keys": keys,
-            "codes": [answers[k][0] for k in keys],
-            "bodies": [json.dumps(answers[k][1]) for k in keys],
-        },
+        {"o": org_id, "r": route, "rows": rows},
     )
 
 

@@ -332,11 +332,11 @@ def enqueue_many(conn: Connection, task: str, args: list[list]) -> list[int]:
     return sorted(
         conn.execute(
             text(
-                "INSERT INTO outbox (task, args) SELECT :t, CAST(a AS jsonb) "
-                "FROM unnest(CAST(:a AS text[])) WITH ORDINALITY AS u(a, n) ORDER BY n "
-                "RETURNING id"
+                "INSERT INTO outbox (task, args) SELECT :t, a "
+                "FROM jsonb_array_elements(CAST(:a AS jsonb)) WITH ORDINALITY AS u(a, n) "
+                "ORDER BY n RETURNING id"
             ),
-            {"t": task, "a": [json.dumps(a) for a in args]},
+            {"t": task, "a": json.dumps(args)},
         ).scalars()
     )
 

@@ -166,13 +166,19 @@ def queue_batch(
             reasons.append(CAMPAIGN_PAUSED)
     status = "blocked" if reasons else "queued"
     ids = [f"msg_{uuid.uuid4().hex}" for _ in items]
+    # One JSON parameter rather than arrays: psycopg escapes array elements one by one in
+    # Python, which cost more than the rest of a 1,000-message batch together.
+    rows = [
+        {"m": m, "t": to, "b": body, "s": segments, "e": encoding}
+        for m, (to, body), (segments, encoding) in zip(ids, items, shapes, strict=True)
+    ]
     conn.execute(
         text(
             "INSERT INTO messages (message_id, org_id, campaign_id, to_number, body, segments, "
             "encoding, price_cents, status, block_reasons) "
             "SELECT m, :o, :c, t, b, s, e, s * :price, :status, CAST(:r AS jsonb) "
-            "FROM unnest(CAST(:ids AS text[]), CAST(:tos AS text[]), CAST(:bodies AS text[]), "
-            "CAST(:segs AS int[]), CAST(:encs AS text[])) AS u(m, t, b, s, e)"
+            "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS u(m text, t text, b text, "
+            "s int, e text)"
         ),
         {
             "o": org_id,
@@ -180,11 +186,7 @@ def queue_batch(
             "price": decision.segment_price_cents,
             "status": status,
             "r": json.dumps(reasons),
-            "ids": ids,
-            "tos": [to for to, _ in items],
-            "bodies": [body for _, body in items],
-            "segs": [segments for segments, _ in shapes],
-            "encs": [encoding for _, encoding in shapes],
+            "rows": json.dumps(rows),
         },
     )
     outbox_ids: list[int | None] = [None] * len(ids)
