@@ -53,7 +53,7 @@ def claim_many(
     wanted = {key: request_digest(request) for key, request in items}
     order = sorted(wanted)
     # One JSON parameter rather than arrays: psycopg escapes array elements in Python.
-    rows = json.dumps([{"k": k, "h": wanted[k].hex(), "n": n} for n, k in enumerate(order)])
+    claims = json.dumps([{"k": k, "h": wanted[k].hex(), "n": n} for n, k in enumerate(order)])
     claimed = set(
         conn.execute(
             text(
@@ -62,7 +62,7 @@ def claim_many(
                 "CAST(:rows AS jsonb)) AS t(k text, h text, n int) "
                 "ORDER BY n ON CONFLICT DO NOTHING RETURNING key"
             ),
-            {"o": org_id, "r": route, "rows": rows, "kid": key_id},
+            {"o": org_id, "r": route, "rows": claims, "kid": key_id},
         ).scalars()
     )
     taken = [key for key in order if key not in claimed]
