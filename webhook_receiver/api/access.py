@@ -4,8 +4,8 @@ and a per-key request rate counted in Redis across every web process.
 Keys are cached for KEY_CACHE_SECONDS (0.5 s), so a revocation takes effect in every web
 process within one second while a busy key costs no database round trip per request.
 
-The rate limit is a fixed one-second window per key (`INCR` + `EXPIRE` in one MULTI), shared
-through Redis. When Redis does not answer, requests are let through (fail open) and Redis
+The rate limit is a fixed one-second window per key (`INCR`, and `EXPIRE` on the window's
+first request, in one Lua script: one command, one reply), shared through Redis. When Redis does not answer, requests are let through (fail open) and Redis
 is not asked again for REDIS_BACKOFF_SECONDS: the limit protects capacity, not money (every
 rule of money is enforced in PostgreSQL), and failing closed would turn a Redis outage into
 an outage of the whole API, `can-send` included. Each skipped check is logged.
@@ -77,6 +77,13 @@ class Verdict:
     retry_after: int = 0
 
 
+_COUNT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], 2) end
+return n
+"""
+
+
 class RateLimiter:
     def __init__(self, redis_url: str, per_second: int) -> None:
         import redis
@@ -86,6 +93,7 @@ class RateLimiter:
             socket_timeout=REDIS_TIMEOUT_SECONDS,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
         )
+        self._count = self._redis.register_script(_COUNT)  # EVALSHA, EVAL when not cached
         self._errors = redis.RedisError
         self.per_second = per_second
         self._skip_until = 0.0
@@ -97,10 +105,7 @@ class RateLimiter:
         window = int(now)
         name = f"payguard:ratelimit:{key_id}:{window}"
         try:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.incr(name)
-            pipe.expire(name, 2)
-            count = pipe.execute()[0]
+            count = int(self._count(keys=[name]))
         except self._errors as exc:
             self._skip_until = time.monotonic() + REDIS_BACKOFF_SECONDS
             log.warning(
