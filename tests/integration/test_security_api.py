@@ -244,3 +244,55 @@ def test_a_batch_reusing_a_key_with_another_message_queues_nothing(api, engine):
     body = assert_problem(answer, 422)
     assert [e["field"] for e in body["errors"]] == ["/messages/1/idempotency_key"]
     assert count(engine, "messages") == 3  # k3 was not queued either
+
+
+# ---------------------------------------------------------------- keys from the console
+
+
+@pytest.fixture
+def cli(database_url, monkeypatch, capsys):
+    """`payguard … --json` in-process: (exit status, its JSON answer)."""
+    from cli.main import main
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+
+    def run(*args: str) -> tuple[int, dict]:
+        capsys.readouterr()
+        status = main([*args, "--json"])
+        return status, json.loads(capsys.readouterr().out)
+
+    return run
+
+
+def test_apikey_create_shows_the_secret_once_list_never_and_revoke_is_audited(api, engine, cli):
+    org = new_org(engine, 100)
+    status, created = cli("apikey", "create", "--name", "crm", "--scope", "send", "--org", org,
+                          "--actor", "alice")  # fmt: skip
+    assert status == 0
+    assert {"key_id", "secret", "scope", "org_id"} <= set(created)
+    assert (created["scope"], created["org_id"]) == ("send", org)
+    assert api.get(f"/organizations/{org}/can-send", created["secret"]).status == 200
+
+    _, listed = cli("apikey", "list")
+    [row] = listed["keys"]
+    assert {"key_id", "name", "scope", "org_id", "created_at", "revoked_at"} <= set(row)
+    assert created["secret"] not in json.dumps(listed)
+
+    assert cli("apikey", "revoke", created["key_id"], "--actor", "bob")[0] == 0
+    assert cli("apikey", "revoke", created["key_id"], "--actor", "bob")[0] == 1  # once
+    time.sleep(0.6)
+    assert_problem(api.get(f"/organizations/{org}/can-send", created["secret"]), 401)
+    with engine.connect() as conn:
+        trail = conn.execute(
+            text("SELECT actor, action, details->>'key_id' FROM audit_log ORDER BY id")
+        ).all()
+    assert [tuple(r) for r in trail] == [
+        ("alice", "apikey.create", created["key_id"]),
+        ("bob", "apikey.revoke", created["key_id"]),
+    ]
+
+
+def test_apikey_create_refuses_an_unknown_organization_and_a_bad_scope(cli, engine):
+    assert cli("apikey", "create", "--name", "x", "--org", "nobody")[0] == 1
+    assert cli("apikey", "create", "--name", "x", "--scope", "root")[0] == 2  # bad usage
+    assert count(engine, "api_keys") == 0
