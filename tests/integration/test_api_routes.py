@@ -194,7 +194,9 @@ def test_a_batch_is_queued_in_request_order_and_stops_exactly_at_the_money(api, 
     policy = Policy()
     plans = [run_in_transaction(engine, lambda c, m=m: messages.prepare(c, m, policy)) for m in ids]
     assert sum(p is not None for p in plans) == 30
-
+    found = [run_in_transaction(engine, lambda c, m=m: messages.get(c, m)) for m in ids]
+    assert [m.status for m in found] == ["sending"] * 30 + ["blocked"] * 70
+    assert all(m.block_reasons == ["insufficient_balance"] for m in found[30:])
     state = run_in_transaction(engine, lambda c: wallet.show(c, org))
     assert state.held_cents == 30 and state.available_cents == 0
 
