@@ -522,7 +522,8 @@ def message_send(ctx: Context, args: argparse.Namespace) -> Result:
         details={"message_id": message.message_id, "campaign_id": args.campaign_id,
                  "status": message.status},
     )  # fmt: skip
-    _publish_after_commit(ctx, messages.SEND_TASK, [message.message_id], None)
+    if message.status == "queued":  # a message refused at queue time has no send task
+        _publish_after_commit(ctx, messages.SEND_TASK, [message.message_id], None)
     return message.as_dict()
 
 
