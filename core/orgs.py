@@ -20,7 +20,9 @@ MESSAGING_SERVICE_RE = re.compile(r"^MG[0-9a-fA-F]{32}$")
 # `subscription`: may send only while a subscription is active (none at all is none active);
 # `prepaid`: money alone decides.
 BILLING_MODES = ("subscription", "prepaid")
-# Amounts an organization's settings may name: far below bigint, far above any real price.
+# Amounts an organization's settings may name: far above any real figure, and within their
+# columns (segment_price_cents is an integer, low_balance_cents a bigint).
+MAX_SEGMENT_PRICE_CENTS = 1_000_000
 MAX_CENTS = 10**12
 
 
@@ -107,11 +109,11 @@ def create(
     return get(conn, org_id)
 
 
-def _whole_cents(name: str, value: object) -> None:
+def _whole_cents(name: str, value: object, limit: int = MAX_CENTS) -> None:
     if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CENTS
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit
     ):
-        raise InvalidInput(f"{name} must be a whole number of cents, zero or more")
+        raise InvalidInput(f"{name} must be a whole number of cents, from 0 to {limit}")
 
 
 def _validate_settings(
@@ -127,7 +129,7 @@ def _validate_settings(
         raise InvalidInput(
             "sender must be an E.164 number (+15551234567) or a Messaging Service SID"
         )
-    _whole_cents("segment price", segment_price_cents)
+    _whole_cents("segment price", segment_price_cents, MAX_SEGMENT_PRICE_CENTS)
     _whole_cents("low balance threshold", low_balance)
 
 

@@ -4,6 +4,8 @@ answer of a documented status, content type and schema)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import requests
 from openapi_spec_validator import validate
@@ -13,6 +15,8 @@ from tests.support.api import make_key, new_org
 from webhook_receiver.api import openapi, schemas
 from webhook_receiver.api.registry import ENDPOINTS
 
+# About 30 s on two busy CPUs; set more for a longer hunt (PAYGUARD_FUZZ_EXAMPLES=5000).
+EXAMPLES = int(os.environ.get("PAYGUARD_FUZZ_EXAMPLES", "400"))
 CONTRACT_ROUTES = {
     ("get", "/v1/openapi.json"),
     ("post", "/v1/organizations"),
@@ -96,7 +100,10 @@ def test_fuzzing_a_running_web_finds_no_5xx_and_no_answer_outside_the_document(
         session = requests.Session()
 
         @settings(
-            max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
         )
         @given(case=cases)
         def exercise(case) -> None:

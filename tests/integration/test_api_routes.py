@@ -344,3 +344,18 @@ def test_a_batch_reaches_the_worker_and_every_message_is_sent(api, engine, app_e
             what="every message of the batch sent",
         )
     assert count(engine, "outbox", "published_at IS NULL") == 0
+
+
+def test_a_price_beyond_its_column_answers_422_not_500(api, engine):
+    """Found by schemathesis: segment_price_cents is an integer column."""
+    org = new_org(engine, 100)
+    key = make_key(engine, "admin")
+
+    body = assert_problem(
+        api.patch(f"/organizations/{org}", key, {"segment_price_cents": 422114655318}), 422
+    )
+    created = api.post("/organizations", key, {"org_id": "big", "segment_price_cents": 2**31})
+
+    assert body["errors"][0]["field"] == "/segment_price_cents"
+    assert_problem(created, 422)
+    assert api.patch(f"/organizations/{org}", key, {"segment_price_cents": 10**6}).status == 200

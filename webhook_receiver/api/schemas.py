@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from core.orgs import MAX_CENTS, MAX_SEGMENT_PRICE_CENTS
+
 ORG_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 MESSAGE_ID_PATTERN = r"^msg_[0-9a-f]{32}$"
 IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,200}$"
@@ -36,7 +38,8 @@ SmsBody = Annotated[str, Field(min_length=1, max_length=1600), AfterValidator(_s
 Sender = Annotated[str, Field(pattern=r"^(\+[1-9][0-9]{6,14}|MG[0-9a-fA-F]{32})$")]
 SubaccountSid = Annotated[str, Field(pattern=r"^AC[0-9a-fA-F]{32}$")]
 Currency = Annotated[str, Field(pattern=r"^[A-Za-z]{3}$", examples=["USD"])]
-Cents = Annotated[int, Field(ge=0, le=10**12)]
+Cents = Annotated[int, Field(ge=0, le=MAX_CENTS)]
+SegmentPrice = Annotated[int, Field(ge=0, le=MAX_SEGMENT_PRICE_CENTS)]
 IdempotencyKey = Annotated[str, Field(pattern=IDEMPOTENCY_KEY_PATTERN)]
 
 
@@ -53,7 +56,7 @@ class OrganizationCreate(Request):
     billing: Literal["subscription", "prepaid"] = "subscription"
     twilio_subaccount_sid: SubaccountSid | None = None
     sender: Sender | None = None
-    segment_price_cents: Cents | None = None
+    segment_price_cents: SegmentPrice | None = None
     low_balance_cents: Cents | None = None
 
 
@@ -61,7 +64,7 @@ class OrganizationPatch(Request):
     """Only the fields present change; `null` clears one."""
 
     sender: Sender | None = None
-    segment_price_cents: Cents | None = None
+    segment_price_cents: SegmentPrice | None = None
     low_balance_cents: Cents | None = None
     twilio_subaccount_sid: SubaccountSid | None = None
 
