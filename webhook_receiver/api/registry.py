@@ -283,7 +283,8 @@ def install(app: Flask, receiver: Any) -> None:
         # Unknown routes and methods under /v1 answer problem documents too; others as before.
         if not request.path.startswith(PREFIX + "/") and request.path != PREFIX:
             return exc
-        return Problem(exc.code or 500, exc.description or "", kind=None).response()
+        headers = {k: v for k, v in exc.get_headers() if k.lower() == "allow"}
+        return Problem(exc.code or 500, exc.description or "", headers=headers).response()
 
     @app.after_request
     def _log_api_request(response: Response) -> Response:
