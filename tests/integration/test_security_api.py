@@ -296,3 +296,18 @@ def test_apikey_create_refuses_an_unknown_organization_and_a_bad_scope(cli, engi
     assert cli("apikey", "create", "--name", "x", "--org", "nobody")[0] == 1
     assert cli("apikey", "create", "--name", "x", "--scope", "root")[0] == 2  # bad usage
     assert count(engine, "api_keys") == 0
+
+
+def test_the_dev_stack_key_is_admin_and_each_start_revokes_the_previous_one(
+    api, engine, database_url
+):
+    from cli.devstack import dev_api_key
+
+    first, second = dev_api_key(database_url), dev_api_key(database_url)
+    time.sleep(0.6)
+
+    assert_problem(api.post("/organizations", first, {"org_id": "acme"}), 401)
+    assert api.post("/organizations", second, {"org_id": "acme"}).status == 201
+    with engine.connect() as conn:
+        keys = conn.execute(text("SELECT scope, revoked_at IS NULL FROM api_keys")).all()
+    assert sorted(tuple(k) for k in keys) == [("admin", False), ("admin", True)]
