@@ -511,6 +511,34 @@ def dev_environment(database_url: str, redis_url: str, data_dir: Path) -> dict[s
     return env
 
 
+DEV_KEY_NAME = "payguard dev"
+
+
+def dev_api_key(db_url: str) -> str:
+    """A fresh admin key of the host API for this run; the previous runs' are revoked."""
+    from core import apikeys, audit
+    from core.db import make_engine, run_in_transaction
+
+    def rotate(conn) -> str:
+        for old in apikeys.list_keys(conn):
+            if old.name == DEV_KEY_NAME and old.created_by == DEV_KEY_NAME and not old.revoked_at:
+                apikeys.revoke(conn, old.key_id, actor=DEV_KEY_NAME)
+        created = apikeys.create(
+            conn, name=DEV_KEY_NAME, scope="admin", org_id=None, actor=DEV_KEY_NAME
+        )
+        audit.record(
+            conn, actor=DEV_KEY_NAME, action="apikey.create", org_id=None,
+            details={"key_id": created.key.key_id, "scope": "admin"},
+        )  # fmt: skip
+        return created.secret
+
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    try:
+        return run_in_transaction(engine, rotate)
+    finally:
+        engine.dispose()
+
+
 def run_dev(procfile: Path = Path("Procfile"), data_dir: Path = Path("var/dev")) -> int:
     """`payguard dev`: the whole stack in the foreground until Ctrl-C. Returns the exit status:
     0 after Ctrl-C/SIGTERM, nonzero when a process died or the stack could not start."""
@@ -574,6 +602,7 @@ def _run_dev(
         cert_url, prefix = devpaypal.serve_certificate(data_dir / "paypal")
         env.update(PAYPAL_WEBHOOK_ID=devpaypal.WEBHOOK_ID, PAYPAL_CERT_URL_PREFIXES=prefix)
         paypal_note = f"dev signing certificate at {cert_url}"
+    api_key = dev_api_key(db_url)
     # For a second terminal: `set -a; . var/dev/env; set +a` and the CLI talks to this stack.
     (data_dir / "env").write_text(
         "".join(
@@ -581,6 +610,7 @@ def _run_dev(
             for k in ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "PORT", "METRICS_TOKEN")
             if env.get(k)
         )
+        + f"PAYGUARD_API_KEY={shlex.quote(api_key)}\n"
     )
     # BROKER_URL from the environment (a RabbitMQ) carries the tasks; Redis stays the store.
     broker_line = (
@@ -596,6 +626,8 @@ def _run_dev(
         f"  web       http://127.0.0.1:{env['PORT']}/  (PORT={env['PORT']})\n"
         f"  metrics   http://127.0.0.1:{env['PORT']}/metrics  "
         f"(Authorization: Bearer {env['METRICS_TOKEN']})\n"
+        f"  api       http://127.0.0.1:{env['PORT']}/v1/  "
+        f"(Authorization: Bearer {api_key}; admin, all organizations)\n"
         f"  paypal    {paypal_note}\n"
         f"  processes {', '.join(processes)}; Ctrl-C stops everything",
         flush=True,

@@ -26,7 +26,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from cli import output
-from core import audit, inbox, messages, orgs, sending, wallet
+from core import apikeys, audit, inbox, messages, orgs, overview, sending, wallet
 from core.db import make_engine, run_in_transaction
 from core.errors import InvalidInput, PayguardError, Refused
 from core.settings import ConfigError, Settings, load_settings
@@ -103,6 +103,7 @@ GROUPS = {
     "message": "the safe send path",
     "events": "the webhook inbox",
     "sample": "signed sample webhooks for the dev stack",
+    "apikey": "API keys of the host API (/v1)",
 }
 
 
@@ -269,14 +270,53 @@ def org_create(ctx: Context, args: argparse.Namespace) -> Result:
 
 @command("org show", "everything about one organization", ORG_ID)
 def org_show(ctx: Context, args: argparse.Namespace) -> Result:
-    org = orgs.get(ctx.conn, args.org_id)
-    return {
-        **org.as_dict(),
-        "subscription_status": sending.decide(
-            ctx.conn, org.org_id, _policy(ctx)
-        ).subscription_status,
-        "wallet": wallet.show(ctx.conn, org.org_id).as_dict(),
-    }
+    return overview.organization(ctx.conn, args.org_id, _policy(ctx))
+
+
+KEY_COLUMNS = ("key_id", "name", "scope", "org_id", "created_at", "revoked_at")
+
+
+@command(
+    "apikey create",
+    "a key for /v1; its secret is printed once and stored only as a hash",
+    arg("--name", required=True, metavar="NAME", help="what the key is for"),
+    arg("--scope", choices=apikeys.SCOPES, default="read", help="read (default), send or admin"),
+    arg("--org", dest="org_id", metavar="ORG_ID", help="confine the key to this organization"),
+    ACTOR,
+)
+def apikey_create(ctx: Context, args: argparse.Namespace) -> Result:
+    created = apikeys.create(
+        ctx.conn, name=args.name, scope=args.scope, org_id=args.org_id, actor=args.actor
+    )
+    _audit(
+        ctx.conn, actor=args.actor, action="apikey.create", org_id=args.org_id,
+        details={"key_id": created.key.key_id, "name": args.name, "scope": args.scope},
+    )  # fmt: skip
+    return {**created.key.as_dict(), "secret": created.secret}
+
+
+@command(
+    "apikey list",
+    "every API key (never a secret)",
+    render=lambda r: output.render(r, {"keys": KEY_COLUMNS}),
+)
+def apikey_list(ctx: Context, args: argparse.Namespace) -> Result:
+    return {"keys": [k.as_dict() for k in apikeys.list_keys(ctx.conn)]}
+
+
+@command(
+    "apikey revoke",
+    "revoke a key: every web process refuses it within a second",
+    arg("key_id", metavar="KEY_ID"),
+    ACTOR,
+)
+def apikey_revoke(ctx: Context, args: argparse.Namespace) -> Result:
+    key = apikeys.revoke(ctx.conn, args.key_id, actor=args.actor)
+    _audit(
+        ctx.conn, actor=args.actor, action="apikey.revoke", org_id=key.org_id,
+        details={"key_id": key.key_id},
+    )  # fmt: skip
+    return key.as_dict()
 
 
 @command("wallet show", "the wallet", ORG_ID)
@@ -503,7 +543,8 @@ def message_send(ctx: Context, args: argparse.Namespace) -> Result:
         details={"message_id": message.message_id, "campaign_id": args.campaign_id,
                  "status": message.status},
     )  # fmt: skip
-    _publish_after_commit(ctx, messages.SEND_TASK, [message.message_id], None)
+    if message.status == "queued":  # a message refused at queue time has no send task
+        _publish_after_commit(ctx, messages.SEND_TASK, [message.message_id], None)
     return message.as_dict()
 
 

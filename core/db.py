@@ -52,10 +52,12 @@ def make_engine(
         )
     return create_engine(
         sqlalchemy_url(url),
+        # Timestamps leave as RFC 3339 UTC (the host API's promise) whatever the server's zone.
         connect_args={
             "connect_timeout": 5,
             "application_name": "payguard",
             "prepare_threshold": prepare_threshold,
+            "options": "-c timezone=UTC",
         },
         **kw,
     )

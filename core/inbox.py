@@ -326,6 +326,21 @@ def enqueue(conn: Connection, task: str, args: list) -> int:
     ).scalar_one()
 
 
+def enqueue_many(conn: Connection, task: str, args: list[list]) -> list[int]:
+    """`enqueue` for many tasks in one statement; their outbox ids in the order given."""
+    # Ids come from one sequence in insertion order, so sorted they follow `args`.
+    return sorted(
+        conn.execute(
+            text(
+                "INSERT INTO outbox (task, args) SELECT :t, a "
+                "FROM jsonb_array_elements(CAST(:a AS jsonb)) WITH ORDINALITY AS u(a, n) "
+                "ORDER BY n RETURNING id"
+            ),
+            {"t": task, "a": json.dumps(args)},
+        ).scalars()
+    )
+
+
 def mark_published(conn: Connection, outbox_ids: list[int], *, durable: bool = True) -> None:
     """Record a publish. `durable=False` skips the WAL flush wait: losing the mark in a crash
     only makes the relay publish again, which processing tolerates."""

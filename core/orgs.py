@@ -20,6 +20,10 @@ MESSAGING_SERVICE_RE = re.compile(r"^MG[0-9a-fA-F]{32}$")
 # `subscription`: may send only while a subscription is active (none at all is none active);
 # `prepaid`: money alone decides.
 BILLING_MODES = ("subscription", "prepaid")
+# Amounts an organization's settings may name: far above any real figure, and within their
+# columns (segment_price_cents is an integer, low_balance_cents a bigint).
+MAX_SEGMENT_PRICE_CENTS = 1_000_000
+MAX_CENTS = 10**12
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Organization:
     twilio_status: str
     created_at: datetime
     billing: str = "subscription"
+    low_balance_cents: int | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -44,6 +49,7 @@ class Organization:
             "sender": self.sender,
             "twilio_desired_status": self.twilio_desired_status,
             "twilio_status": self.twilio_status,
+            "low_balance_cents": self.low_balance_cents,
             "created_at": self.created_at.isoformat(),
         }
 
@@ -65,6 +71,7 @@ def create(
     sender: str | None = None,
     segment_price_cents: int | None = None,
     billing: str = "subscription",
+    low_balance_cents: int | None = None,
 ) -> Organization:
     validate_org_id(org_id)
     if billing not in BILLING_MODES:
@@ -72,25 +79,14 @@ def create(
     if not isinstance(currency, str) or not re.fullmatch(r"[A-Za-z]{3}", currency):
         raise InvalidInput(f"currency must be a three-letter ISO code, got {currency!r}")
     currency = currency.upper()
-    if twilio_subaccount_sid is not None and not SUBACCOUNT_RE.match(twilio_subaccount_sid):
-        raise InvalidInput("Twilio subaccount SID must look like AC followed by 32 hex digits")
-    if sender is not None and not (E164_RE.match(sender) or MESSAGING_SERVICE_RE.match(sender)):
-        raise InvalidInput(
-            "sender must be an E.164 number (+15551234567) or a Messaging Service SID"
-        )
-    if segment_price_cents is not None and (
-        isinstance(segment_price_cents, bool)
-        or not isinstance(segment_price_cents, int)
-        or segment_price_cents < 0
-    ):
-        raise InvalidInput("segment price must be a whole number of cents, zero or more")
+    _validate_settings(twilio_subaccount_sid, sender, segment_price_cents, low_balance_cents)
     try:
         with conn.begin_nested():
             conn.execute(
                 text(
                     "INSERT INTO organizations (org_id, currency, segment_price_cents, "
-                    "twilio_subaccount_sid, sender, billing) "
-                    "VALUES (:o, :c, :p, :s, :snd, :billing)"
+                    "twilio_subaccount_sid, sender, billing, low_balance_cents) "
+                    "VALUES (:o, :c, :p, :s, :snd, :billing, :low)"
                 ),
                 {
                     "o": org_id,
@@ -99,6 +95,7 @@ def create(
                     "s": twilio_subaccount_sid,
                     "snd": sender,
                     "billing": billing,
+                    "low": low_balance_cents,
                 },
             )
             conn.execute(
@@ -112,11 +109,66 @@ def create(
     return get(conn, org_id)
 
 
+def _whole_cents(name: str, value: object, limit: int = MAX_CENTS) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit
+    ):
+        raise InvalidInput(f"{name} must be a whole number of cents, from 0 to {limit}")
+
+
+def _validate_settings(
+    twilio_subaccount_sid: object, sender: object, segment_price_cents: object, low_balance: object
+) -> None:
+    if twilio_subaccount_sid is not None and not (
+        isinstance(twilio_subaccount_sid, str) and SUBACCOUNT_RE.match(twilio_subaccount_sid)
+    ):
+        raise InvalidInput("Twilio subaccount SID must look like AC followed by 32 hex digits")
+    if sender is not None and not (
+        isinstance(sender, str) and (E164_RE.match(sender) or MESSAGING_SERVICE_RE.match(sender))
+    ):
+        raise InvalidInput(
+            "sender must be an E.164 number (+15551234567) or a Messaging Service SID"
+        )
+    _whole_cents("segment price", segment_price_cents, MAX_SEGMENT_PRICE_CENTS)
+    _whole_cents("low balance threshold", low_balance)
+
+
+# The settings `update` may change; any left out stay as they are, None clears one.
+UPDATABLE = ("sender", "segment_price_cents", "low_balance_cents", "twilio_subaccount_sid")
+
+
+def update(conn: Connection, org_id: str, changes: dict) -> Organization:
+    """Change some of an organization's settings (UPDATABLE) in one statement."""
+    unknown = set(changes) - set(UPDATABLE)
+    if unknown:
+        raise InvalidInput(f"cannot change {', '.join(sorted(unknown))}")
+    _validate_settings(
+        changes.get("twilio_subaccount_sid"),
+        changes.get("sender"),
+        changes.get("segment_price_cents"),
+        changes.get("low_balance_cents"),
+    )
+    if changes:
+        assignments = ", ".join(f"{name} = :{name}" for name in changes)  # names from UPDATABLE
+        try:
+            with conn.begin_nested():
+                found = conn.execute(
+                    text(f"UPDATE organizations SET {assignments} WHERE org_id = :o RETURNING 1"),
+                    {**changes, "o": org_id},
+                ).first()
+        except IntegrityError:
+            raise Refused("that Twilio subaccount belongs to another organization") from None
+        if found is None:
+            raise NotFound(f"unknown organization {org_id!r}")
+    return get(conn, org_id)
+
+
 def get(conn: Connection, org_id: str) -> Organization:
     row = conn.execute(
         text(
             "SELECT org_id, currency, segment_price_cents, twilio_subaccount_sid, sender, "
-            "twilio_desired_status, twilio_status, created_at, billing FROM organizations "
+            "twilio_desired_status, twilio_status, created_at, billing, low_balance_cents "
+            "FROM organizations "
             "WHERE org_id = :o"
         ),
         {"o": org_id},

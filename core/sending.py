@@ -255,6 +255,11 @@ def _campaign_id(campaign_id: object) -> str:
     return campaign_id
 
 
+def campaign(conn: Connection, org_id: str, campaign_id: str) -> Campaign:
+    """One campaign, or NotFound."""
+    return _campaign(conn, org_id, _campaign_id(campaign_id))
+
+
 def _campaign(conn: Connection, org_id: str, campaign_id: str) -> Campaign:
     row = conn.execute(
         text(

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     RELAY_INTERVAL_SECONDS: float = 2.0
     BROKER_PUBLISH_TIMEOUT: float = 0.5
 
+    # Requests per second per API key on /v1, counted in Redis across every web process.
+    API_RATE_LIMIT: int = Field(default=1000, gt=0)
+
     # Bearer token that web's /metrics requires; unset or empty, /metrics answers 404.
     METRICS_TOKEN: str | None = None
     # Prometheus /metrics of the worker's main process and of beat (0: not served). They have

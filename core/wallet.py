@@ -833,16 +833,21 @@ def show(conn: Connection, org_id: str) -> WalletState:
     )
 
 
-def history(conn: Connection, org_id: str, limit: int = 50) -> list[Entry]:
+def history(
+    conn: Connection, org_id: str, limit: int = 50, *, before_id: int | None = None
+) -> list[Entry]:
+    """Journal entries newest first; `before_id` continues a walk after the last entry of a
+    previous page (a keyset page: an index range scan, however deep the walk)."""
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
         raise InvalidInput("limit must be between 1 and 10000")
     _wallet_row(conn, org_id)
     rows = conn.execute(
         text(
             f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE org_id = :org "
+            "AND (CAST(:before AS bigint) IS NULL OR id < :before) "
             "ORDER BY id DESC LIMIT :limit"
         ),
-        {"org": org_id, "limit": limit},
+        {"org": org_id, "limit": limit, "before": before_id},
     )
     return [_entry(r) for r in rows]
 

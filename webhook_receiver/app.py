@@ -121,6 +121,9 @@ def create_app(settings: Settings | None = None, *, paypal_clock: Callable | Non
     from webhook_receiver import routes
 
     app.register_blueprint(routes.blueprint)
+    from webhook_receiver import api
+
+    api.install(app, receiver)
     return app
 
 

@@ -9,7 +9,7 @@ import zlib
 
 from sqlalchemy import Connection, text
 
-from core import inbox, messages, orgs, sending, twilio_accounts, wallet
+from core import idempotency, inbox, messages, orgs, sending, twilio_accounts, wallet
 from core.db import run_in_transaction
 from worker import runtime
 from worker.celery_app import app
@@ -173,3 +173,23 @@ def refresh_subscriptions() -> int:
     from worker import reconcile_providers
 
     return reconcile_providers.refresh_stale(runtime.settings(), runtime.engine(), runtime.policy())
+
+
+@app.task(name="payguard.beat.prune_idempotency_keys", acks_late=True)
+def prune_idempotency_keys() -> int:
+    """Forget idempotency keys of the host API older than a day (the contract keeps them at
+    least 24 hours), a bounded batch per transaction, until none is left."""
+    pruned = 0
+    for _ in range(100):
+        count = run_in_transaction(
+            runtime.engine(),
+            lambda conn: idempotency.prune(
+                conn, older_than_seconds=idempotency.RETENTION_SECONDS, limit=5000
+            ),
+        )
+        pruned += count
+        if count < 5000:
+            break
+    if pruned:
+        log.info("idempotency keys pruned", extra={"count": pruned})
+    return pruned

@@ -24,6 +24,7 @@ QUEUES = ("payguard.events", "payguard.send", "payguard.twilio", "payguard.beat"
 ROUTES = {
     "payguard.process_event": "payguard.events",
     "payguard.send_message": "payguard.send",
+    "payguard.fan_out_sends": "payguard.send",
     "payguard.sync_twilio_account": "payguard.twilio",
 }
 

@@ -33,6 +33,7 @@ def _config() -> dict:
         "task_routes": {
             "payguard.process_event": {"queue": "payguard.events"},
             "payguard.send_message": {"queue": "payguard.send"},
+            "payguard.fan_out_sends": {"queue": "payguard.send"},
             "payguard.sync_twilio_account": {"queue": "payguard.twilio"},
             "payguard.beat.*": {"queue": "payguard.beat"},
         },

@@ -219,3 +219,20 @@ def _record(self: Task, message_id: str, result, tries: int) -> str:
             countdown=s.RECORD_RESULT_RETRY_SECONDS,
             max_retries=None,
         ) from None
+
+
+@app.task(
+    name="payguard.fan_out_sends",
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def fan_out_sends(pairs: list[list]) -> int:
+    """Publish the send task of each message of a batch, given as [message id, outbox id]
+    pairs: a web request publishes this one task instead of a thousand. Run again after a
+    crash it publishes the same task ids again, which send_message settles once; a message
+    whose task never got out is still `queued`, and the outbox relay publishes it again."""
+    for message_id, outbox_id in pairs:
+        send_message.apply_async(
+            args=[message_id], task_id=f"outbox-{outbox_id}", queue="payguard.send", retry=False
+        )
+    return len(pairs)

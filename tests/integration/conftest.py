@@ -94,3 +94,22 @@ def cuttable_broker(
     with TcpProxy(rabbit.host, rabbit.port) as proxy:
         env = dict(stack_env, BROKER_URL=rabbit.url_via("127.0.0.1", proxy.port))
         yield CuttableBroker("rabbitmq", env, proxy.cut, proxy.restore)
+
+
+@pytest.fixture
+def api_app(database_url: str, redis_clean: str):
+    """The web app in-process, with `/v1`, on this test's database and the session Redis."""
+    from tests.support.api import api_settings
+    from webhook_receiver.app import create_app
+
+    app = create_app(api_settings(database_url, redis_clean))
+    yield app
+    app.extensions["payguard"].engine.dispose()
+
+
+@pytest.fixture
+def api(api_app):
+    """A `tests.support.api.Client` on `api_app`."""
+    from tests.support.api import Client
+
+    return Client(api_app.test_client())

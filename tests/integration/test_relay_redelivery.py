@@ -32,7 +32,12 @@ def _age_outbox(engine, seconds: int) -> None:
 
 def _queued_message(engine) -> str:
     def setup(conn):
-        orgs.create(conn, "acme", twilio_subaccount_sid="AC" + "1" * 32, sender="+15005550006")
+        # Prepaid: money alone decides, so the message is queued (one that sending already
+        # refuses is recorded blocked and never gets a send task).
+        orgs.create(
+            conn, "acme", twilio_subaccount_sid="AC" + "1" * 32, sender="+15005550006",
+            billing="prepaid",
+        )  # fmt: skip
         wallet.credit(conn, "acme", 100, "seed")
         return messages.queue(conn, "acme", "+15005550010", "hi", sending.Policy()).message_id
 

@@ -1,0 +1,15 @@
+"""The host application's API, `/v1`: authenticate the key, validate the request, call one
+use case in core (the same ones the `payguard` CLI calls), render the answer.
+
+registry.py   how a route is declared, and what runs around each (keys, scopes, limits,
+              body caps, validation, problem documents)
+routes.py     the routes
+schemas.py    the pydantic models that validate requests and describe answers
+openapi.py    the OpenAPI 3.1 document, generated from the two above
+access.py     the key cache and the per-key rate limit in Redis
+problems.py   RFC 9457 problem documents
+"""
+
+from webhook_receiver.api.registry import install
+
+__all__ = ["install"]
