@@ -224,7 +224,7 @@ def test_0008_ties_messages_already_sent_to_their_subaccount(empty_database_url)
                     "('m-queued', 'acme', '+15005550010', 'hi', 1, 'GSM-7', 1, 'queued', NULL)"
                 )
             )
-        assert migrations.upgrade(empty_database_url) == "0008"
+        assert migrations.upgrade(empty_database_url, "0008") == "0008"
         with engine.connect() as c:
             tied = dict(
                 c.execute(text("SELECT message_id, twilio_subaccount_sid FROM messages")).all()
