@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from tests.stack import free_port
-from tests.support.api import Client, api_settings, assert_problem, make_key, new_org
+from tests.support.api import Client, api_settings, assert_problem, key_id, make_key, new_org
 from webhook_receiver.app import create_app
 
 
@@ -54,3 +54,31 @@ def test_with_redis_down_requests_are_let_through(database_url, engine):
 
     assert answers == [200] * 5  # over a limit of 1, yet not refused: the count is unknown
     assert time.monotonic() - started < 10
+
+
+def test_processes_claim_requests_in_chunks_and_never_allow_more_than_the_limit(
+    database_url, redis_clean, engine
+):
+    """At 100 per second a process claims 2 requests per trip to Redis (100 // 50): two
+    processes alternating get exactly the first 100 of 111 requests in one window; past the limit each process asks
+    Redis once more and then remembers the refusal until the window ends."""
+    import redis
+
+    org = new_org(engine, 100)
+    key = make_key(engine, "read")
+    one, two = (Client(_app(database_url, redis_clean, 100).test_client()) for _ in range(2))
+    path = f"/organizations/{org}/can-send"
+    for _attempt in range(5):  # a window may close mid-burst on a slow machine: try again
+        _at_a_fresh_second()
+        started = time.time()
+        answers = [(one if i % 2 else two).get(path, key).status for i in range(111)]
+        window = int(started)
+        if int(time.time()) == window:
+            break
+    else:
+        raise AssertionError("never managed 111 requests within one second")
+
+    assert answers[:100] == [200] * 100
+    assert set(answers[100:]) == {429}
+    counted = redis.Redis.from_url(redis_clean).get(f"payguard:ratelimit:{key_id(key)}:{window}")
+    assert int(counted) == 104  # 50 chunks of two, then one refused claim per process

@@ -4,9 +4,13 @@ and a per-key request rate counted in Redis across every web process.
 Keys are cached for KEY_CACHE_SECONDS (0.5 s), so a revocation takes effect in every web
 process within one second while a busy key costs no database round trip per request.
 
-The rate limit is a fixed one-second window per key (`INCR`, and `EXPIRE` on the window's
-first request, in one Lua script: one command, one reply), shared through Redis. When Redis does not answer, requests are let through (fail open) and Redis
-is not asked again for REDIS_BACKOFF_SECONDS: the limit protects capacity, not money (every
+The rate limit is a fixed one-second window per key, shared through Redis. A process does not
+ask Redis for every request: it claims the window's requests in chunks (`INCRBY chunk`, and
+`EXPIRE` on the window's first claim, in one Lua script) of `per_second // 50` (at least 1),
+spends them locally, and remembers a refusal until the window ends. The total allowed in a
+window never exceeds the limit; a key can be refused up to `chunk - 1` requests early per other
+process holding unspent requests. When Redis does not answer, requests are let through (fail
+open) and Redis is not asked again for REDIS_BACKOFF_SECONDS: the limit protects capacity, not money (every
 rule of money is enforced in PostgreSQL), and failing closed would turn a Redis outage into
 an outage of the whole API, `can-send` included. Each skipped check is logged.
 """
@@ -77,11 +81,13 @@ class Verdict:
     retry_after: int = 0
 
 
-_COUNT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], 2) end
+_CLAIM = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if n == tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], 2) end
 return n
 """
+
+CHUNK_DIVISOR = 50
 
 
 class RateLimiter:
@@ -93,19 +99,30 @@ class RateLimiter:
             socket_timeout=REDIS_TIMEOUT_SECONDS,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
         )
-        self._count = self._redis.register_script(_COUNT)  # EVALSHA, EVAL when not cached
+        self._claim = self._redis.register_script(_CLAIM)  # EVALSHA, EVAL when not cached
         self._errors = redis.RedisError
         self.per_second = per_second
+        self.chunk = max(1, per_second // CHUNK_DIVISOR)
         self._skip_until = 0.0
+        # key id -> (window, requests claimed from Redis and not yet spent; -1: refused)
+        self._local: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
 
     def check(self, key_id: str) -> Verdict:
         if time.monotonic() < self._skip_until:
             return Verdict(True)
         now = time.time()
         window = int(now)
+        with self._lock:
+            held_window, left = self._local.get(key_id, (-1, 0))
+            if held_window == window and left > 0:
+                self._local[key_id] = (window, left - 1)
+                return Verdict(True)
+            if held_window == window and left < 0:
+                return Verdict(False, max(1, math.ceil(window + 1 - now)))
         name = f"payguard:ratelimit:{key_id}:{window}"
         try:
-            count = int(self._count(keys=[name]))
+            claimed = int(self._claim(keys=[name], args=[self.chunk]))
         except self._errors as exc:
             self._skip_until = time.monotonic() + REDIS_BACKOFF_SECONDS
             log.warning(
@@ -113,6 +130,11 @@ class RateLimiter:
                 extra={"key_id": key_id, "error": str(exc)[:200]},
             )
             return Verdict(True)
-        if count <= self.per_second:
+        granted = max(0, min(self.chunk, self.per_second - (claimed - self.chunk)))
+        with self._lock:
+            if len(self._local) >= KEY_CACHE_MAX:
+                self._local.clear()
+            self._local[key_id] = (window, granted - 1 if granted else -1)
+        if granted:
             return Verdict(True)
         return Verdict(False, max(1, math.ceil(window + 1 - now)))
