@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, text
 
-from core import inbox, sending, wallet
+from core import inbox, outbound, sending, wallet
 from core.db import run_in_transaction
 from core.errors import InvalidInput, NotFound, Refused
 from core.sms import count_segments, validate_e164
@@ -208,6 +208,7 @@ def prepare(
             ),
             {"r": json.dumps(reasons), "m": message_id},
         )
+        outbound.note_message(conn, message_id)
         sending.reconcile(conn, row.org_id, policy)
         return None
     conn.execute(
@@ -263,6 +264,7 @@ def _settle(
         ),
         {"s": twilio_status or status, "e": error, "sid": sid, "c": charged, "m": row.message_id},
     )
+    outbound.note_message(conn, row.message_id)
 
 
 def record_result(conn: Connection, message_id: str, result, policy: sending.Policy) -> str:
@@ -387,6 +389,7 @@ def apply_status_callback(
         text("UPDATE messages SET status = :s, updated_at = now() WHERE message_id = :m"),
         {"s": status, "m": row.message_id},
     )
+    outbound.note_message(conn, row.message_id)
     if status == "failed" and row.charged_cents > 0:
         wallet.credit(
             conn,

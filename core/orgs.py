@@ -33,6 +33,7 @@ class Organization:
     twilio_status: str
     created_at: datetime
     billing: str = "subscription"
+    low_balance_cents: int | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -45,6 +46,7 @@ class Organization:
             "twilio_desired_status": self.twilio_desired_status,
             "twilio_status": self.twilio_status,
             "created_at": self.created_at.isoformat(),
+            "low_balance_cents": self.low_balance_cents,
         }
 
 
@@ -65,8 +67,10 @@ def create(
     sender: str | None = None,
     segment_price_cents: int | None = None,
     billing: str = "subscription",
+    low_balance_cents: int | None = None,
 ) -> Organization:
     validate_org_id(org_id)
+    _threshold(low_balance_cents)
     if billing not in BILLING_MODES:
         raise InvalidInput(f"billing must be one of {', '.join(BILLING_MODES)}, got {billing!r}")
     if not isinstance(currency, str) or not re.fullmatch(r"[A-Za-z]{3}", currency):
@@ -89,8 +93,8 @@ def create(
             conn.execute(
                 text(
                     "INSERT INTO organizations (org_id, currency, segment_price_cents, "
-                    "twilio_subaccount_sid, sender, billing) "
-                    "VALUES (:o, :c, :p, :s, :snd, :billing)"
+                    "twilio_subaccount_sid, sender, billing, low_balance_cents) "
+                    "VALUES (:o, :c, :p, :s, :snd, :billing, :low)"
                 ),
                 {
                     "o": org_id,
@@ -99,6 +103,7 @@ def create(
                     "s": twilio_subaccount_sid,
                     "snd": sender,
                     "billing": billing,
+                    "low": low_balance_cents,
                 },
             )
             conn.execute(
@@ -116,7 +121,8 @@ def get(conn: Connection, org_id: str) -> Organization:
     row = conn.execute(
         text(
             "SELECT org_id, currency, segment_price_cents, twilio_subaccount_sid, sender, "
-            "twilio_desired_status, twilio_status, created_at, billing FROM organizations "
+            "twilio_desired_status, twilio_status, created_at, billing, low_balance_cents "
+            "FROM organizations "
             "WHERE org_id = :o"
         ),
         {"o": org_id},
@@ -124,6 +130,25 @@ def get(conn: Connection, org_id: str) -> Organization:
     if row is None:
         raise NotFound(f"unknown organization {org_id!r}")
     return Organization(**row._mapping)
+
+
+def _threshold(cents: object) -> int | None:
+    if cents is not None and (isinstance(cents, bool) or not isinstance(cents, int) or cents < 0):
+        raise InvalidInput("low balance threshold must be a whole number of cents, zero or more")
+    return cents  # type: ignore[return-value]
+
+
+def set_low_balance(conn: Connection, org_id: str, cents: int | None) -> Organization:
+    """Set (or clear, with None) the available balance below which wallet.low_balance fires.
+    Whether the wallet is below the new threshold is reported by the next money move."""
+    _threshold(cents)
+    row = conn.execute(
+        text("UPDATE organizations SET low_balance_cents = :c WHERE org_id = :o RETURNING 1"),
+        {"o": org_id, "c": cents},
+    ).first()
+    if row is None:
+        raise NotFound(f"unknown organization {org_id!r}")
+    return get(conn, org_id)
 
 
 def exists(conn: Connection, org_id: str) -> bool:

@@ -10,7 +10,13 @@ from celery.signals import celeryd_init, setup_logging, worker_process_init
 
 from worker import metrics, runtime  # noqa: F401  (metrics: its signal handlers connect)
 
-QUEUES = ("payguard.events", "payguard.send", "payguard.twilio", "payguard.beat")
+QUEUES = (
+    "payguard.events",
+    "payguard.send",
+    "payguard.twilio",
+    "payguard.beat",
+    "payguard.outbound",
+)
 
 
 def _config() -> dict:
@@ -37,6 +43,7 @@ def _config() -> dict:
             "payguard.process_event": {"queue": "payguard.events"},
             "payguard.send_message": {"queue": "payguard.send"},
             "payguard.sync_twilio_account": {"queue": "payguard.twilio"},
+            "payguard.deliver_event": {"queue": "payguard.outbound"},
             "payguard.beat.*": {"queue": "payguard.beat"},
         },
         "beat_schedule": beat_schedule(s),
@@ -46,7 +53,7 @@ def _config() -> dict:
     }
 
 
-app = Celery("payguard", include=["worker.tasks", "worker.beat_jobs"])
+app = Celery("payguard", include=["worker.tasks", "worker.beat_jobs", "worker.outbound_tasks"])
 app.add_defaults(_config)
 
 

@@ -13,6 +13,7 @@ ROUTES = {
     "payguard.process_event": "payguard.events",
     "payguard.send_message": "payguard.send",
     "payguard.sync_twilio_account": "payguard.twilio",
+    "payguard.deliver_event": "payguard.outbound",
 }
 
 

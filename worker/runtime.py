@@ -35,6 +35,12 @@ def policy() -> Policy:
     return Policy.from_settings(settings())
 
 
+def outbound_policy():
+    from core.outbound import OutboundPolicy
+
+    return OutboundPolicy.from_settings(settings())
+
+
 def gateway():
     s = settings()
     with _lock:

@@ -1,0 +1,343 @@
+"""Events to the host: recorded in the transaction of the change they report, delivered at
+least once to each endpoint that wants them, signed as the Standard Webhooks spec says, and
+retried from a schedule kept in PostgreSQL; a dead endpoint delays nothing else.
+
+Deliveries go to a real local HTTP endpoint (tests/fakes/hook_endpoint.py) that fails on
+command, through real Celery workers (the `events` process type) and beat.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import text
+
+from core import messages, orgs, outbound, sending, wallet
+from core.db import run_in_transaction
+from core.webhook_signing import sign, verify
+from tests.fakes.fake_twilio import unused_port
+from tests.fakes.hook_endpoint import HookEndpoint
+from tests.stack import start_beat, start_worker, wait_for
+
+pytestmark = [pytest.mark.integration]
+
+KEY = Fernet.generate_key().decode()
+POLICY = outbound.OutboundPolicy(secret_key=KEY, allow_private=True, retry_scale=0.01)
+OUTBOUND_Q = "payguard.outbound"
+MAIN_QS = "payguard.events,payguard.send,payguard.twilio,payguard.beat"
+
+
+def tx(engine, fn):
+    return run_in_transaction(engine, fn)
+
+
+def new_org(engine, *, balance: int = 0, low: int | None = None) -> str:
+    org = f"org-{uuid.uuid4().hex[:8]}"
+
+    def make(c):
+        orgs.create(c, org, billing="prepaid", low_balance_cents=low)
+        if balance:
+            wallet.credit(c, org, balance, f"seed:{org}")
+
+    tx(engine, make)
+    return org
+
+
+def add_endpoint(engine, url, events=None, org=None, policy=POLICY):
+    return tx(
+        engine, lambda c: outbound.create_endpoint(c, url, events, org, "test", policy=policy)
+    )
+
+
+def events_of(engine, type_: str | None = None) -> list[dict]:
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT body FROM outbound_events ORDER BY sequence")).scalars()
+        bodies = [json.loads(b) for b in rows]
+    return [b for b in bodies if type_ is None or b["type"] == type_]
+
+
+def delivery_rows(engine, endpoint_id: str):
+    with engine.connect() as c:
+        return c.execute(
+            text("SELECT * FROM outbound_deliveries WHERE endpoint_id = :e ORDER BY id"),
+            {"e": endpoint_id},
+        ).all()
+
+
+@pytest.fixture
+def env(stack_env):
+    env = dict(stack_env)
+    env.update(
+        PAYGUARD_SECRET_KEY=KEY,
+        OUTBOUND_ALLOW_PRIVATE="1",
+        OUTBOUND_RETRY_SCALE="0.01",
+        OUTBOUND_DISPATCH_INTERVAL_SECONDS="0.3",
+        OUTBOUND_CIRCUIT_THRESHOLD="50",
+    )
+    return env
+
+
+# ---------------------------------------------------------------- signing
+
+
+def test_signature_matches_the_standard_webhooks_test_vector():
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = b'{"test": 2432232314}'
+    expected = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body) == expected
+    assert verify(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body, expected)
+    assert not verify(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265331, body, expected)
+
+
+# ---------------------------------------------------------------- recording
+
+
+def test_event_is_recorded_with_the_change_and_never_for_a_rolled_back_one(engine):
+    org = new_org(engine)
+    with pytest.raises(RuntimeError):
+
+        def credit_then_fail(c):
+            wallet.credit(c, org, 500, "rolled-back")
+            raise RuntimeError("the unit of work fails after the credit")
+
+        tx(engine, credit_then_fail)
+    assert events_of(engine, "wallet.credited") == []
+    tx(engine, lambda c: wallet.credit(c, org, 700, "kept"))
+    [credited] = events_of(engine, "wallet.credited")
+    assert credited["data"] == {
+        "org_id": org, "amount_cents": 700, "balance_cents": 700, "reference": "kept",
+    }  # fmt: skip
+    tx(engine, lambda c: wallet.credit(c, org, 700, "kept"))  # a duplicate moves nothing
+    assert len(events_of(engine, "wallet.credited")) == 1
+
+
+def test_sequence_grows_and_events_after_lists_what_came_later_per_organization(engine):
+    a, b = new_org(engine), new_org(engine)
+    for n in range(3):
+        tx(engine, lambda c, n=n: wallet.credit(c, a, 100, f"a{n}"))
+        tx(engine, lambda c, n=n: wallet.credit(c, b, 100, f"b{n}"))
+    with engine.connect() as c:
+        everything = outbound.events_after(c, 0, 100)
+        seqs = [e["sequence"] for e in everything]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        later = outbound.events_after(c, seqs[2], 100, org_ids=[a])
+    assert later and all(e["data"]["org_id"] == a and e["sequence"] > seqs[2] for e in later)
+
+
+def test_endpoints_get_only_the_event_types_and_organizations_they_asked_for(engine):
+    a, b = new_org(engine), new_org(engine)
+    credited_only, _ = add_endpoint(engine, "http://127.0.0.1:9/a", ["wallet.credited"])
+    everything, _ = add_endpoint(engine, "http://127.0.0.1:9/b")
+    only_b, _ = add_endpoint(engine, "http://127.0.0.1:9/c", None, b)
+    tx(engine, lambda c: wallet.credit(c, a, 100, "x"))
+    tx(engine, lambda c: wallet.freeze(c, a, "manual", actor="ops"))
+    tx(engine, lambda c: wallet.credit(c, b, 100, "y"))
+
+    def types(ep):
+        with engine.connect() as c:
+            return sorted(
+                c.execute(
+                    text(
+                        "SELECT ev.type || ':' || ev.org_id FROM outbound_deliveries d "
+                        "JOIN outbound_events ev USING (sequence) WHERE d.endpoint_id = :e"
+                    ),
+                    {"e": ep.endpoint_id},
+                ).scalars()
+            )
+
+    assert types(credited_only) == sorted([f"wallet.credited:{a}", f"wallet.credited:{b}"])
+    assert f"wallet.frozen:{a}" in types(everything) and len(types(everything)) == 3
+    assert types(only_b) == [f"wallet.credited:{b}"]
+
+
+def test_a_deleted_endpoint_gets_nothing_more(engine):
+    org = new_org(engine)
+    ep, _ = add_endpoint(engine, "http://127.0.0.1:9/gone")
+    tx(engine, lambda c: wallet.credit(c, org, 100, "before"))
+    [claimed] = tx(engine, lambda c: outbound.claim_due(c, 10, POLICY))
+    tx(engine, lambda c: outbound.delete_endpoint(c, ep.endpoint_id, "ops"))
+    tx(engine, lambda c: wallet.credit(c, org, 100, "after"))
+    # the claim taken before the delete no longer sends, and nothing new is due for it
+    assert tx(engine, lambda c: outbound.start_delivery(c, claimed.delivery_id, claimed.token,
+                                                        POLICY)) is None  # fmt: skip
+    assert tx(engine, lambda c: outbound.claim_due(c, 10, POLICY)) == []
+    assert [r.status for r in delivery_rows(engine, ep.endpoint_id)] == ["cancelled"]
+
+
+def test_low_balance_fires_once_per_crossing(engine):
+    org = new_org(engine, balance=1000, low=500)
+    tx(engine, lambda c: wallet.debit(c, org, 600, "d1"))  # 400: below
+    tx(engine, lambda c: wallet.debit(c, org, 100, "d2"))  # 300: still below, no new event
+    tx(engine, lambda c: wallet.hold(c, org, 100, "h1"))  # 200 available: still below
+    tx(engine, lambda c: wallet.release(c, org, "h1"))
+    tx(engine, lambda c: wallet.credit(c, org, 200, "c1"))  # 500: at the threshold again
+    tx(engine, lambda c: wallet.hold(c, org, 1, "h2"))  # 499: below again
+    lows = events_of(engine, "wallet.low_balance")
+    assert [e["data"] for e in lows] == [
+        {"org_id": org, "available_cents": 400, "threshold_cents": 500},
+        {"org_id": org, "available_cents": 499, "threshold_cents": 500},
+    ]
+
+
+def test_may_send_events_fire_only_when_the_answer_flips(engine):
+    org = new_org(engine)
+    policy = sending.Policy()
+    tx(engine, lambda c: wallet.credit(c, org, 100, "c"))
+    tx(engine, lambda c: sending.reconcile(c, org, policy))
+    tx(engine, lambda c: wallet.freeze(c, org, "manual", actor="ops"))
+    tx(engine, lambda c: sending.reconcile(c, org, policy))
+    tx(engine, lambda c: wallet.debit(c, org, 100, "d", check_freeze=False))
+    tx(engine, lambda c: sending.reconcile(c, org, policy))  # more reasons, still blocked
+    kinds = [e["type"] for e in events_of(engine) if e["type"].startswith("organization.")]
+    assert kinds == ["organization.sending_allowed", "organization.sending_blocked"]
+
+
+def test_campaign_pause_and_resume_are_reported(engine):
+    org = new_org(engine, balance=100)
+    policy = sending.Policy()
+    tx(engine, lambda c: sending.create_campaign(c, org, "spring", policy))
+    tx(engine, lambda c: sending.pause_campaign(c, org, "spring"))
+    tx(engine, lambda c: sending.resume_campaign(c, org, "spring", policy))
+    got = [(e["type"], e["data"]["paused_by"]) for e in events_of(engine)
+           if e["type"].startswith("campaign.")]  # fmt: skip
+    assert got == [("campaign.paused", "user"), ("campaign.resumed", None)]
+
+
+# ---------------------------------------------------------------- delivery (real processes)
+
+
+def test_retries_after_500s_keep_the_id_and_body_and_sign_each_try_afresh(engine, env, tmp_path):
+    org = new_org(engine)
+    with HookEndpoint() as hook:
+        ep, secret = add_endpoint(engine, hook.url, ["wallet.credited"])
+        hook.script([500, 500])
+        tx(engine, lambda c: wallet.credit(c, org, 250, "paid"))
+        with (
+            start_worker(env, tmp_path, queues=OUTBOUND_Q, concurrency=2),
+            start_worker(env, tmp_path, queues=MAIN_QS),
+            start_beat(env, tmp_path),
+        ):
+            wait_for(lambda: len(hook.received()) >= 3, 90, what="three tries")
+            wait_for(
+                lambda: delivery_rows(engine, ep.endpoint_id)[0].status == "delivered",
+                30, what="delivered",
+            )  # fmt: skip
+        tries = hook.received()
+    assert [t.answered for t in tries[:3]] == [500, 500, 200]
+    assert len({t.headers["webhook-id"] for t in tries}) == 1
+    assert len({t.body for t in tries}) == 1
+    body = json.loads(tries[0].body)
+    assert body["type"] == "wallet.credited" and body["data"]["amount_cents"] == 250
+    assert set(body) == {"type", "timestamp", "sequence", "data"}
+    stamps = [int(t.headers["webhook-timestamp"]) for t in tries]
+    assert stamps == sorted(stamps) and stamps[-1] > stamps[0]  # the last try waited 3 s
+    for t in tries:
+        assert verify(secret, t.headers["webhook-id"], int(t.headers["webhook-timestamp"]),
+                      t.body, t.headers["webhook-signature"])  # fmt: skip
+    with engine.connect() as c:
+        attempts = c.execute(text("SELECT count(*) FROM outbound_attempts")).scalar_one()
+    assert attempts == 3
+
+
+def test_a_worker_killed_mid_delivery_delivers_again(engine, env, tmp_path):
+    env = {**env, "OUTBOUND_LEASE_SECONDS": "8"}
+    org = new_org(engine)
+    with HookEndpoint() as hook:
+        ep, secret = add_endpoint(engine, hook.url)
+        hook.script(["hang"])
+        tx(engine, lambda c: wallet.credit(c, org, 250, "paid"))
+        with start_worker(env, tmp_path, queues=MAIN_QS), start_beat(env, tmp_path):
+            events_worker = start_worker(env, tmp_path, queues=OUTBOUND_Q)
+            wait_for(lambda: len(hook.received()) >= 1, 60, what="the first try")
+            events_worker.kill()
+            hook.release()
+            with start_worker(env, tmp_path, queues=OUTBOUND_Q):
+                wait_for(lambda: len(hook.received()) >= 2, 90, what="the try again")
+                wait_for(
+                    lambda: delivery_rows(engine, ep.endpoint_id)[0].status == "delivered",
+                    30, what="delivered",
+                )  # fmt: skip
+        tries = hook.received()
+    assert tries[0].headers["webhook-id"] == tries[1].headers["webhook-id"]
+    assert tries[0].body == tries[1].body
+
+
+def test_many_events_to_a_dead_endpoint_delay_neither_sends_nor_other_endpoints(
+    engine, env, tmp_path
+):
+    busy = new_org(engine, balance=10_000)
+    dead, _ = add_endpoint(engine, f"http://127.0.0.1:{unused_port()}/dead", None, busy)
+
+    def thousand(c):
+        for n in range(1000):
+            outbound.record(c, "wallet.credited", busy, {"org_id": busy, "n": n})
+
+    tx(engine, thousand)
+    with HookEndpoint() as hook:
+        with (
+            start_worker(env, tmp_path, queues=OUTBOUND_Q, concurrency=2),
+            start_worker(env, tmp_path, queues=MAIN_QS),
+            start_beat(env, tmp_path),
+        ):
+            wait_for(lambda: any(r.attempts for r in delivery_rows(engine, dead.endpoint_id)),
+                     60, what="the dead endpoint tried")  # fmt: skip
+            other = new_org(engine, balance=100)
+            live, _ = add_endpoint(engine, hook.url, ["wallet.credited"], other)
+            tx(engine, lambda c: wallet.credit(c, other, 5, "after-the-flood"))
+            msg = tx(engine, lambda c: messages.queue(c, busy, "+15005550010", "hi",
+                                                      sending.Policy()))  # fmt: skip
+            wait_for(lambda: hook.received(), 60, what="the live endpoint's event")
+            wait_for(
+                lambda: tx(engine, lambda c: messages.get(c, msg.message_id)).status
+                not in ("queued", "sending"),
+                60, what="the send settled",
+            )  # fmt: skip
+            pending = [r for r in delivery_rows(engine, dead.endpoint_id) if r.status == "pending"]
+    assert len(pending) > 900  # the flood is still waiting; the others did not wait for it
+    assert json.loads(hook.received()[0].body)["data"]["reference"] == "after-the-flood"
+
+
+# ---------------------------------------------------------------- operators' console
+
+
+def _payguard(env, *args):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args, "--json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return proc.returncode, json.loads(proc.stdout or "{}")
+
+
+def test_cli_manages_endpoints_and_redelivers_a_failed_delivery(engine, env):
+    org = new_org(engine)
+    code, created = _payguard(env, "endpoint", "create", "http://127.0.0.1:9/x",
+                              "--events", "wallet.credited", "--actor", "ops")  # fmt: skip
+    assert code == 0 and created["secret"].startswith("whsec_")
+    assert created["events"] == ["wallet.credited"]
+    code, bad = _payguard(env, "endpoint", "create", "http://127.0.0.1:9/x", "--events", "nope")
+    assert code == 1 and "unknown event type" in bad["error"]
+    code, listed = _payguard(env, "endpoint", "list")
+    assert [e["endpoint_id"] for e in listed["endpoints"]] == [created["endpoint_id"]]
+    assert "secret" not in json.dumps(listed)
+    tx(engine, lambda c: wallet.credit(c, org, 100, "x"))
+    with engine.begin() as c:
+        c.execute(text("UPDATE outbound_deliveries SET status = 'failed', attempts = 8"))
+    code, failed = _payguard(env, "events", "outbound", "--status", "failed")
+    [row] = failed["deliveries"]
+    code, again = _payguard(env, "events", "redeliver", str(row["id"]), "--actor", "ops")
+    assert code == 0 and again["status"] == "pending"
+    code, rotated = _payguard(env, "endpoint", "rotate-secret", created["endpoint_id"])
+    assert code == 0 and rotated["secret"] != created["secret"]
+    code, _ = _payguard(env, "endpoint", "delete", created["endpoint_id"], "--actor", "ops")
+    assert code == 0
+    with engine.connect() as c:
+        actions = c.execute(text("SELECT actor, action FROM audit_log ORDER BY id")).all()
+    assert ("ops", "endpoint.create") in actions and ("ops", "events.redeliver") in actions
+    assert ("ops", "endpoint.delete") in actions
+    code, made = _payguard(env, "org", "create", "thrifty", "--low-balance-cents", "300")
+    assert code == 0 and made["low_balance_cents"] == 300
