@@ -341,3 +341,92 @@ def test_cli_manages_endpoints_and_redelivers_a_failed_delivery(engine, env):
     assert ("ops", "endpoint.delete") in actions
     code, made = _payguard(env, "org", "create", "thrifty", "--low-balance-cents", "300")
     assert code == 0 and made["low_balance_cents"] == 300
+
+
+# ---------------------------------------------------------------- schedule, circuit, pruning
+
+
+def _fail(engine, claim, policy=POLICY):
+    from core.outbound_net import Answer
+
+    return tx(engine, lambda c: outbound.record_answer(c, claim.delivery_id, claim.token,
+                                                       1, Answer(500, "non-2xx", 1), policy))  # fmt: skip
+
+
+def test_retries_follow_a_growing_schedule_kept_in_postgresql_for_over_a_day(engine):
+    org = new_org(engine)
+    ep, _ = add_endpoint(engine, "http://127.0.0.1:9/x")
+    tx(engine, lambda c: outbound.record(c, "wallet.frozen", org, {"org_id": org}))
+    real = outbound.OutboundPolicy(secret_key=KEY, allow_private=True, circuit_threshold=100)
+    gaps = []
+    for _ in range(len(outbound.RETRY_SCHEDULE) + 1):
+        with engine.begin() as c:  # due now, whatever the schedule said
+            c.execute(text("UPDATE outbound_deliveries SET next_attempt_at = now()"))
+        [claim] = tx(engine, lambda c: outbound.claim_due(c, 10, real))
+        result = _fail(engine, claim, real)
+        [row] = delivery_rows(engine, ep.endpoint_id)
+        gaps.append((row.next_attempt_at - row.created_at).total_seconds())
+    assert result == "failed" and row.status == "failed"
+    assert gaps[:-1] == sorted(gaps[:-1]) and gaps[0] <= 6  # growing, the first within 5 s
+    assert outbound.RETRY_SCHEDULE[0] <= 5 and sum(outbound.RETRY_SCHEDULE) >= 24 * 3600
+    assert list(outbound.RETRY_SCHEDULE) == sorted(outbound.RETRY_SCHEDULE)
+
+
+def test_the_circuit_of_a_failing_endpoint_opens_and_another_endpoint_still_gets_its_turn(
+    engine,
+):
+    org = new_org(engine)
+    dead, _ = add_endpoint(engine, "http://127.0.0.1:9/dead")
+    tight = outbound.OutboundPolicy(secret_key=KEY, allow_private=True, circuit_threshold=2)
+    for n in range(3):
+        tx(engine, lambda c, n=n: outbound.record(c, "wallet.frozen", org, {"n": n}))
+    for _ in range(2):
+        [claim] = tx(engine, lambda c: outbound.claim_due(c, 10, tight))
+        _fail(engine, claim, tight)
+    with engine.connect() as c:
+        open_until = c.execute(
+            text("SELECT circuit_open_until > now() FROM outbound_endpoints WHERE endpoint_id = :e"),
+            {"e": dead.endpoint_id},
+        ).scalar_one()  # fmt: skip
+    assert open_until
+    live, _ = add_endpoint(engine, "http://127.0.0.1:9/live")
+    tx(engine, lambda c: outbound.record(c, "wallet.frozen", org, {"n": 9}))
+    with engine.begin() as c:  # the dead one's retries are due, but its circuit is open
+        c.execute(text("UPDATE outbound_deliveries SET next_attempt_at = now() - interval '1s'"))
+        c.execute(text("UPDATE outbound_endpoints SET circuit_open_until = now() + interval '1h' "
+                       "WHERE endpoint_id = :e"), {"e": dead.endpoint_id})  # fmt: skip
+    claims = tx(engine, lambda c: outbound.claim_due(c, 10, tight))
+    with engine.connect() as c:
+        owners = {
+            c.execute(text("SELECT endpoint_id FROM outbound_deliveries WHERE id = :d"),
+                      {"d": cl.delivery_id}).scalar_one()
+            for cl in claims
+        }  # fmt: skip
+    assert owners == {live.endpoint_id}
+
+
+def test_delivered_events_are_pruned_after_the_retention_and_owed_ones_stay(engine):
+    org = new_org(engine)
+    ep, _ = add_endpoint(engine, "http://127.0.0.1:9/x")
+    for n in range(2):
+        tx(engine, lambda c, n=n: outbound.record(c, "wallet.frozen", org, {"n": n}))
+    with engine.begin() as c:
+        first = c.execute(text("SELECT min(sequence) FROM outbound_deliveries")).scalar_one()
+        c.execute(text("UPDATE outbound_deliveries SET status = 'delivered' WHERE sequence = :s"),
+                  {"s": first})  # fmt: skip
+        c.execute(text("UPDATE outbound_events SET created_at = now() - interval '31 days'"))
+    assert tx(engine, lambda c: outbound.prune(c, 30)) == 1
+    with engine.connect() as c:
+        left = c.execute(text("SELECT sequence FROM outbound_events")).scalars().all()
+        attempts = c.execute(text("SELECT count(*) FROM outbound_deliveries")).scalar_one()
+    assert first not in left and len(left) == 1 and attempts == 1
+
+
+def test_the_procfile_runs_events_on_their_own_queue_and_worker_keeps_its_queues():
+    from tests.stack import procfile_command
+
+    assert "-Q payguard.outbound " in procfile_command("events")
+    worker_queues = procfile_command("worker").split("-Q ")[1].split()[0].split(",")
+    assert set(worker_queues) >= {"celery", "payguard.events", "payguard.send",
+                                  "payguard.twilio", "payguard.beat"}  # fmt: skip
+    assert "payguard.outbound" not in worker_queues
