@@ -91,11 +91,33 @@ class OutboundPolicy:
 # ---------------------------------------------------------------- recording
 
 
+# Sequences are taken in one order and committed in another: a host that read event n+1
+# while n's transaction was still open would, asking for events after n+1, never see n.
+# So the first event of each transaction takes an advisory lock keyed by its sequence
+# (modulo 2^31), held until the transaction ends, and `events_after` lists nothing at or
+# beyond the lowest such lock still held. One lock per transaction, however many events.
+_INFLIGHT_LOCKS = 0x70677576  # the advisory lock namespace ("pguv")
+_SEQ_MOD = 2**31
+_NEXT_SEQUENCE = text(f"""
+SELECT q.s FROM (SELECT nextval('outbound_events_sequence_seq') AS s) q
+LEFT JOIN LATERAL (
+    SELECT pg_advisory_xact_lock(:ns, CAST(q.s % {_SEQ_MOD} AS integer)),
+           set_config('payguard.outbound_first', CAST(q.s AS text), true)
+    WHERE coalesce(current_setting('payguard.outbound_first', true), '') = ''
+) first ON true
+""")
+_INFLIGHT_FLOOR = text(f"""
+SELECT min(last.v - (((last.v - l.objid::bigint) % {_SEQ_MOD}) + {_SEQ_MOD}) % {_SEQ_MOD})
+FROM pg_locks l, (SELECT last_value AS v FROM outbound_events_sequence_seq) last
+WHERE l.locktype = 'advisory' AND l.classid::bigint = :ns AND l.objsubid = 2
+""")
+
+
 def record(conn: Connection, type_: str, org_id: str | None, data: dict) -> int:
     """Record one event and its deliveries in the caller's transaction; its sequence."""
     if type_ not in EVENT_TYPES:
         raise InvalidInput(f"unknown event type {type_!r}")
-    seq = conn.execute(text("SELECT nextval('outbound_events_sequence_seq')")).scalar_one()
+    seq = conn.execute(_NEXT_SEQUENCE, {"ns": _INFLIGHT_LOCKS}).scalar_one()
     body = json.dumps(
         {
             "type": type_,
@@ -353,18 +375,21 @@ def events_after(
     conn: Connection, after: int, limit: int = 100, org_ids: list[str] | None = None
 ) -> list[dict]:
     """Events with a sequence greater than `after`, oldest first: how a host catches up.
-    `org_ids` confines them to those organizations (None: every event)."""
+    `org_ids` confines them to those organizations (None: every event). Events behind one
+    whose transaction is still open wait for it, so a host's `after` never skips one."""
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
         raise InvalidInput("after must be a sequence number, zero or more")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
         raise InvalidInput("limit must be between 1 and 1000")
+    floor = conn.execute(_INFLIGHT_FLOOR, {"ns": _INFLIGHT_LOCKS}).scalar()
     rows = conn.execute(
         text(
             "SELECT event_id, body FROM outbound_events WHERE sequence > :after "
+            "AND (CAST(:floor AS bigint) IS NULL OR sequence < CAST(:floor AS bigint)) "
             "AND (CAST(:orgs AS text[]) IS NULL OR org_id = ANY(CAST(:orgs AS text[]))) "
             "ORDER BY sequence LIMIT :limit"
         ),
-        {"after": after, "orgs": org_ids, "limit": limit},
+        {"after": after, "floor": floor, "orgs": org_ids, "limit": limit},
     )
     return [{"id": r.event_id, **json.loads(r.body)} for r in rows]
 

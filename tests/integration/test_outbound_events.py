@@ -129,6 +129,30 @@ def test_sequence_grows_and_events_after_lists_what_came_later_per_organization(
     assert later and all(e["data"]["org_id"] == a and e["sequence"] > seqs[2] for e in later)
 
 
+def test_catch_up_never_skips_an_event_whose_transaction_commits_later(engine):
+    """A transaction that took sequence n and commits after one that took n+1: a host that
+    read n+1 and asks for events after it would never see n. So n+1 waits for n."""
+    org = new_org(engine)
+    slow = engine.connect()
+    slow_tx = slow.begin()
+    try:
+        early = outbound.record(slow, "wallet.frozen", org, {"org_id": org, "reason": "a"})
+        late = tx(engine, lambda c: outbound.record(c, "wallet.frozen", org, {"reason": "b"}))
+        assert late > early
+        with engine.connect() as c:
+            assert [e["sequence"] for e in outbound.events_after(c, 0, 100)] == []
+        slow_tx.commit()
+    finally:
+        slow.close()
+    with engine.connect() as c:
+        assert [e["sequence"] for e in outbound.events_after(c, 0, 100)] == [early, late]
+    with engine.connect() as c, c.begin():  # the next transaction on a connection locks again
+        again = outbound.record(c, "wallet.frozen", org, {"reason": "c"})
+        c.execute(text("SELECT 1"))
+        with engine.connect() as other:
+            assert again not in [e["sequence"] for e in outbound.events_after(other, 0, 100)]
+
+
 def test_endpoints_get_only_the_event_types_and_organizations_they_asked_for(engine):
     a, b = new_org(engine), new_org(engine)
     credited_only, _ = add_endpoint(engine, "http://127.0.0.1:9/a", ["wallet.credited"])
