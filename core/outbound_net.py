@@ -12,6 +12,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,6 +162,11 @@ def post(
         )  # fmt: skip
     else:
         conn = _PinnedHTTP(address, target.host, target.port, timeout=timeout)
+    # The timeout bounds the whole try: socket timeouts alone restart with every byte, so an
+    # endpoint answering one byte at a time would hold the delivery for ever.
+    watchdog = threading.Timer(timeout, _cut, args=(conn,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         conn.request(
             "POST",
@@ -171,7 +177,19 @@ def post(
         response = conn.getresponse()
         response.read(65536)  # a little of the answer, never all of an endless one
         return answer(response.status, None if 200 <= response.status < 300 else "non-2xx")
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if time.monotonic() - started >= timeout:
+            return answer(None, f"no answer within {timeout:g} s")
         return answer(None, f"{type(exc).__name__}: {exc}"[:500])
     finally:
+        watchdog.cancel()
         conn.close()
+
+
+def _cut(conn: http.client.HTTPConnection) -> None:
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -3,6 +3,7 @@
     with HookEndpoint() as hook:
         hook.script([500, 500])      # the next two requests answer 500, then 200 again
         hook.script(["hang"])        # hold the next request open until `release()`
+        hook.script(["trickle"])     # answer one byte every half second (a slow-loris)
         ... hook.requests            # each: headers (lower-cased), body bytes, time
 
 Use it with OUTBOUND_ALLOW_PRIVATE=1 (it is on loopback, over http)."""
@@ -51,6 +52,17 @@ class HookEndpoint:
                             what,
                         )
                     )
+                if what == "trickle":  # one byte of an answer every half second, for a minute
+                    try:
+                        for byte in b"HTTP/1.1 200 OK\r\n" * 8:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            if hook._released.wait(0.5):
+                                break
+                    except OSError:
+                        pass
+                    self.close_connection = True
+                    return
                 if what == "hang":
                     hook._released.wait(120)
                     self.close_connection = True

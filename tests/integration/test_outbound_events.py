@@ -454,3 +454,18 @@ def test_the_procfile_runs_events_on_their_own_queue_and_worker_keeps_its_queues
     assert set(worker_queues) >= {"celery", "payguard.events", "payguard.send",
                                   "payguard.twilio", "payguard.beat"}  # fmt: skip
     assert "payguard.outbound" not in worker_queues
+
+
+def test_an_endpoint_that_trickles_its_answer_is_cut_off_at_the_timeout():
+    import time
+
+    from core.outbound_net import post
+
+    with HookEndpoint() as hook:
+        hook.script(["trickle"])
+        started = time.monotonic()
+        answer = post(hook.url, b"{}", {}, resolver=lambda h, p: ["127.0.0.1"],
+                      allow_private=True, timeout=2)  # fmt: skip
+        took = time.monotonic() - started
+    assert not answer.ok
+    assert took < 20  # the trickle lasts over a minute; a per-read timeout would never fire
