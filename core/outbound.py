@@ -472,13 +472,16 @@ def start_delivery(
     fernet = policy.fernet()
     try:
         secrets_ = [fernet.decrypt(row.secret_enc.encode()).decode()]
-        if row.previous_secret_enc and row.previous_valid:
-            secrets_.append(fernet.decrypt(row.previous_secret_enc.encode()).decode())
     except InvalidToken:
         raise ConfigError(
             "configuration error: PAYGUARD_SECRET_KEY does not decrypt the endpoint secrets "
             "(was it changed?)"
         ) from None
+    if row.previous_secret_enc and row.previous_valid:
+        try:
+            secrets_.append(fernet.decrypt(row.previous_secret_enc.encode()).decode())
+        except InvalidToken:  # rotated after a key change: the new secret alone signs
+            pass
     return Delivery(delivery_id, row.event_id, row.url, row.body.encode(), secrets_)
 
 

@@ -20,6 +20,7 @@ Threat model:
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 
 import pytest
@@ -186,3 +187,30 @@ def test_a_rotated_secret_signs_with_both_for_a_day_and_an_old_signature_never_f
         engine, lambda c: outbound.start_delivery(c, claim.delivery_id, claim.token, p)
     )
     assert len(again.headers(1)["webhook-signature"].split(" ")) == 1
+
+
+def _events_worker(env):
+    from tests.stack import BIN
+
+    argv = [str(BIN / "celery"), "-A", "worker.celery_app:app", "worker", "--loglevel=INFO",
+            "--concurrency=1", "--without-gossip", "--without-mingle", "-Q", "payguard.outbound"]  # fmt: skip
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_events_worker_refuses_to_start_without_the_key_once_an_endpoint_exists(
+    engine, app_env
+):
+    create(engine, "https://hooks.example.test/in", policy(resolves_to(PUBLIC)))
+    env = {k: v for k, v in app_env.items() if k != "PAYGUARD_SECRET_KEY"}
+    run = _events_worker(env)
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if "PAYGUARD_SECRET_KEY" in line]
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+
+
+def test_an_events_worker_needs_no_twilio_account(app_env, tmp_path):
+    from tests.stack import start_worker
+
+    env = {k: v for k, v in app_env.items() if not k.startswith("TWILIO_")}
+    with start_worker(env, tmp_path, queues="payguard.outbound") as worker:
+        assert worker.alive()
