@@ -462,6 +462,7 @@ def expire_stale_holds(
                     ),
                     {"cap": may_have_been_sent, "m": r.message_id},
                 )
+                outbound.note_message(conn, r.message_id)
             log.info(
                 "stale hold settled",
                 extra={

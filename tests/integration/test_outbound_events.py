@@ -235,6 +235,7 @@ def test_campaign_pause_and_resume_are_reported(engine):
 # ---------------------------------------------------------------- delivery (real processes)
 
 
+@pytest.mark.slow
 def test_retries_after_500s_keep_the_id_and_body_and_sign_each_try_afresh(engine, env, tmp_path):
     org = new_org(engine)
     with HookEndpoint() as hook:
@@ -268,6 +269,7 @@ def test_retries_after_500s_keep_the_id_and_body_and_sign_each_try_afresh(engine
     assert attempts == 3
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_delivery_delivers_again(engine, env, tmp_path):
     env = {**env, "OUTBOUND_LEASE_SECONDS": "8"}
     org = new_org(engine)
@@ -291,6 +293,7 @@ def test_a_worker_killed_mid_delivery_delivers_again(engine, env, tmp_path):
     assert tries[0].body == tries[1].body
 
 
+@pytest.mark.slow
 def test_many_events_to_a_dead_endpoint_delay_neither_sends_nor_other_endpoints(
     engine, env, tmp_path
 ):
@@ -337,6 +340,7 @@ def _payguard(env, *args):
     return proc.returncode, json.loads(proc.stdout or "{}")
 
 
+@pytest.mark.slow
 def test_cli_manages_endpoints_and_redelivers_a_failed_delivery(engine, env):
     org = new_org(engine)
     code, created = _payguard(env, "endpoint", "create", "http://127.0.0.1:9/x",
@@ -469,3 +473,16 @@ def test_an_endpoint_that_trickles_its_answer_is_cut_off_at_the_timeout():
         took = time.monotonic() - started
     assert not answer.ok
     assert took < 20  # the trickle lasts over a minute; a per-read timeout would never fire
+
+
+def test_message_updates_are_reported_when_a_message_settles_even_by_beat(engine):
+    org = new_org(engine, balance=100)
+    policy = sending.Policy()
+    msg = tx(engine, lambda c: messages.queue(c, org, "+15005550010", "hi", policy))
+    tx(engine, lambda c: messages.prepare(c, msg.message_id, policy, "task-1"))  # held, sending
+    with engine.begin() as c:
+        c.execute(text("UPDATE holds SET created_at = now() - interval '2 hours'"))
+    assert messages.expire_stale_holds(engine, 3600, 10, policy) == 1
+    updates = [e["data"] for e in events_of(engine, "message.updated")]
+    assert updates[-1] == {"message_id": msg.message_id, "org_id": org, "status": "unknown",
+                           "charged_cents": 1}  # fmt: skip
