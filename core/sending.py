@@ -185,6 +185,8 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
     if changed:
         inbox.enqueue(conn, SYNC_TWILIO_TASK, [org_id])
         decision = decide(conn, org_id, policy)
+    # Before the campaigns: the organization's row is locked first, as above (no deadlock).
+    outbound.note_may_send(conn, org_id, decision.can_send, list(decision.reasons))
     if decision.can_send:
         resumed = tuple(
             conn.execute(
@@ -229,8 +231,7 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
 
 
 def _report(conn: Connection, org_id: str, d: Decision, paused: tuple, resumed: tuple) -> None:
-    """Events to the host: may-send flips, and campaigns Payguard paused or resumed."""
-    outbound.note_may_send(conn, org_id, d.can_send, list(d.reasons))
+    """Events to the host: the campaigns Payguard paused or resumed."""
     for campaign_id in paused:
         outbound.note_campaign(conn, org_id, campaign_id, "system", ",".join(d.reasons))
     for campaign_id in resumed:

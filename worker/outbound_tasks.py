@@ -19,6 +19,8 @@ from worker.celery_app import app
 log = logging.getLogger(__name__)
 
 DISPATCH_BATCH = 200
+# Up to 200,000 events pruned per run (every 10 minutes), in batches of 2,000.
+PRUNE_BATCH, PRUNE_BATCHES = 2000, 100
 
 
 @app.task(name="payguard.deliver_event", acks_late=True, reject_on_worker_lost=True)
@@ -80,7 +82,12 @@ def dispatch_outbound() -> int:
 def prune_outbound() -> int:
     """Delivered events older than EVENT_RETENTION_DAYS go, with their attempts."""
     days = runtime.settings().EVENT_RETENTION_DAYS
-    count = run_in_transaction(runtime.engine(), lambda c: outbound.prune(c, days))
+    count = 0
+    for _ in range(PRUNE_BATCHES):  # a transaction per batch, none holding many rows long
+        n = run_in_transaction(runtime.engine(), lambda c: outbound.prune(c, days, PRUNE_BATCH))
+        count += n
+        if n < PRUNE_BATCH:
+            break
     if count:
         log.info("outbound events pruned", extra={"count": count})
     return count

@@ -486,3 +486,59 @@ def test_message_updates_are_reported_when_a_message_settles_even_by_beat(engine
     updates = [e["data"] for e in events_of(engine, "message.updated")]
     assert updates[-1] == {"message_id": msg.message_id, "org_id": org, "status": "unknown",
                            "charged_cents": 1}  # fmt: skip
+
+
+@pytest.fixture
+def beat_runtime(monkeypatch, database_url, redis_clean):
+    """The worker runtime of this process pointed at this test's database and Redis."""
+    from worker import beat_jobs, runtime
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("REDIS_URL", redis_clean)
+    monkeypatch.setenv("PAYGUARD_SECRET_KEY", KEY)
+    monkeypatch.setattr(runtime, "_state", {})
+    monkeypatch.setattr(beat_jobs, "_publisher", {})
+    yield redis_clean
+    if runtime._state.get("engine") is not None:
+        runtime._state["engine"].dispose()
+    if "p" in beat_jobs._publisher:
+        beat_jobs._publisher["p"].close()
+
+
+def test_beat_prunes_old_delivered_events_in_batches_until_none_are_left(
+    engine, beat_runtime, monkeypatch
+):
+    from worker import outbound_tasks
+
+    monkeypatch.setattr(outbound_tasks, "PRUNE_BATCH", 7)
+    org = new_org(engine)
+
+    def fifty(c):
+        for n in range(50):
+            outbound.record(c, "wallet.frozen", org, {"n": n})
+
+    tx(engine, fifty)
+    with engine.begin() as c:
+        c.execute(text("UPDATE outbound_events SET created_at = now() - interval '31 days'"))
+    assert outbound_tasks.prune_outbound() == 50
+
+
+def test_beat_publishes_one_delivery_per_endpoint_to_the_outbound_queue(engine, beat_runtime):
+    import redis
+
+    from worker import outbound_tasks
+
+    org = new_org(engine)
+    a, _ = add_endpoint(engine, "http://127.0.0.1:9/a")
+    b, _ = add_endpoint(engine, "http://127.0.0.1:9/b")
+    for n in range(3):
+        tx(engine, lambda c, n=n: outbound.record(c, "wallet.frozen", org, {"n": n}))
+    assert outbound_tasks.dispatch_outbound() == 2
+    assert outbound_tasks.dispatch_outbound() == 0  # each endpoint has one in flight
+    client = redis.Redis.from_url(beat_runtime)
+    try:
+        queued = client.lrange("payguard.outbound", 0, -1)
+    finally:
+        client.close()
+    assert len(queued) == 2
+    assert {json.loads(q)["headers"]["task"] for q in queued} == {"payguard.deliver_event"}
