@@ -490,6 +490,17 @@ def _make_manager(output: IO[str]) -> Any:
     return DevManager(Printer(output))
 
 
+def _dev_secret_key(data_dir: Path) -> str:
+    from cryptography.fernet import Fernet
+
+    path = data_dir / "secret-key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(Fernet.generate_key().decode())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def dev_environment(database_url: str, redis_url: str, data_dir: Path) -> dict[str, str]:
     """The environment every dev process gets; values already in the environment win,
     except the two URLs and PYTHONUNBUFFERED."""
@@ -504,6 +515,12 @@ def dev_environment(database_url: str, redis_url: str, data_dir: Path) -> dict[s
     # web's /metrics answers only with this bearer token; printed at start, kept in var/dev/env.
     if not env.get("METRICS_TOKEN"):
         env["METRICS_TOKEN"] = secrets.token_urlsafe(24)
+    # Endpoint secrets are encrypted with this key: kept in the data directory, since the
+    # secrets stored in the dev database need the same key on the next run.
+    if not env.get("PAYGUARD_SECRET_KEY"):
+        env["PAYGUARD_SECRET_KEY"] = _dev_secret_key(data_dir)
+    # Event endpoints on this machine (http://127.0.0.1:…) are what development wants.
+    env.setdefault("OUTBOUND_ALLOW_PRIVATE", "1")
     # The Procfile names gunicorn and celery: find them next to this interpreter even when
     # the venv is not activated.
     bin_dir = str(Path(sys.executable).parent)
@@ -607,7 +624,15 @@ def _run_dev(
     (data_dir / "env").write_text(
         "".join(
             f"{k}={shlex.quote(env[k])}\n"
-            for k in ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "PORT", "METRICS_TOKEN")
+            for k in (
+                "DATABASE_URL",
+                "REDIS_URL",
+                "BROKER_URL",
+                "PORT",
+                "METRICS_TOKEN",
+                "PAYGUARD_SECRET_KEY",
+                "OUTBOUND_ALLOW_PRIVATE",
+            )  # fmt: skip
             if env.get(k)
         )
         + f"PAYGUARD_API_KEY={shlex.quote(api_key)}\n"

@@ -26,7 +26,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from cli import output
-from core import apikeys, audit, inbox, messages, orgs, overview, sending, wallet
+from core import apikeys, audit, inbox, messages, orgs, outbound, overview, sending, wallet
 from core.db import make_engine, run_in_transaction
 from core.errors import InvalidInput, PayguardError, Refused
 from core.settings import ConfigError, Settings, load_settings
@@ -101,7 +101,8 @@ GROUPS = {
     "ledger": "the journal as a whole",
     "campaign": "campaigns and their pauses",
     "message": "the safe send path",
-    "events": "the webhook inbox",
+    "events": "the webhook inbox, and events sent to the host (outbound)",
+    "endpoint": "the host's webhook endpoints (events out)",
     "sample": "signed sample webhooks for the dev stack",
     "apikey": "API keys of the host API (/v1)",
 }
@@ -247,6 +248,12 @@ def db_upgrade(ctx: Context, args: argparse.Namespace) -> Result:
         help="subscription (default): may send only while a subscription is active; "
         "prepaid: money alone decides",
     ),
+    arg(
+        "--low-balance-cents",
+        type=int,
+        metavar="N",
+        help="wallet.low_balance fires when the available balance falls below N",
+    ),
     ACTOR,
 )
 def org_create(ctx: Context, args: argparse.Namespace) -> Result:
@@ -258,12 +265,14 @@ def org_create(ctx: Context, args: argparse.Namespace) -> Result:
         sender=args.sender,
         segment_price_cents=args.segment_price_cents,
         billing=args.billing,
+        low_balance_cents=args.low_balance_cents,
     )
     _audit(
         ctx.conn, actor=args.actor, action="org.create", org_id=org.org_id,
         details={"currency": org.currency, "billing": args.billing,
                  "twilio_subaccount_sid": args.twilio_subaccount, "sender": args.sender,
-                 "segment_price_cents": args.segment_price_cents},
+                 "segment_price_cents": args.segment_price_cents,
+                 "low_balance_cents": args.low_balance_cents},
     )  # fmt: skip
     return {**org.as_dict(), "wallet": wallet.show(ctx.conn, org.org_id).as_dict()}
 
@@ -610,6 +619,78 @@ def events_replay(ctx: Context, args: argparse.Namespace) -> Result:
         replayed.append(event.id)
         ctx.progress_bar("replaying events", n, len(targets))
     return {"replayed": replayed, "count": len(replayed)}
+
+
+DELIVERY_COLUMNS = ("id", "endpoint_id", "type", "sequence", "status", "attempts", "last_error")
+
+
+@command(
+    "events outbound",
+    "deliveries of events to the host's endpoints, newest first",
+    arg("--status", choices=outbound.DELIVERY_STATUSES),
+    arg("--limit", type=int, default=100, metavar="N"),
+    render=lambda r: output.render(r, {"deliveries": DELIVERY_COLUMNS}),
+)
+def events_outbound(ctx: Context, args: argparse.Namespace) -> Result:
+    return {"deliveries": outbound.list_deliveries(ctx.conn, args.status, args.limit)}
+
+
+@command(
+    "events redeliver",
+    "deliver an outbound event to its endpoint again, now",
+    arg("id", type=int, metavar="ID", help="the delivery id (see events outbound)"),
+    ACTOR,
+)
+def events_redeliver(ctx: Context, args: argparse.Namespace) -> Result:
+    return outbound.redeliver(ctx.conn, args.id, args.actor)
+
+
+def _outbound_policy(ctx: Context) -> outbound.OutboundPolicy:
+    assert ctx.settings is not None
+    return outbound.OutboundPolicy.from_settings(ctx.settings)
+
+
+ENDPOINT_ID = arg("endpoint_id", metavar="ENDPOINT_ID")
+
+
+@command(
+    "endpoint create",
+    "register a webhook endpoint of the host; its secret is printed once",
+    arg("url", metavar="URL"),
+    arg("--events", metavar="TYPE,TYPE", help="only these event types (default: all)"),
+    arg("--org", metavar="ORG_ID", help="only this organization's events (default: all)"),
+    ACTOR,
+)
+def endpoint_create(ctx: Context, args: argparse.Namespace) -> Result:
+    events = [e.strip() for e in args.events.split(",") if e.strip()] if args.events else None
+    endpoint, secret = outbound.create_endpoint(
+        ctx.conn, args.url, events, args.org, args.actor, policy=_outbound_policy(ctx)
+    )
+    return {**endpoint.as_dict(), "secret": secret}
+
+
+@command("endpoint list", "the webhook endpoints (never a secret)")
+def endpoint_list(ctx: Context, args: argparse.Namespace) -> Result:
+    return {"endpoints": [e.as_dict() for e in outbound.list_endpoints(ctx.conn)]}
+
+
+@command("endpoint delete", "delete an endpoint: nothing more is sent to it", ENDPOINT_ID, ACTOR)
+def endpoint_delete(ctx: Context, args: argparse.Namespace) -> Result:
+    outbound.delete_endpoint(ctx.conn, args.endpoint_id, args.actor)
+    return {"endpoint_id": args.endpoint_id, "deleted": True}
+
+
+@command(
+    "endpoint rotate-secret",
+    "a new secret, printed once; the old one also signs for 24 hours",
+    ENDPOINT_ID,
+    ACTOR,
+)
+def endpoint_rotate_secret(ctx: Context, args: argparse.Namespace) -> Result:
+    secret = outbound.rotate_secret(
+        ctx.conn, args.endpoint_id, args.actor, policy=_outbound_policy(ctx)
+    )
+    return {"endpoint_id": args.endpoint_id, "secret": secret}
 
 
 @command(

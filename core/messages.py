@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, text
 
-from core import inbox, sending, wallet
+from core import inbox, outbound, sending, wallet
 from core.db import run_in_transaction
 from core.errors import InvalidInput, NotFound, Refused
 from core.sms import count_segments, validate_e164
@@ -271,6 +271,7 @@ def prepare(conn: Connection, message_id: str, policy: sending.Policy) -> Plan |
             ),
             {"r": json.dumps(reasons), "m": message_id},
         )
+        outbound.note_message(conn, message_id)
         sending.reconcile(conn, row.org_id, policy)
         return None
     conn.execute(
@@ -338,6 +339,7 @@ def _settle(
         ),
         {"s": status, "e": error, "sid": sid, "c": charged, "m": row.message_id},
     )
+    outbound.note_message(conn, row.message_id)
 
 
 _LOCK_MESSAGE = (
@@ -441,6 +443,7 @@ def _late_refusal(conn: Connection, row, result, policy: sending.Policy) -> str:
         ),
         {"e": f"twilio {result.error_code}: {result.error_message}", "m": row.message_id},
     )
+    outbound.note_message(conn, row.message_id)
     sending.reconcile(conn, row.org_id, policy)
     return "rejected"
 
@@ -458,6 +461,7 @@ def _adopt_sid(conn: Connection, row, sid: str) -> None:
             ),
             {"sid": sid, "m": row.message_id},
         )
+        outbound.note_message(conn, row.message_id)
 
 
 def give_up(conn: Connection, message_id: str, policy: sending.Policy, error: str) -> None:
@@ -539,6 +543,8 @@ def apply_status_callback(
         raise WrongSigner(f"{signer} did not send {row.message_id}")
     new = _apply(conn, row, status, policy)
     _record_billing(conn, _lock_message(conn, sid=sid), price, price_unit, segments)
+    if new != row.status:  # after billing, so the event carries what the message cost
+        outbound.note_message(conn, row.message_id)
     if named is not None and named.status in ("sending", "unknown") and named.twilio_sid is None:
         sending.reconcile(conn, row.org_id, policy)
         new = apply_early_callbacks(conn, sid, policy) or new
@@ -731,6 +737,7 @@ def expire_stale_holds(
                     ),
                     {"cap": may_have_been_sent, "m": r.message_id},
                 )
+                outbound.note_message(conn, r.message_id)
             log.info(
                 "stale hold settled",
                 extra={

@@ -74,6 +74,7 @@ def create(
     low_balance_cents: int | None = None,
 ) -> Organization:
     validate_org_id(org_id)
+    _threshold(low_balance_cents)
     if billing not in BILLING_MODES:
         raise InvalidInput(f"billing must be one of {', '.join(BILLING_MODES)}, got {billing!r}")
     if not isinstance(currency, str) or not re.fullmatch(r"[A-Za-z]{3}", currency):
@@ -176,6 +177,25 @@ def get(conn: Connection, org_id: str) -> Organization:
     if row is None:
         raise NotFound(f"unknown organization {org_id!r}")
     return Organization(**row._mapping)
+
+
+def _threshold(cents: object) -> int | None:
+    if cents is not None and (isinstance(cents, bool) or not isinstance(cents, int) or cents < 0):
+        raise InvalidInput("low balance threshold must be a whole number of cents, zero or more")
+    return cents  # type: ignore[return-value]
+
+
+def set_low_balance(conn: Connection, org_id: str, cents: int | None) -> Organization:
+    """Set (or clear, with None) the available balance below which wallet.low_balance fires.
+    Whether the wallet is below the new threshold is reported by the next money move."""
+    _threshold(cents)
+    row = conn.execute(
+        text("UPDATE organizations SET low_balance_cents = :c WHERE org_id = :o RETURNING 1"),
+        {"o": org_id, "c": cents},
+    ).first()
+    if row is None:
+        raise NotFound(f"unknown organization {org_id!r}")
+    return get(conn, org_id)
 
 
 def exists(conn: Connection, org_id: str) -> bool:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, text
 
-from core import inbox
+from core import inbox, outbound
 from core.errors import InvalidInput, NotFound, Refused
 from core.orgs import ORG_ID_RE
 from core.settings import Settings
@@ -188,6 +188,8 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
     if changed:
         inbox.enqueue(conn, SYNC_TWILIO_TASK, [org_id])
         decision = decide(conn, org_id, policy)
+    # Before the campaigns: the organization's row is locked first, as above (no deadlock).
+    outbound.note_may_send(conn, org_id, decision.can_send, list(decision.reasons))
     if decision.can_send:
         resumed = tuple(
             conn.execute(
@@ -216,6 +218,7 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
             ).scalars()
         )
         resumed = ()
+    _report(conn, org_id, decision, paused, resumed)
     if paused or resumed or changed:
         log.info(
             "sending state reconciled",
@@ -228,6 +231,14 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
             },
         )
     return Reconciled(decision, paused, resumed, changed)
+
+
+def _report(conn: Connection, org_id: str, d: Decision, paused: tuple, resumed: tuple) -> None:
+    """Events to the host: the campaigns Payguard paused or resumed."""
+    for campaign_id in paused:
+        outbound.note_campaign(conn, org_id, campaign_id, "system", ",".join(d.reasons))
+    for campaign_id in resumed:
+        outbound.note_campaign(conn, org_id, campaign_id, None, None)
 
 
 # ---------------------------------------------------------------- campaigns
@@ -306,6 +317,7 @@ def pause_campaign(conn: Connection, org_id: str, campaign_id: str) -> Campaign:
         ),
         {"o": org_id, "c": campaign_id},
     )
+    outbound.note_campaign(conn, org_id, campaign_id, "user", "paused by user")
     return _campaign(conn, org_id, campaign_id)
 
 
@@ -325,6 +337,7 @@ def resume_campaign(conn: Connection, org_id: str, campaign_id: str, policy: Pol
             ),
             {"o": org_id, "c": campaign_id},
         )
+        outbound.note_campaign(conn, org_id, campaign_id, None, None)
     return _campaign(conn, org_id, campaign_id)
 
 

@@ -104,6 +104,34 @@ class Settings(BaseSettings):
     WORKER_METRICS_HOST: str = "127.0.0.1"
     BEAT_METRICS_HOST: str = "127.0.0.1"
 
+    # Events to the host (outbound webhooks).
+    PAYGUARD_SECRET_KEY: str | None = None
+    OUTBOUND_ALLOW_PRIVATE: bool = False
+    EVENT_RETENTION_DAYS: int = Field(default=30, ge=1)
+    OUTBOUND_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
+    # Multiplies the retry schedule and circuit pauses (tests shrink it; production keeps 1).
+    OUTBOUND_RETRY_SCALE: float = Field(default=1.0, gt=0)
+    # How long a claimed delivery is its worker's; after it, a lost worker's try is redone.
+    OUTBOUND_LEASE_SECONDS: float = Field(default=60.0, gt=0)
+    OUTBOUND_DISPATCH_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
+    OUTBOUND_CIRCUIT_THRESHOLD: int = Field(default=5, ge=1)
+
+    @field_validator("PAYGUARD_SECRET_KEY")
+    @classmethod
+    def _fernet_key(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        import base64
+        import binascii
+
+        try:
+            raw = base64.urlsafe_b64decode(v.encode())
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("must be 32 random bytes in URL-safe base64 (a Fernet key)")
+        return v
+
     @field_validator("DATABASE_URL")
     @classmethod
     def _postgres_url(cls, v: str | None) -> str | None:

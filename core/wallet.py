@@ -19,6 +19,7 @@ from typing import NoReturn
 
 from sqlalchemy import Connection, column, text
 
+from core import outbound
 from core.errors import Conflict, InvalidInput, NotFound, Refused, RetryableConflict
 
 log = logging.getLogger(__name__)
@@ -466,6 +467,7 @@ def _apply(conn: Connection, stmt, params: dict, kinds: tuple[str, ...], *, take
     """Run a guarded money statement; return (row, None) or (None, why-nothing-moved)."""
     row = conn.execute(stmt, params).one()
     if row.id is not None:
+        outbound.note_balance(conn, row.org_id)
         return _entry(row), None
     if row.updated:
         # The wallet moved but the journal insert lost a race with the same reference:
@@ -557,9 +559,17 @@ def credit(
     entry, why = _apply(conn, _CREDIT, params, (kind,), takes=False)
     if entry is None or (why == "duplicate" and not _currency_matches(conn, org_id, params)):
         _refuse_currency(conn, org_id, params["cur"])
+    if why is None:
+        _note_credited(conn, entry)
     if why is None and entry.debt_delta_cents < 0 and entry.debt_after_cents == 0:
         unfreeze(conn, org_id, DEBT_FREEZE, actor="system", note=f"debt repaid by {reference}")
     return entry
+
+
+def _note_credited(conn: Connection, e: Entry) -> None:
+    data = {"org_id": e.org_id, "amount_cents": e.requested_cents,
+            "balance_cents": e.balance_after_cents, "reference": e.reference}  # fmt: skip
+    outbound.record(conn, "wallet.credited", e.org_id, data)
 
 
 def debit(
@@ -685,6 +695,7 @@ def hold(conn: Connection, org_id: str, amount_cents: int, reference: str) -> Ho
     params = {"org": org_id, "amt": _amount(amount_cents), "ref": _reference(reference)}
     row = conn.execute(_HOLD, params).one()
     if row.id is not None:
+        outbound.note_balance(conn, org_id)
         return _hold(row)
     if row.updated:
         raise RetryableConflict(f"hold {reference!r} placed concurrently")
@@ -714,6 +725,7 @@ def capture(
     params = {"org": org_id, "ref": _reference(reference), "cap": amount_cents, "reason": reason}
     row = conn.execute(_CAPTURE, params).first()
     if row is not None:
+        outbound.note_balance(conn, org_id)
         return _hold(row)
     existing = conn.execute(_HOLD_BY_REF, params).first()
     if existing is None:
@@ -732,6 +744,7 @@ def release(conn: Connection, org_id: str, reference: str) -> Hold:
     params = {"org": org_id, "ref": _reference(reference)}
     row = conn.execute(_RELEASE, params).first()
     if row is not None:
+        outbound.note_balance(conn, org_id)
         return _hold(row)
     existing = conn.execute(_HOLD_BY_REF, params).first()
     if existing is None:
@@ -753,6 +766,7 @@ def freeze(
     if row is None:
         _wallet_row(conn, org_id)
         return False
+    outbound.record(conn, "wallet.frozen", org_id, {"org_id": org_id, "reason": reason})
     return True
 
 
@@ -777,6 +791,7 @@ def unfreeze(
     if row is None:
         _wallet_row(conn, org_id)
         return False
+    outbound.record(conn, "wallet.unfrozen", org_id, {"org_id": org_id, "reason": reason})
     return True
 
 

@@ -126,6 +126,7 @@ def start_worker(
     concurrency: int = 1,
     pool: str = "prefork",
     ready_timeout: float = 30.0,
+    queues: str = "payguard.events,payguard.send,payguard.twilio,payguard.beat",
 ) -> Proc:
     name = f"w{uuid.uuid4().hex[:8]}@payguard-test"
     proc = Proc(
@@ -140,7 +141,7 @@ def start_worker(
             f"--pool={pool}",
             "--prefetch-multiplier=1",
             "-Q",
-            "payguard.events,payguard.send,payguard.twilio,payguard.beat",
+            queues,
             "--without-gossip",
             "--without-mingle",
             "-n",

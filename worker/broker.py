@@ -19,13 +19,21 @@ from core.settings import is_amqp_url
 
 # "celery" is Celery's default queue: the Procfile's worker consumes it too, so on RabbitMQ it
 # is declared like the others rather than created as a classic queue on first use.
-QUEUES = ("payguard.events", "payguard.send", "payguard.twilio", "payguard.beat", "celery")
+QUEUES = (
+    "payguard.events",
+    "payguard.send",
+    "payguard.twilio",
+    "payguard.beat",
+    "payguard.outbound",
+    "celery",
+)
 
 ROUTES = {
     "payguard.process_event": "payguard.events",
     "payguard.send_message": "payguard.send",
     "payguard.fan_out_sends": "payguard.send",
     "payguard.sync_twilio_account": "payguard.twilio",
+    "payguard.deliver_event": "payguard.outbound",
 }
 
 

@@ -35,6 +35,7 @@ def _config() -> dict:
             "payguard.send_message": {"queue": "payguard.send"},
             "payguard.fan_out_sends": {"queue": "payguard.send"},
             "payguard.sync_twilio_account": {"queue": "payguard.twilio"},
+            "payguard.deliver_event": {"queue": "payguard.outbound"},
             "payguard.beat.*": {"queue": "payguard.beat"},
         },
         "beat_schedule": beat_schedule(s),
@@ -44,7 +45,7 @@ def _config() -> dict:
     }
 
 
-app = Celery("payguard", include=["worker.tasks", "worker.beat_jobs"])
+app = Celery("payguard", include=["worker.tasks", "worker.beat_jobs", "worker.outbound_tasks"])
 app.add_defaults(_config)
 
 
@@ -53,13 +54,25 @@ def _fresh_resources(**_: object) -> None:
     runtime.reset_after_fork()
 
 
+def _queues(options: dict | None) -> set[str]:
+    raw = (options or {}).get("queues") or ()
+    names = raw.split(",") if isinstance(raw, str) else list(raw)
+    return {str(n).strip() for n in names if str(n).strip()} or {"every queue"}
+
+
 @celeryd_init.connect
-def _require_twilio(**_: object) -> None:
-    """Before anything starts: refuse to run a worker whose sends would go nowhere."""
+def _require_twilio(options: dict | None = None, **_: object) -> None:
+    """Before anything starts: refuse to run a worker whose sends would go nowhere, and an
+    events worker that could not read the endpoint secrets it signs with."""
     from core.settings import ConfigError, require_twilio_or_console
 
     settings = runtime.settings()
+    queues = _queues(options)
     try:
+        if "payguard.outbound" in queues or "every queue" in queues:
+            _require_secret_key()
+        if queues == {"payguard.outbound"}:
+            return  # delivers events only: no Twilio call, no charge
         require_twilio_or_console(settings)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr, flush=True)
@@ -70,6 +83,28 @@ def _require_twilio(**_: object) -> None:
             "changes are only logged",
             file=sys.stderr,
             flush=True,
+        )
+
+
+def _require_secret_key() -> None:
+    """Once an endpoint exists, its secret can be read only with PAYGUARD_SECRET_KEY."""
+    from sqlalchemy import text
+
+    from core.settings import ConfigError
+
+    if runtime.settings().PAYGUARD_SECRET_KEY:
+        return
+    try:
+        with runtime.engine().connect() as conn:
+            exists = conn.execute(
+                text("SELECT 1 FROM outbound_endpoints WHERE deleted_at IS NULL LIMIT 1")
+            ).first()
+    except Exception:  # no database yet, or not migrated: the tasks will say so themselves
+        return
+    if exists:
+        raise ConfigError(
+            "configuration error: PAYGUARD_SECRET_KEY is required: webhook endpoints exist "
+            "and their secrets are stored encrypted with it"
         )
 
 

@@ -40,6 +40,12 @@ def policy() -> Policy:
     return Policy.from_settings(settings())
 
 
+def outbound_policy():
+    from core.outbound import OutboundPolicy
+
+    return OutboundPolicy.from_settings(settings())
+
+
 def gateway():
     s = settings()
     with _lock:

@@ -11,6 +11,11 @@ def beat_schedule(s: Settings) -> dict:
             "task": "payguard.beat.relay_outbox",
             "schedule": s.RELAY_INTERVAL_SECONDS,
         },
+        "dispatch-outbound": {
+            "task": "payguard.beat.dispatch_outbound",
+            "schedule": s.OUTBOUND_DISPATCH_INTERVAL_SECONDS,
+        },
+        "prune-outbound": {"task": "payguard.beat.prune_outbound", "schedule": 600.0},
         "converge-twilio": {"task": "payguard.beat.converge_twilio", "schedule": 30.0},
         "reconcile-campaigns": {"task": "payguard.beat.reconcile_campaigns", "schedule": 60.0},
         "expire-holds": {"task": "payguard.beat.expire_holds", "schedule": 60.0},
