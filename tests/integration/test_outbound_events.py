@@ -479,7 +479,7 @@ def test_message_updates_are_reported_when_a_message_settles_even_by_beat(engine
     org = new_org(engine, balance=100)
     policy = sending.Policy()
     msg = tx(engine, lambda c: messages.queue(c, org, "+15005550010", "hi", policy))
-    tx(engine, lambda c: messages.prepare(c, msg.message_id, policy, "task-1"))  # held, sending
+    tx(engine, lambda c: messages.prepare(c, msg.message_id, policy))  # held, sending
     with engine.begin() as c:
         c.execute(text("UPDATE holds SET created_at = now() - interval '2 hours'"))
     assert messages.expire_stale_holds(engine, 3600, 10, policy) == 1
