@@ -276,6 +276,9 @@ def test_unapproved_top_ups_expire_after_the_providers_window(topup_app, topup_a
     old = create(topup_api, key, org).body["top_up_id"]
     young = create(topup_api, key, org).body["top_up_id"]
     stripe_old = create(topup_api, key, org, provider="stripe").body["top_up_id"]
+    approved = create(topup_api, key, org).body
+    deliver(engine, "paypal", order_approved(approved["provider_reference"], org))
+    _age(engine, approved["top_up_id"], 3.5)  # approved in time: its capture decides
     _age(engine, old, 3.5)
     _age(engine, young, 2)
     _age(engine, stripe_old, 3.5)  # Stripe's sessions live 24 hours
@@ -291,7 +294,9 @@ def test_unapproved_top_ups_expire_after_the_providers_window(topup_app, topup_a
     def status(top_up_id: str) -> str:
         return topup_api.get(f"/organizations/{org}/top-ups/{top_up_id}", key).body["status"]
 
-    assert [status(old), status(young), status(stripe_old)] == ["expired", "created", "created"]
+    assert [status(old), status(young), status(stripe_old), status(approved["top_up_id"])] == [
+        "expired", "created", "created", "approved",
+    ]  # fmt: skip
 
 
 def test_a_late_approval_of_an_expired_top_up_still_captures_and_credits(
