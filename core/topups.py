@@ -35,7 +35,7 @@ from core.topup_api import ProviderRefused, TopUpApi
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("paypal", "stripe")
-CAPTURE_TASK = "payguard.capture_top_up"
+CAPTURE_TASK = inbox.CAPTURE_TOP_UP_TASK
 OPEN = ("created", "approved")
 FINAL = ("completed", "failed", "expired")
 _COLUMNS = (

@@ -382,3 +382,32 @@ def test_unknown_top_up_is_404(topup_api, engine):
     key, org = make_key(engine), new_org(engine)
     assert_problem(topup_api.get(f"/organizations/{org}/top-ups/tu_{'0' * 32}", key), 404)
     assert_problem(topup_api.get(f"/organizations/{org}/top-ups/nope", key), 404)
+
+
+def test_the_relay_publishes_the_capture_again_while_the_top_up_stays_approved(
+    topup_api, engine, topup_paypal
+):
+    from core import inbox
+
+    key, org = make_key(engine), new_org(engine)
+    top_up = create(topup_api, key, org).body
+    deliver(engine, "paypal", order_approved(top_up["provider_reference"], org))
+
+    def relay(conn):
+        return [
+            r.task
+            for r in inbox.claim_for_relay(conn, limit=100, grace_seconds=0, redeliver_seconds=0)
+        ]
+
+    def relayed() -> list[str]:
+        tasks = run_in_transaction(engine, relay)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE outbox SET published_at = now() - interval '1 hour'"))
+        return tasks
+
+    assert topups.CAPTURE_TASK in relayed()
+    assert topups.CAPTURE_TASK in relayed()  # lost by the broker? published again
+    run_in_transaction(
+        engine, lambda c: topups.finish(c, top_up["top_up_id"], "failed", reason="test")
+    )
+    assert topups.CAPTURE_TASK not in relayed()
