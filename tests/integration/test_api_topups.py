@@ -411,3 +411,35 @@ def test_the_relay_publishes_the_capture_again_while_the_top_up_stays_approved(
         engine, lambda c: topups.finish(c, top_up["top_up_id"], "failed", reason="test")
     )
     assert topups.CAPTURE_TASK not in relayed()
+
+
+def test_the_worker_task_captures_and_the_beat_job_expires(
+    monkeypatch, database_url, redis_clean, topup_api, engine, topup_paypal
+):
+    """payguard.capture_top_up and payguard.beat.expire_top_ups as the worker runs them,
+    configured by environment variables alone."""
+    from worker import runtime, tasks
+    from worker.beat_jobs import expire_top_ups
+
+    for name, value in {
+        "DATABASE_URL": database_url, "REDIS_URL": redis_clean,
+        "PAYPAL_API_BASE": topup_paypal.base_url, "PAYPAL_CLIENT_ID": topup_paypal.client_id,
+        "PAYPAL_CLIENT_SECRET": topup_paypal.client_secret,
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(runtime, "_state", {})
+    try:
+        key, org = make_key(engine), new_org(engine)
+        paid = create(topup_api, key, org, amount=900).body
+        stale = create(topup_api, key, org).body
+        topup_paypal.approve(paid["provider_reference"])
+        deliver(engine, "paypal", order_approved(paid["provider_reference"], org))
+        assert tasks.capture_top_up.run(paid["top_up_id"]) == "completed"
+        assert tasks.capture_top_up.run(paid["top_up_id"]) == "completed"
+        assert balance(engine, org) == 900 and topup_paypal.captures_made == 1
+        _age(engine, stale["top_up_id"], 4)
+        assert expire_top_ups.run() == 1
+    finally:
+        eng = runtime._state.get("engine")
+        if eng is not None:
+            eng.dispose()
