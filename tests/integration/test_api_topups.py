@@ -443,3 +443,10 @@ def test_the_worker_task_captures_and_the_beat_job_expires(
         eng = runtime._state.get("engine")
         if eng is not None:
             eng.dispose()
+
+
+def test_an_unknown_organization_is_404_and_no_order_is_made(topup_api, engine, topup_paypal):
+    key = make_key(engine)
+    assert_problem(create(topup_api, key, "no-such-org"), 404)
+    assert topup_paypal.create_requests == 0
+    nothing_made(engine)
