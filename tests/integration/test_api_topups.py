@@ -90,7 +90,7 @@ def test_top_up_is_credited_once_whatever_arrives_twice_or_first(
         elif step == "raw":  # PayPal captured; its answer is not recorded yet
             answer = api.capture_order(order_id, topups.capture_request_id(order_id))
         elif step == "answer":
-            run_in_transaction(engine, lambda c: topups.record_capture(c, top_up_id, answer))
+            run_in_transaction(engine, lambda c, a=answer: topups.record_capture(c, top_up_id, a))
         elif step == "webhook":
             cap = topup_paypal.orders[order_id]["capture"]
             assert deliver(engine, "paypal", capture_completed(order_id, cap)).status == "processed"
