@@ -450,3 +450,25 @@ def test_an_unknown_organization_is_404_and_no_order_is_made(topup_api, engine, 
     assert_problem(create(topup_api, key, "no-such-org"), 404)
     assert topup_paypal.create_requests == 0
     nothing_made(engine)
+
+
+def test_a_stripe_payment_intent_arriving_before_its_session_credits_once_and_completes(
+    topup_api, engine, topup_stripe
+):
+    key, org = make_key(engine), new_org(engine)
+    top_up = create(topup_api, key, org, provider="stripe", amount=1200).body
+    session = topup_stripe.sessions[top_up["provider_reference"]]
+    assert session["form"]["payment_intent_data[metadata][org_id]"] == org
+    intent = sp.new_id("pi")
+    first = sp.payment_intent_succeeded(org_id=org, payment_intent_id=intent, amount=1200)
+    assert deliver(engine, "stripe", first).status == "processed"
+    shown = topup_api.get(f"/organizations/{org}/top-ups/{top_up['top_up_id']}", key).body
+    assert shown["status"] == "created"  # the intent does not name its session
+    paid = sp.checkout_session_completed(
+        session_id=top_up["provider_reference"], org_id=org, amount=1200,
+        payment_intent_id=intent,
+    )  # fmt: skip
+    assert deliver(engine, "stripe", paid).status == "processed"
+    assert balance(engine, org) == 1200 and len(journal(engine, org)) == 1
+    shown = topup_api.get(f"/organizations/{org}/top-ups/{top_up['top_up_id']}", key).body
+    assert (shown["status"], shown["credited_cents"]) == ("completed", 1200)
