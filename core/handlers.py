@@ -14,7 +14,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, text
 
-from core import inbox, orgs, sending, subscriptions, wallet
+from core import inbox, orgs, sending, subscriptions, topups, wallet
 from core.errors import InvalidInput, MalformedEvent, NotYetApplicable, ParkEvent
 from core.provider_events import (
     PREPAID,
@@ -23,6 +23,7 @@ from core.provider_events import (
     DisputeClosed,
     DisputeOpened,
     NormalizedEvent,
+    OrderApproved,
     PaymentCaptured,
     PaymentRefunded,
     Recorded,
@@ -107,6 +108,8 @@ def apply(conn: Connection, event: NormalizedEvent, *, received_at: datetime) ->
             return apply_subscription_change(conn, event, received_at)
         case SubscriptionPayment():
             return record_subscription_payment(conn, event, received_at)
+        case OrderApproved():
+            return approve_top_up(conn, event)
         case Recorded():
             return None
     raise MalformedEvent(f"cannot apply {type(event).__name__}")
@@ -200,6 +203,19 @@ def credit_payment(conn: Connection, ev: PaymentCaptured) -> str:
     )
     if not entry.duplicate:
         _payment_arrived(conn, ev.provider, ev.payment_id)
+    if ev.checkout_id:
+        # Whichever announcement of the payment comes first completes its top-up.
+        topups.payment_credited(
+            conn, ev.provider, ev.checkout_id, org_id, ev.payment_id, ev.amount_cents
+        )
+    return org_id
+
+
+def approve_top_up(conn: Connection, ev: OrderApproved) -> str | None:
+    """A buyer approved a top-up's order: queue its capture (core/topups.py)."""
+    org_id = topups.approve(conn, ev.provider, ev.order_id, ev.org_id)
+    if org_id is None:
+        log.info("approved order is no top-up of Payguard's", extra={"order_id": ev.order_id})
     return org_id
 
 

@@ -22,6 +22,7 @@ STATUSES = ("received", "processed", "ignored", "parked", "failed")
 REPLAYABLE = ("parked", "failed")
 PROCESS_EVENT_TASK = "payguard.process_event"
 SEND_MESSAGE_TASK = "payguard.send_message"  # core.messages.SEND_TASK; here to avoid a cycle
+CAPTURE_TOP_UP_TASK = "payguard.capture_top_up"  # core.topups.CAPTURE_TASK, likewise
 
 # Headers worth keeping with the raw body (for audit and postback re-verification).
 _KEPT_HEADERS = {
@@ -387,10 +388,12 @@ LEFT JOIN webhook_events e
        -- ('msg_...') is no number.
        ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
 LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
+LEFT JOIN top_ups t ON t.top_up_id = CASE WHEN o.task = :capture THEN o.args->>0 END
 WHERE (o.published_at IS NULL AND o.created_at < now() - make_interval(secs => :grace))
    OR (o.published_at < now() - make_interval(secs => :redeliver)
        AND (e.status = 'received' OR m.status IN ('queued', 'retrying')
-            OR (m.status = 'sending' AND m.send_lease_until < now())))
+            OR (m.status = 'sending' AND m.send_lease_until < now())
+            OR t.status = 'approved'))
 ORDER BY o.id
 LIMIT :limit
 FOR UPDATE OF o SKIP LOCKED
@@ -398,6 +401,7 @@ FOR UPDATE OF o SKIP LOCKED
             {
                 "pe": PROCESS_EVENT_TASK,
                 "send": SEND_MESSAGE_TASK,
+                "capture": CAPTURE_TOP_UP_TASK,
                 "grace": grace_seconds,
                 "redeliver": redeliver_seconds,
                 "limit": limit,
@@ -415,8 +419,10 @@ DELETE FROM outbox WHERE id IN (
     SELECT o.id FROM outbox o
     LEFT JOIN webhook_events e ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
     LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
+    LEFT JOIN top_ups t ON t.top_up_id = CASE WHEN o.task = :capture THEN o.args->>0 END
     WHERE o.published_at < now() - make_interval(secs => :age)
       AND e.status IS DISTINCT FROM 'received'
+      AND t.status IS DISTINCT FROM 'approved'
       AND m.status IS DISTINCT FROM 'queued' AND m.status IS DISTINCT FROM 'retrying'
       AND m.status IS DISTINCT FROM 'sending'
     ORDER BY o.id LIMIT :limit
@@ -425,6 +431,7 @@ DELETE FROM outbox WHERE id IN (
         {
             "pe": PROCESS_EVENT_TASK,
             "send": SEND_MESSAGE_TASK,
+            "capture": CAPTURE_TOP_UP_TASK,
             "age": older_than_seconds,
             "limit": limit,
         },

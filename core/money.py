@@ -58,3 +58,9 @@ def to_minor_units(value: object, currency: str) -> int:
     if scaled != scaled.to_integral_value(rounding=ROUND_HALF_EVEN):
         raise MalformedEvent(f"amount {value!r} has more precision than {currency} allows")
     return int(scaled)
+
+
+def from_minor_units(cents: int, currency: str) -> str:
+    """5700 USD -> '57.00': the decimal string PayPal and others expect."""
+    exponent = minor_unit_exponent(currency)
+    return str(Decimal(cents).scaleb(-exponent).quantize(Decimal(1).scaleb(-exponent)))

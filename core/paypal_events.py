@@ -28,6 +28,7 @@ from core.provider_events import (
     DisputeClosed,
     DisputeOpened,
     NormalizedEvent,
+    OrderApproved,
     PaymentCaptured,
     PaymentRefunded,
     Recorded,
@@ -116,6 +117,25 @@ def _capture_completed(payload: dict, resource: Resource) -> NormalizedEvent:
         org_id=_optional_str(resource, "custom_id"),
         amount_cents=amount_cents,
         currency=currency,
+        occurred_at=_first_time(payload, resource, "update_time", "create_time"),
+        checkout_id=_related_order(resource),
+    )
+
+
+def _related_order(resource: Resource) -> str | None:
+    """The order a v2 capture belongs to: supplementary_data.related_ids.order_id."""
+    supplementary = _optional_dict(resource, "supplementary_data", "resource")
+    related = _optional_dict(supplementary, "related_ids", "resource.supplementary_data")
+    return _optional_str(related, "order_id", "related_ids")
+
+
+def _order_approved(payload: dict, resource: Resource) -> NormalizedEvent:
+    units = resource.get("purchase_units")
+    first = units[0] if isinstance(units, list) and units and isinstance(units[0], dict) else {}
+    return OrderApproved(
+        provider=PROVIDER,
+        order_id=_required_str(resource, "id", "resource"),
+        org_id=_optional_str(first, "custom_id", "purchase_units[0]"),
         occurred_at=_first_time(payload, resource, "update_time", "create_time"),
     )
 
@@ -388,6 +408,7 @@ def _optional_dict(mapping: dict, key: str, where: str) -> dict:
 
 _BUILDERS: dict[str, Callable[[dict, Resource], NormalizedEvent]] = {
     "PAYMENT.CAPTURE.COMPLETED": _capture_completed,
+    "CHECKOUT.ORDER.APPROVED": _order_approved,
     "PAYMENT.CAPTURE.REFUNDED": partial(_capture_refunded, kind="refund"),
     "PAYMENT.CAPTURE.REVERSED": partial(_capture_refunded, kind="reversal"),
     "PAYMENT.CAPTURE.PENDING": _capture_not_completed,

@@ -30,6 +30,19 @@ class PaymentCaptured:
     # Stripe announces one Checkout payment twice (session and intent) and only the session is
     # sure to name the organization: an intent naming none waits for it instead of parking.
     org_may_come_later: bool = False
+    # The PayPal order or Stripe Checkout Session this payment settles, when the provider
+    # says: how a top-up learns it was paid (core/topups.py).
+    checkout_id: str | None = None
+
+
+@dataclass(frozen=True)
+class OrderApproved:
+    """A buyer approved a PayPal order: if it is a top-up's, capture it."""
+
+    provider: str
+    order_id: str
+    org_id: str | None
+    occurred_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -145,5 +158,6 @@ NormalizedEvent = (
     | DisputeClosed
     | SubscriptionChanged
     | SubscriptionPayment
+    | OrderApproved
     | Recorded
 )

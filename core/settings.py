@@ -62,6 +62,18 @@ class Settings(BaseSettings):
     STRIPE_API_KEY: str | None = None
     STRIPE_API_BASE: str = "https://api.stripe.com"
 
+    # Top-ups (POST /v1/organizations/{org_id}/top-ups): bounds of one, in cents.
+    TOP_UP_MIN_CENTS: int = Field(default=500, gt=0)
+    TOP_UP_MAX_CENTS: int = Field(default=100000, gt=0)
+    # How long a call to PayPal's or Stripe's API for a top-up may take before it is called
+    # down (the contract says 5 s; tests shorten it).
+    TOP_UP_PROVIDER_TIMEOUT_SECONDS: float = Field(default=5.0, gt=0)
+    # A PayPal order nobody approved stops being approvable after 3 hours; a Stripe Checkout
+    # Session expires after 24 hours unless told otherwise. Beat expires top-ups still
+    # `created` after these, plus a margin for clocks and late webhooks.
+    TOP_UP_PAYPAL_EXPIRE_SECONDS: int = Field(default=3 * 3600 + 600, gt=0)
+    TOP_UP_STRIPE_EXPIRE_SECONDS: int = Field(default=24 * 3600 + 600, gt=0)
+
     TWILIO_ACCOUNT_SID: str | None = None
     TWILIO_AUTH_TOKEN: str | None = None
     TWILIO_API_BASE: str = "https://api.twilio.com"

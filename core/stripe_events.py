@@ -106,6 +106,7 @@ def _checkout_session_paid(
             currency=normalize_currency(session.get("currency")),
             occurred_at=at,
             org_may_come_later=True,
+            checkout_id=_id_of(session.get("id"), "checkout session id"),
         )
     ]
 

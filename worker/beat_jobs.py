@@ -9,7 +9,7 @@ import zlib
 
 from sqlalchemy import Connection, text
 
-from core import idempotency, inbox, messages, orgs, sending, twilio_accounts, wallet
+from core import idempotency, inbox, messages, orgs, sending, topups, twilio_accounts, wallet
 from core.db import run_in_transaction
 from worker import runtime
 from worker.celery_app import app
@@ -193,3 +193,23 @@ def prune_idempotency_keys() -> int:
     if pruned:
         log.info("idempotency keys pruned", extra={"count": pruned})
     return pruned
+
+
+@app.task(name="payguard.beat.expire_top_ups", acks_late=True)
+def expire_top_ups() -> int:
+    """Top-ups nobody approved within the provider's window (PayPal: 3 hours, Stripe: 24)
+    become `expired`; SKIP LOCKED, so two beats share the work."""
+    s = runtime.settings()
+    windows = {
+        "paypal": s.TOP_UP_PAYPAL_EXPIRE_SECONDS,
+        "stripe": s.TOP_UP_STRIPE_EXPIRE_SECONDS,
+    }
+    expired = 0
+    for provider, seconds in windows.items():
+        expired += run_in_transaction(
+            runtime.engine(),
+            lambda conn, p=provider, age=seconds: topups.expire_stale(conn, p, age, BATCH),
+        )
+    if expired:
+        log.info("top-ups expired", extra={"count": expired})
+    return expired

@@ -56,6 +56,17 @@ def gateway():
         return _state["gateway"]
 
 
+def top_up_apis() -> dict:
+    """The providers' top-up APIs (core/topup_api.py), by provider name."""
+    s = settings()
+    with _lock:
+        if "top_up_apis" not in _state:
+            from core.topup_api import build_top_up_apis
+
+            _state["top_up_apis"] = build_top_up_apis(s)
+        return _state["top_up_apis"]
+
+
 def reset_after_fork() -> None:
     """A forked child must not share its parent's sockets."""
     with _lock:
@@ -63,3 +74,4 @@ def reset_after_fork() -> None:
         if engine is not None:
             engine.dispose(close=False)
         _state.pop("gateway", None)
+        _state.pop("top_up_apis", None)

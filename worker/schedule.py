@@ -21,6 +21,7 @@ def beat_schedule(s: Settings) -> dict:
         "expire-holds": {"task": "payguard.beat.expire_holds", "schedule": 60.0},
         "verify-ledger": {"task": "payguard.beat.verify_ledger", "schedule": 300.0},
         "refresh-subscriptions": {"task": "payguard.beat.refresh_subscriptions", "schedule": 900.0},
+        "expire-top-ups": {"task": "payguard.beat.expire_top_ups", "schedule": 300.0},
         "prune-idempotency-keys": {
             "task": "payguard.beat.prune_idempotency_keys",
             "schedule": 3600.0,

@@ -236,3 +236,30 @@ def fan_out_sends(pairs: list[list]) -> int:
             args=[message_id], task_id=f"outbox-{outbox_id}", queue="payguard.send", retry=False
         )
     return len(pairs)
+
+
+@app.task(
+    name="payguard.capture_top_up",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+)
+def capture_top_up(self: Task, top_up_id: str) -> str:
+    """Capture an approved PayPal top-up and credit what was captured, once. A capture that
+    times out is sent again with the same PayPal-Request-Id, so PayPal captures once."""
+    from core import topups
+
+    api = runtime.top_up_apis().get("paypal")
+    if api is None:
+        log.error("PayPal API not configured: top-up not captured", extra={"top_up_id": top_up_id})
+        return "not_configured"
+    try:
+        return topups.capture(runtime.engine(), api, top_up_id)
+    except TRANSIENT as exc:
+        if self.request.retries < runtime.settings().TASK_MAX_RETRIES:
+            raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None
+        # Still `approved`: a second CHECKOUT.ORDER.APPROVED, PAYMENT.CAPTURE.COMPLETED or
+        # an operator's replay of the approval captures it later.
+        log.error("top-up capture gave up", extra={"top_up_id": top_up_id, "error": str(exc)})
+        return "gave_up"

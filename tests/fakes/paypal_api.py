@@ -349,6 +349,17 @@ class FakePayPal:
         self._tokens: set[str] = set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Orders v2 (top-ups): see `orders_create`, `orders_capture`.
+        self.orders: dict[str, dict[str, Any]] = {}
+        self.create_requests = 0
+        self.capture_requests = 0
+        self.captures_made = 0
+        self.fail_create: tuple[int, dict[str, Any]] | None = None
+        self.fail_capture: tuple[int, dict[str, Any]] | None = None
+        self.create_delay = 0.0
+        self.capture_delays: list[float] = []  # popped per capture request, after capturing
+        self.capture_amount: str | None = None  # capture less (or more) than the order asked
+        self._answers: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
 
     # -- lifecycle
 
@@ -435,6 +446,133 @@ class FakePayPal:
         """Make every issued token answer 401, as an expired one would."""
         with self._lock:
             self._tokens.clear()
+
+    # -- Orders v2
+
+    def approve(self, order_id: str) -> None:
+        """The buyer approved the order at PayPal."""
+        with self._lock:
+            self.orders[order_id]["status"] = "APPROVED"
+
+    def _authorized(self, authorization: str) -> bool:
+        with self._lock:
+            return authorization.removeprefix("Bearer ") in self._tokens
+
+    def _remembered(self, kind: str, request_id: str | None):
+        with self._lock:
+            return self._answers.get((kind, request_id)) if request_id else None
+
+    def _remember(self, kind: str, request_id: str | None, answer: tuple[int, dict]) -> None:
+        if request_id:
+            with self._lock:
+                self._answers.setdefault((kind, request_id), answer)
+
+    def orders_create(
+        self, authorization: str, request_id: str | None, body: bytes
+    ) -> tuple[int, dict[str, Any]]:
+        """POST /v2/checkout/orders; the same PayPal-Request-Id answers the first answer."""
+        with self._lock:
+            self.create_requests += 1
+        if self.create_delay:
+            sleep(self.create_delay)
+        if not self._authorized(authorization):
+            return 401, {"error": "invalid_token"}
+        if self.fail_create is not None:
+            return self.fail_create
+        remembered = self._remembered("create", request_id)
+        if remembered is not None:
+            return remembered
+        try:
+            order = json.loads(body)
+            unit = order["purchase_units"][0]
+            assert order["intent"] == "CAPTURE"
+        except (ValueError, KeyError, IndexError, AssertionError):
+            return 400, {"name": "INVALID_REQUEST", "message": "Request is not well-formed"}
+        order_id = "ORD" + uuid.uuid4().hex[:14].upper()
+        stored = {
+            "id": order_id,
+            "status": "CREATED",
+            "intent": "CAPTURE",
+            "custom_id": unit.get("custom_id"),
+            "amount": unit["amount"],
+            "request": order,
+        }
+        answer = (201, self._order_view(stored))
+        with self._lock:
+            self.orders[order_id] = stored
+        self._remember("create", request_id, answer)
+        return answer
+
+    def _order_view(self, order: dict[str, Any]) -> dict[str, Any]:
+        unit: dict[str, Any] = {"custom_id": order["custom_id"], "amount": order["amount"]}
+        if order.get("capture"):
+            unit["payments"] = {"captures": [order["capture"]]}
+        return {
+            "id": order["id"],
+            "status": order["status"],
+            "intent": "CAPTURE",
+            "purchase_units": [unit],
+            "links": [
+                {"href": self.url(f"/v2/checkout/orders/{order['id']}"), "rel": "self"},
+                {"href": f"https://www.sandbox.paypal.com/checkoutnow?token={order['id']}",
+                 "rel": "approve"},
+            ],
+        }  # fmt: skip
+
+    def orders_capture(
+        self, authorization: str, request_id: str | None, order_id: str
+    ) -> tuple[int, dict[str, Any]]:
+        """POST /v2/checkout/orders/{id}/capture, once per order; the same PayPal-Request-Id
+        answers the first answer. A delay in `capture_delays` comes after the capture."""
+        with self._lock:
+            self.capture_requests += 1
+            delay = self.capture_delays.pop(0) if self.capture_delays else 0.0
+        if not self._authorized(authorization):
+            return 401, {"error": "invalid_token"}
+        answer = self._remembered("capture", request_id) or self._capture(order_id)
+        self._remember("capture", request_id, answer)
+        if delay:
+            sleep(delay)
+        return answer
+
+    def _capture(self, order_id: str) -> tuple[int, dict[str, Any]]:
+        if self.fail_capture is not None:
+            return self.fail_capture
+        with self._lock:
+            order = self.orders.get(order_id)
+            if order is None:
+                return 404, {
+                    "name": "RESOURCE_NOT_FOUND",
+                    "details": [{"issue": "INVALID_RESOURCE_ID"}],
+                }
+            if order["status"] == "COMPLETED":
+                return 422, {"name": "UNPROCESSABLE_ENTITY",
+                             "details": [{"issue": "ORDER_ALREADY_CAPTURED"}]}  # fmt: skip
+            if order["status"] != "APPROVED":
+                return 422, {"name": "UNPROCESSABLE_ENTITY",
+                             "details": [{"issue": "ORDER_NOT_APPROVED"}]}  # fmt: skip
+            amount = dict(order["amount"])
+            if self.capture_amount is not None:
+                amount["value"] = self.capture_amount
+            order["capture"] = {
+                "id": "CAP" + uuid.uuid4().hex[:14].upper(),
+                "status": "COMPLETED",
+                "amount": amount,
+                "custom_id": order["custom_id"],
+                "final_capture": True,
+            }
+            order["status"] = "COMPLETED"
+            self.captures_made += 1
+            return 201, self._order_view(order)
+
+    def orders_show(self, authorization: str, order_id: str) -> tuple[int, dict[str, Any]]:
+        if not self._authorized(authorization):
+            return 401, {"error": "invalid_token"}
+        with self._lock:
+            order = self.orders.get(order_id)
+            if order is None:
+                return 404, {"name": "RESOURCE_NOT_FOUND"}
+            return 200, self._order_view(order)
 
     # -- called by the handler
 
@@ -524,6 +662,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
+        if self.path.startswith("/v2/checkout/orders/"):
+            order_id = self.path.rsplit("/", 1)[-1]
+            self._send_json(
+                *self.server.fake.orders_show(self.headers.get("Authorization", ""), order_id)
+            )
+            return
         canned = self.server.fake._get(self.path)
         if canned.delay:
             sleep(canned.delay)
@@ -542,5 +686,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(*self.server.fake._oauth(authorization, body))
         elif self.path == "/v1/notifications/verify-webhook-signature":
             self._send_json(*self.server.fake._verify(authorization, body))
+        elif self.path == "/v2/checkout/orders":
+            request_id = self.headers.get("PayPal-Request-Id")
+            self._send_json(*self.server.fake.orders_create(authorization, request_id, body))
+        elif self.path.startswith("/v2/checkout/orders/") and self.path.endswith("/capture"):
+            request_id = self.headers.get("PayPal-Request-Id")
+            order_id = self.path.split("/")[-2]
+            self._send_json(*self.server.fake.orders_capture(authorization, request_id, order_id))
         else:
             self._send_json(404, {"name": "RESOURCE_NOT_FOUND"})

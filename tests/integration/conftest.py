@@ -113,3 +113,52 @@ def api(api_app):
     from tests.support.api import Client
 
     return Client(api_app.test_client())
+
+
+# --------------------------------------------------------------------------- top-ups
+
+
+@pytest.fixture
+def topup_paypal() -> Iterator[FakePayPal]:
+    """A local PayPal with Orders v2 for top-ups."""
+    with FakePayPal() as fake:
+        yield fake
+
+
+@pytest.fixture
+def topup_stripe():
+    """A local Stripe with Checkout Sessions for top-ups."""
+    from tests.fakes.fake_stripe import FakeStripe
+
+    with FakeStripe() as fake:
+        yield fake
+
+
+@pytest.fixture
+def topup_app(database_url: str, redis_clean: str, topup_paypal: FakePayPal, topup_stripe):
+    """The web app in-process with PayPal and Stripe top-ups pointed at the local fakes, and
+    a provider timeout of 1 s instead of 5."""
+    from tests.fakes.fake_stripe import STRIPE_KEY
+    from tests.support.api import api_settings
+    from webhook_receiver.app import create_app
+
+    app = create_app(
+        api_settings(
+            database_url, redis_clean,
+            PAYPAL_API_BASE=topup_paypal.base_url,
+            PAYPAL_CLIENT_ID=topup_paypal.client_id,
+            PAYPAL_CLIENT_SECRET=topup_paypal.client_secret,
+            STRIPE_API_KEY=STRIPE_KEY,
+            STRIPE_API_BASE=topup_stripe.base_url,
+            TOP_UP_PROVIDER_TIMEOUT_SECONDS=1.0,
+        )
+    )  # fmt: skip
+    yield app
+    app.extensions["payguard"].engine.dispose()
+
+
+@pytest.fixture
+def topup_api(topup_app):
+    from tests.support.api import Client
+
+    return Client(topup_app.test_client())

@@ -32,6 +32,8 @@ CONTRACT_ROUTES = {
     ("post", "/v1/messages"),
     ("post", "/v1/messages/batch"),
     ("get", "/v1/messages/{message_id}"),
+    ("post", "/v1/organizations/{org_id}/top-ups"),
+    ("get", "/v1/organizations/{org_id}/top-ups/{top_up_id}"),
 }
 
 

@@ -410,7 +410,7 @@ def test_a_dispute_freezes_while_open_and_its_resolution_lifts_only_its_own_free
 
 @pytest.mark.parametrize(
     "event_type",
-    ["CHECKOUT.ORDER.APPROVED", "PAYMENT.AUTHORIZATION.CREATED", "BILLING.PLAN.CREATED"],
+    ["CHECKOUT.ORDER.VOIDED", "PAYMENT.AUTHORIZATION.CREATED", "BILLING.PLAN.CREATED"],
 )
 def test_a_type_payguard_does_not_act_on_is_ignored(engine, event_type):
     org = new_org(engine)

@@ -7,11 +7,9 @@ applied with its consequences (campaigns, Twilio subaccount), in one unit of wor
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -22,13 +20,13 @@ from core.db import run_in_transaction
 from core.provider_api import StripeApi
 from core.settings import Settings
 from core.twilio_accounts import converge_one
+from tests.fakes.fake_stripe import STRIPE_KEY, FakeStripe
 from tests.fakes.paypal_api import FakePayPal
 from worker.reconcile_providers import refresh_stale
 
 pytestmark = pytest.mark.integration
 
 POLICY = sending.Policy()
-STRIPE_KEY = "sk_test_payguard_fake_0123456789"
 
 
 @pytest.fixture(autouse=True)
@@ -38,78 +36,7 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-# --- a tiny Stripe ------------------------------------------------------------------------
-
-
-class FakeStripe:
-    """GET /v1/subscriptions/{id} on 127.0.0.1: the `subscriptions` dict's status, 404 for
-    an id it does not hold, 401 for any key but `api_key`. `requests` logs what it saw."""
-
-    def __init__(self, api_key: str = STRIPE_KEY) -> None:
-        self.api_key = api_key
-        self.subscriptions: dict[str, str] = {}
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                fake.requests.append(("GET", self.path, dict(self.headers)))
-                self._answer(*fake.answer(self.path, self.headers.get("Authorization", "")))
-
-            def _answer(self, status: int, payload: dict[str, Any]) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Request-Id", f"req_{uuid.uuid4().hex[:14]}")
-                self.end_headers()
-                self.wfile.write(body)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def answer(self, path: str, authorization: str) -> tuple[int, dict[str, Any]]:
-        if authorization != f"Bearer {self.api_key}":
-            return 401, {
-                "error": {"type": "invalid_request_error", "message": "Invalid API Key provided"}
-            }
-        prefix = "/v1/subscriptions/"
-        sub_id = path.removeprefix(prefix) if path.startswith(prefix) else None
-        if sub_id not in self.subscriptions:
-            return 404, {
-                "error": {
-                    "type": "invalid_request_error",
-                    "code": "resource_missing",
-                    "param": "id",
-                    "message": f"No such subscription: '{sub_id}'",
-                }
-            }
-        return 200, {
-            "id": sub_id,
-            "object": "subscription",
-            "status": self.subscriptions[sub_id],
-            "metadata": {},
-        }
-
-    def asked(self) -> list[str]:
-        return [path for _, path, _ in self.requests]
-
-    def __enter__(self) -> FakeStripe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+# --- a tiny Stripe: tests/fakes/fake_stripe.py -------------------------------------------
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ FIXTURE_EVENTS = {
         amount_cents=5700,
         currency="USD",
         occurred_at=utc(2022, 8, 26, 18, 29, 50),
+        checkout_id="8U481631H66031715",  # supplementary_data.related_ids.order_id
     ),
     "payment.capture.refunded": PaymentRefunded(
         provider="paypal",
@@ -254,6 +255,7 @@ def test_capture_completed_builder_credits_its_org_in_cents():
         amount_cents=2550,
         currency="EUR",
         occurred_at=AT,
+        checkout_id=payload["resource"]["supplementary_data"]["related_ids"]["order_id"],
     )
 
 
@@ -606,7 +608,7 @@ def test_paypal_time_is_utc_with_z():
 
 @pytest.mark.parametrize("resource", [{"id": "X"}, None, "not an object", []], ids=repr)
 def test_unknown_event_type_is_ignored_whatever_its_resource(resource):
-    payload = pp.unknown_event("CHECKOUT.ORDER.APPROVED")
+    payload = pp.unknown_event("CHECKOUT.ORDER.VOIDED")
     payload["resource"] = resource
     assert normalize(payload) == []
 
@@ -744,3 +746,14 @@ def test_field_of_the_wrong_shape_is_malformed(build, path, value):
     target[path[-1]] = value
     with pytest.raises(MalformedEvent):
         normalize(payload)
+
+
+def test_order_approved_names_the_order_and_its_custom_id():
+    from core.provider_events import OrderApproved
+
+    payload = pp.unknown_event("CHECKOUT.ORDER.APPROVED")
+    payload["resource"] = {"id": "5O190127TN364715T", "status": "APPROVED",
+                           "purchase_units": [{"custom_id": "org-1"}]}  # fmt: skip
+    [event] = normalize(payload)
+    assert isinstance(event, OrderApproved)
+    assert (event.order_id, event.org_id) == ("5O190127TN364715T", "org-1")

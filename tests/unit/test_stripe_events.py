@@ -47,6 +47,7 @@ def test_paid_checkout_session_captures_its_payment_intent(org_in):
         currency="USD",
         occurred_at=AT,
         org_may_come_later=True,
+        checkout_id=event["data"]["object"]["id"],  # the session: how its top-up is found
     )
 
 

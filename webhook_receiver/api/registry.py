@@ -30,6 +30,7 @@ from core.apikeys import ApiKey
 from core.db import run_in_transaction
 from core.errors import Conflict, InvalidInput, NotFound, PayguardError, Refused
 from core.sending import Policy
+from core.topup_api import build_top_up_apis
 from webhook_receiver.api import access
 from webhook_receiver.api.problems import Problem, invalid, pointer
 from webhook_receiver.api.schemas import IDEMPOTENCY_KEY_PATTERN, ORG_ID_PATTERN
@@ -71,6 +72,7 @@ class Api:
     keys: access.KeyCache
     limiter: access.RateLimiter
     policy: Policy
+    top_up_apis: dict[str, Any] = field(default_factory=dict)  # core.topup_api, by provider
 
 
 @dataclass
@@ -84,6 +86,13 @@ class Call:
     receiver: Any
     policy: Policy
     extra: dict = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Any:
+        return self.receiver.settings
+
+    def top_up_api(self, provider: str) -> Any:
+        return current_app.extensions["payguard_api"].top_up_apis.get(provider)
 
     @property
     def actor(self) -> str:
@@ -275,6 +284,7 @@ def install(app: Flask, receiver: Any) -> None:
         keys=access.KeyCache(receiver.engine),
         limiter=access.RateLimiter(settings.REDIS_URL or "", settings.API_RATE_LIMIT),
         policy=Policy.from_settings(settings),
+        top_up_apis=build_top_up_apis(settings),
     )
     app.register_blueprint(blueprint)
 

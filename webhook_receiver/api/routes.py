@@ -8,8 +8,9 @@ import binascii
 import logging
 import re
 
-from core import audit, idempotency, inbox, messages, overview, sending, wallet
+from core import audit, idempotency, inbox, messages, overview, sending, topups, wallet
 from core.idempotency import KeysConflict, Stored
+from core.topup_api import ProviderRefused, ProviderUnavailable
 from webhook_receiver.api import openapi
 from webhook_receiver.api import schemas as s
 from webhook_receiver.api.problems import Problem, invalid
@@ -383,3 +384,81 @@ def get_message(call: Call, message_id: str) -> Reply:
     message = call.read(lambda conn: messages.get(conn, message_id))
     call.org(message.org_id)  # another organization's message does not exist for this key
     return 200, message.as_dict()
+
+
+# ---------------------------------------------------------------- top-ups
+
+TOP_UPS_ROUTE = "POST /v1/organizations/{org_id}/top-ups"
+TOP_UP = {**ORG, "top_up_id": s.TOP_UP_ID_PATTERN}
+_TOP_UP_ID = re.compile(s.TOP_UP_ID_PATTERN)
+
+
+@endpoint(
+    "POST",
+    "/organizations/{org_id}/top-ups",
+    summary="a PayPal order or Stripe Checkout Session for the buyer to pay (Idempotency-Key "
+    "required); 422 when the provider refuses, 503 with Retry-After when it is down",
+    scope="admin",
+    body=s.TopUpCreate,
+    answers={201: s.TopUp},
+    idempotency_header=True,
+    path_patterns=ORG,
+)
+def create_top_up(call: Call, org_id: str) -> Reply:
+    org_id = call.org(org_id)
+    b: s.TopUpCreate = call.body
+    key = call.idempotency_key()
+    settings = call.settings
+    lo, hi = settings.TOP_UP_MIN_CENTS, settings.TOP_UP_MAX_CENTS
+    if isinstance(b.amount_cents, bool) or not lo <= b.amount_cents <= hi:
+        raise invalid([{"field": "/amount_cents", "message": f"must be between {lo} and {hi}"}])
+    api = call.top_up_api(b.provider)
+    if api is None:
+        raise invalid([{"field": "/provider",
+                        "message": f"{b.provider} is not configured on this Payguard"}])  # fmt: skip
+
+    def work(conn) -> tuple[Stored, bool]:
+        try:
+            stored = idempotency.claim(conn, org_id, TOP_UPS_ROUTE, key, call.document,
+                                       call.key.key_id)  # fmt: skip
+        except KeysConflict:
+            raise invalid(
+                [{"field": "", "message": "this Idempotency-Key was used with another body"}],
+                "Idempotency-Key reused with another body",
+            ) from None
+        if stored is not None:
+            return stored, True
+        top_up = topups.create(
+            conn, api, org_id=org_id, provider=b.provider, amount_cents=b.amount_cents,
+            return_url=b.return_url, cancel_url=b.cancel_url,
+            provider_idempotency_key=topups.provider_key(
+                org_id, key, idempotency.request_digest(call.document)
+            ),
+        )  # fmt: skip
+        answer = top_up.as_dict()
+        idempotency.complete(conn, org_id, TOP_UPS_ROUTE, key, 201, answer)
+        _audit(call, conn, "top_up.create", org_id,
+               {"top_up_id": top_up.top_up_id, "provider": b.provider,
+                "amount_cents": b.amount_cents})  # fmt: skip
+        return Stored(201, answer), False
+
+    try:
+        stored, replayed = call.transaction(work)
+    except ProviderRefused as exc:
+        raise Problem(422, str(exc), kind="provider-refused",
+                      errors=[{"field": "", "message": str(exc)}]) from None  # fmt: skip
+    except ProviderUnavailable as exc:
+        log.warning("top-up provider unavailable", extra={"error": str(exc)[:200]})
+        raise Problem(503, str(exc), kind="unavailable", headers={"Retry-After": "5"}) from None
+    return stored.status_code, stored.response, (REPLAYED if replayed else {})
+
+
+@endpoint(
+    "GET", "/organizations/{org_id}/top-ups/{top_up_id}", summary="one top-up and its status",
+    scope="read", answers={200: s.TopUp}, path_patterns=TOP_UP,
+)  # fmt: skip
+def get_top_up(call: Call, org_id: str, top_up_id: str) -> Reply:
+    org_id = call.org(org_id)
+    if not _TOP_UP_ID.fullmatch(top_up_id):
+        raise Problem(404, f"no top-up {top_up_id!r}", kind="not-found")
+    return 200, call.read(lambda conn: topups.get(conn, org_id, top_up_id)).as_dict()

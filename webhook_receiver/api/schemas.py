@@ -17,6 +17,7 @@ from core.orgs import MAX_CENTS, MAX_SEGMENT_PRICE_CENTS
 
 ORG_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 MESSAGE_ID_PATTERN = r"^msg_[0-9a-f]{32}$"
+TOP_UP_ID_PATTERN = r"^tu_[0-9a-f]{32}$"
 IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,200}$"
 MAX_BATCH = 1000
 
@@ -90,6 +91,23 @@ class BatchCreate(Request):
     org_id: OrgId
     campaign_id: CampaignId | None = None
     messages: Annotated[list[BatchItem], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+Url = Annotated[
+    str,
+    Field(pattern=r"^https?://[^\s]+$", max_length=2000, examples=["https://host.example/paid"]),
+    AfterValidator(_storable),
+]
+
+
+class TopUpCreate(Request):
+    """`amount_cents` within TOP_UP_MIN_CENTS..TOP_UP_MAX_CENTS (422 otherwise), in the
+    wallet's currency; the buyer comes back to `return_url` (paid) or `cancel_url`."""
+
+    provider: Literal["paypal", "stripe"]
+    amount_cents: int
+    return_url: Url
+    cancel_url: Url
 
 
 class EntriesQuery(BaseModel):
@@ -204,6 +222,21 @@ class Message(BaseModel):
     block_reasons: list[str]
     error: str | None
     created_at: datetime
+
+
+class TopUp(BaseModel):
+    top_up_id: str
+    org_id: str
+    provider: Literal["paypal", "stripe"]
+    provider_reference: str = Field(description="the PayPal order id or Stripe Checkout Session id")
+    amount_cents: int = Field(description="what was asked")
+    currency: str
+    approval_url: str = Field(description="where the buyer approves and pays")
+    status: Literal["created", "approved", "completed", "failed", "expired"]
+    failure_reason: str | None
+    credited_cents: int | None = Field(description="what the provider captured and was credited")
+    created_at: datetime
+    updated_at: datetime
 
 
 class FieldError(BaseModel):
