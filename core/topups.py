@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from core import inbox, orgs
+from core import inbox, orgs, outbound
 from core.db import run_in_transaction
 from core.errors import InvalidInput, MalformedEvent, NotFound, ParkEvent
 from core.money import normalize_currency, to_minor_units
@@ -175,8 +175,8 @@ def finish(
     credited_cents: int | None = None,
 ) -> bool:
     """THE place a top-up becomes `completed`, `failed` or `expired` (once: a guarded UPDATE
-    from an open status; True if it changed). Outbound `top_up.*` events belong here, in the
-    same transaction.
+    from an open status; True if it changed), recording `top_up.completed` or `top_up.failed`
+    (which covers `expired`) for the host in the same transaction.
 
     A top-up that expired can still complete: money the provider took late is credited all
     the same, and the top-up says so."""
@@ -187,7 +187,8 @@ def finish(
             "UPDATE top_ups SET status = :s, failure_reason = :why, "
             "payment_id = COALESCE(:pid, payment_id), "
             "credited_cents = COALESCE(:cc, credited_cents), updated_at = now() "
-            "WHERE top_up_id = :id AND status = ANY(:allowed) RETURNING org_id"
+            "WHERE top_up_id = :id AND status = ANY(:allowed) "
+            "RETURNING org_id, amount_cents, credited_cents"
         ),
         {
             "s": status,
@@ -199,6 +200,23 @@ def finish(
         },  # fmt: skip
     ).first()
     if changed is not None:
+        completed = status == "completed"
+        outbound.record(
+            conn,
+            "top_up.completed" if completed else "top_up.failed",
+            changed.org_id,
+            {
+                "org_id": changed.org_id,
+                "top_up_id": top_up_id,
+                # completed: what was credited (a buyer may have paid less than asked)
+                "amount_cents": (
+                    changed.credited_cents
+                    if completed and changed.credited_cents is not None
+                    else changed.amount_cents
+                ),
+                "status": status,
+            },
+        )
         log.info(
             "top-up finished",
             extra={

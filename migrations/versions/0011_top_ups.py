@@ -8,14 +8,14 @@ or a capture answer finds its top-up), the buyer's approval link, the status (`c
 and what it credited (`credited_cents`: what the provider captured, not what was asked).
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-01
 """
 
 from alembic import op
 
 revision = "0011"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

@@ -9,6 +9,7 @@ Security properties are in test_security_topups.py.
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -64,6 +65,14 @@ def test_paypal_top_up_creates_a_capture_order_for_the_organization(
     assert shown.status == 200 and shown.body["status"] == "created"
 
 
+def host_events(engine, prefix: str) -> list[tuple[str, dict]]:
+    """(type, data) of the events recorded for the host whose type starts with `prefix`."""
+    with engine.connect() as c:
+        bodies = c.execute(text("SELECT body FROM outbound_events ORDER BY sequence")).scalars()
+        events = [json.loads(b) for b in bodies]
+    return [(e["type"], e["data"]) for e in events if e["type"].startswith(prefix)]
+
+
 ORDERS = {
     "capture answer first": ("approve", "approve", "capture", "webhook", "capture"),
     "webhook before the answer is recorded": ("approve", "raw", "webhook", "approve", "answer"),
@@ -101,6 +110,10 @@ def test_top_up_is_credited_once_whatever_arrives_twice_or_first(
     shown = topup_api.get(f"/organizations/{org}/top-ups/{top_up_id}", key).body
     assert (shown["status"], shown["credited_cents"]) == ("completed", 1500)
     assert captures_queued(engine, top_up_id) >= 1
+    assert host_events(engine, "top_up.") == [  # told to the host once
+        ("top_up.completed", {"org_id": org, "top_up_id": top_up_id, "amount_cents": 1500,
+                              "status": "completed"}),
+    ]  # fmt: skip
 
 
 def test_a_capture_that_times_out_is_retried_and_captures_once(
@@ -296,6 +309,10 @@ def test_unapproved_top_ups_expire_after_the_providers_window(topup_app, topup_a
 
     assert [status(old), status(young), status(stripe_old), status(approved["top_up_id"])] == [
         "expired", "created", "created", "approved",
+    ]  # fmt: skip
+    assert host_events(engine, "top_up.") == [
+        ("top_up.failed", {"org_id": org, "top_up_id": old, "amount_cents": 1500,
+                           "status": "expired"}),
     ]  # fmt: skip
 
 
