@@ -34,6 +34,11 @@ CONTRACT_ROUTES = {
     ("get", "/v1/messages/{message_id}"),
     ("post", "/v1/organizations/{org_id}/top-ups"),
     ("get", "/v1/organizations/{org_id}/top-ups/{top_up_id}"),
+    ("post", "/v1/webhook-endpoints"),
+    ("get", "/v1/webhook-endpoints"),
+    ("delete", "/v1/webhook-endpoints/{endpoint_id}"),
+    ("post", "/v1/webhook-endpoints/{endpoint_id}/rotate-secret"),
+    ("get", "/v1/events"),
 }
 
 
@@ -82,7 +87,11 @@ def test_fuzzing_a_running_web_finds_no_5xx_and_no_answer_outside_the_document(
         response_schema_conformance,
     ]
     with start_web(app_env, tmp_path, workers=2) as web:
-        schema = schemathesis.openapi.from_url(f"{web.url}/v1/openapi.json")
+        # Registering an endpoint resolves its host name: fuzzed names would be DNS queries
+        # out of this machine. test_api_events.py and test_security_outbound.py cover it.
+        schema = schemathesis.openapi.from_url(f"{web.url}/v1/openapi.json").exclude(
+            method="POST", path="/v1/webhook-endpoints"
+        )
         requests.post(
             f"{web.url}/v1/organizations/{org}/campaigns", json={"campaign_id": "c"},
             headers=auth, timeout=30,

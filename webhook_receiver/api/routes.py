@@ -8,8 +8,12 @@ import binascii
 import logging
 import re
 
-from core import audit, idempotency, inbox, messages, overview, sending, topups, wallet
+from flask import Response
+
+from core import audit, idempotency, inbox, messages, outbound, overview, sending, topups, wallet
+from core.errors import InvalidInput
 from core.idempotency import KeysConflict, Stored
+from core.settings import ConfigError
 from core.topup_api import ProviderRefused, ProviderUnavailable
 from webhook_receiver.api import openapi
 from webhook_receiver.api import schemas as s
@@ -462,3 +466,108 @@ def get_top_up(call: Call, org_id: str, top_up_id: str) -> Reply:
     if not _TOP_UP_ID.fullmatch(top_up_id):
         raise Problem(404, f"no top-up {top_up_id!r}", kind="not-found")
     return 200, call.read(lambda conn: topups.get(conn, org_id, top_up_id)).as_dict()
+
+
+# ---------------------------------------------------------------- events to the host
+
+ENDPOINT = {"endpoint_id": s.ENDPOINT_ID_PATTERN}
+_ENDPOINT_ID = re.compile(s.ENDPOINT_ID_PATTERN)
+
+
+def _outbound_policy(call: Call) -> outbound.OutboundPolicy:
+    return outbound.OutboundPolicy.from_settings(call.settings)
+
+
+def _no_secret_key(exc: ConfigError) -> Problem:
+    log.error("webhook endpoint secrets cannot be stored", extra={"error": str(exc)})
+    return Problem(503, "this Payguard cannot store endpoint secrets: PAYGUARD_SECRET_KEY is "
+                   "not configured", kind="unavailable")  # fmt: skip
+
+
+def _endpoint_id(endpoint_id: str) -> str:
+    if not _ENDPOINT_ID.fullmatch(endpoint_id):
+        raise Problem(404, f"no webhook endpoint {endpoint_id!r}", kind="not-found")
+    return endpoint_id
+
+
+@endpoint(
+    "POST",
+    "/webhook-endpoints",
+    summary="register an endpoint for events; its secret is shown in this answer only",
+    scope="admin",
+    body=s.EndpointCreate,
+    answers={201: s.WebhookEndpointCreated},
+)
+def create_webhook_endpoint(call: Call) -> Reply:
+    call.spanning_organizations()
+    b: s.EndpointCreate = call.body
+    policy = _outbound_policy(call)
+
+    def work(conn):
+        try:
+            ep, secret = outbound.create_endpoint(
+                conn, b.url, list(b.events) if b.events else None, None, call.actor,
+                policy=policy,
+            )  # fmt: skip
+        except InvalidInput as exc:
+            raise invalid([{"field": "/url", "message": str(exc)}], str(exc)) from None
+        return {**ep.as_dict(), "secret": secret}
+
+    try:
+        return 201, call.transaction(work)
+    except ConfigError as exc:
+        raise _no_secret_key(exc) from None
+
+
+@endpoint(
+    "GET", "/webhook-endpoints", summary="the live endpoints",
+    scope="admin", answers={200: s.WebhookEndpoints},
+)  # fmt: skip
+def list_webhook_endpoints(call: Call) -> Reply:
+    call.spanning_organizations()
+    found = call.read(lambda conn: outbound.list_endpoints(conn))
+    return 200, {"endpoints": [ep.as_dict() for ep in found]}
+
+
+@endpoint(
+    "DELETE", "/webhook-endpoints/{endpoint_id}", summary="nothing more is sent to it",
+    scope="admin", answers={204: None}, path_patterns=ENDPOINT,
+)  # fmt: skip
+def delete_webhook_endpoint(call: Call, endpoint_id: str) -> Reply:
+    call.spanning_organizations()
+    endpoint_id = _endpoint_id(endpoint_id)
+    call.transaction(lambda conn: outbound.delete_endpoint(conn, endpoint_id, call.actor))
+    return Response(status=204)
+
+
+@endpoint(
+    "POST", "/webhook-endpoints/{endpoint_id}/rotate-secret",
+    summary="a new secret; for 24 hours deliveries carry signatures by the old and the new",
+    scope="admin", answers={200: s.RotatedSecret}, path_patterns=ENDPOINT,
+)  # fmt: skip
+def rotate_webhook_secret(call: Call, endpoint_id: str) -> Reply:
+    call.spanning_organizations()
+    endpoint_id = _endpoint_id(endpoint_id)
+    policy = _outbound_policy(call)
+
+    def work(conn):
+        outbound.get_endpoint(conn, endpoint_id)  # 404 before any question of secrets
+        return outbound.rotate_secret(conn, endpoint_id, call.actor, policy=policy)
+
+    try:
+        secret = call.transaction(work)
+    except ConfigError as exc:
+        raise _no_secret_key(exc) from None
+    return 200, {"endpoint_id": endpoint_id, "secret": secret}
+
+
+@endpoint(
+    "GET", "/events",
+    summary="events recorded after a sequence, oldest first (a confined key: its organization's)",
+    scope="read", query=s.EventsQuery, answers={200: s.HostEvents},
+)  # fmt: skip
+def list_events(call: Call) -> Reply:
+    q: s.EventsQuery = call.query
+    orgs = [call.key.org_id] if call.key.org_id is not None else None
+    found = call.read(lambda conn: outbound.events_after(conn, q.after, q.limit, orgs))
+    return 200, {"events": found}

@@ -14,10 +14,12 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from core.orgs import MAX_CENTS, MAX_SEGMENT_PRICE_CENTS
+from core.outbound import EVENT_TYPES
 
 ORG_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 MESSAGE_ID_PATTERN = r"^msg_[0-9a-f]{32}$"
 TOP_UP_ID_PATTERN = r"^tu_[0-9a-f]{32}$"
+ENDPOINT_ID_PATTERN = r"^ep_[0-9a-f]{32}$"
 IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,200}$"
 MAX_BATCH = 1000
 
@@ -108,6 +110,27 @@ class TopUpCreate(Request):
     amount_cents: int
     return_url: Url
     cancel_url: Url
+
+
+EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]
+
+
+class EndpointCreate(Request):
+    """`url`: `https://` to a public address (unless OUTBOUND_ALLOW_PRIVATE); `events`: the
+    types it receives, all of them when omitted."""
+
+    url: Annotated[str, Field(max_length=2000, examples=["https://host.example/payguard"]),
+                   AfterValidator(_storable)]  # fmt: skip
+    events: Annotated[list[EventType], Field(min_length=1, max_length=len(EVENT_TYPES))] | None = (
+        None
+    )
+
+
+class EventsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    after: Annotated[int, Field(ge=0)] = 0
+    limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
 class EntriesQuery(BaseModel):
@@ -237,6 +260,39 @@ class TopUp(BaseModel):
     credited_cents: int | None = Field(description="what the provider captured and was credited")
     created_at: datetime
     updated_at: datetime
+
+
+class WebhookEndpoint(BaseModel):
+    endpoint_id: str
+    url: str
+    events: list[EventType]
+    org_id: str | None
+    created_at: datetime
+
+
+class WebhookEndpointCreated(WebhookEndpoint):
+    secret: str = Field(description="`whsec_` + base64: shown once, never again")
+
+
+class WebhookEndpoints(BaseModel):
+    endpoints: list[WebhookEndpoint]
+
+
+class RotatedSecret(BaseModel):
+    endpoint_id: str
+    secret: str = Field(description="the new secret; for 24 hours the old one signs too")
+
+
+class HostEvent(BaseModel):
+    id: str = Field(description="the `webhook-id` its deliveries carry")
+    type: EventType
+    timestamp: str
+    sequence: int
+    data: dict
+
+
+class HostEvents(BaseModel):
+    events: list[HostEvent] = Field(description="oldest first")
 
 
 class FieldError(BaseModel):
