@@ -151,6 +151,15 @@ def update(conn: Connection, org_id: str, changes: dict) -> Organization:
     )
     if changes:
         assignments = ", ".join(f"{name} = :{name}" for name in changes)  # names from UPDATABLE
+        if "twilio_subaccount_sid" in changes:
+            # A new subaccount's status at Twilio is unknown: while the organization's should
+            # be suspended, count it as active so the converge job suspends it too (else
+            # Twilio would go on billing a customer who stopped paying).
+            assignments += (
+                ", twilio_status = CASE WHEN twilio_subaccount_sid IS DISTINCT FROM "
+                ":twilio_subaccount_sid AND twilio_desired_status = 'suspended' "
+                "THEN 'active' ELSE twilio_status END"
+            )
         try:
             with conn.begin_nested():
                 found = conn.execute(

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from cli.main import main as payguard
-from core import messages, wallet
+from core import messages, sending, wallet
 from core.db import run_in_transaction
 from core.sending import Policy
 from tests.support.api import PROBLEM, assert_problem, count, make_key, new_org
@@ -88,6 +88,34 @@ def test_patch_changes_only_the_fields_given_and_null_clears(api, engine):
     assert changed.body["segment_price_cents"] == 3 and changed.body["sender"] == "+15005550006"
     assert cleared.body["sender"] is None and cleared.body["low_balance_cents"] == 200
     assert api.get(f"/organizations/{org}/can-send", key).body["segment_price_cents"] == 3
+
+
+def test_a_new_subaccount_of_an_organization_that_should_be_suspended_is_suspended_too(api, engine):
+    import uuid
+
+    from sqlalchemy import text
+
+    from core import orgs, twilio_accounts
+
+    policy = Policy()
+    names = [f"org-{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    for name in names:  # subscription billing and no subscription: its subaccount is suspended
+        run_in_transaction(engine, lambda c, n=name: (
+            orgs.create(c, n, sender="+15005550006", twilio_subaccount_sid="AC" + uuid.uuid4().hex),
+            sending.reconcile(c, n, policy),
+        ))  # fmt: skip
+    with engine.begin() as c:  # and Twilio confirmed it
+        c.execute(text("UPDATE organizations SET twilio_status = 'suspended'"))
+    org, other = names
+    key = make_key(engine, "admin")
+
+    fresh = "AC" + "9" * 32
+    assert api.patch(f"/organizations/{org}", key, {"twilio_subaccount_sid": fresh}).status == 200
+    same = api.get(f"/organizations/{other}", key).body["twilio_subaccount_sid"]
+    assert api.patch(f"/organizations/{other}", key, {"twilio_subaccount_sid": same}).status == 200
+
+    with engine.connect() as c:
+        assert twilio_accounts.out_of_sync(c, 100) == [org]  # the converge job suspends it
 
 
 def test_a_subaccount_of_another_organization_is_a_conflict(api, engine):
