@@ -38,6 +38,18 @@ def _audit(call: Call, conn, action: str, org_id: str | None, details: dict) -> 
     )  # fmt: skip
 
 
+def _claim(call: Call, conn, org_id: str, route: str, key: str) -> Stored | None:
+    """The first answer under this Idempotency-Key, or None after claiming it; the same key
+    with another body is 422."""
+    try:
+        return idempotency.claim(conn, org_id, route, key, call.document, call.key.key_id)
+    except KeysConflict:
+        raise invalid(
+            [{"field": "", "message": "this Idempotency-Key was used with another body"}],
+            "Idempotency-Key reused with another body",
+        ) from None
+
+
 # ---------------------------------------------------------------- the document
 
 
@@ -297,14 +309,7 @@ def send_message(call: Call) -> Reply:
     key = call.idempotency_key()
 
     def work(conn) -> tuple[Stored, list[messages.Queued]]:
-        try:
-            stored = idempotency.claim(conn, org_id, MESSAGES_ROUTE, key, call.document,
-                                       call.key.key_id)  # fmt: skip
-        except KeysConflict:
-            raise invalid(
-                [{"field": "", "message": "this Idempotency-Key was used with another body"}],
-                "Idempotency-Key reused with another body",
-            ) from None
+        stored = _claim(call, conn, org_id, MESSAGES_ROUTE, key)
         if stored is not None:
             return stored, []
         queued = messages.queue_batch(conn, org_id, [(b.to, b.body)], call.policy, b.campaign_id)
@@ -422,14 +427,7 @@ def create_top_up(call: Call, org_id: str) -> Reply:
                         "message": f"{b.provider} is not configured on this Payguard"}])  # fmt: skip
 
     def work(conn) -> tuple[Stored, bool]:
-        try:
-            stored = idempotency.claim(conn, org_id, TOP_UPS_ROUTE, key, call.document,
-                                       call.key.key_id)  # fmt: skip
-        except KeysConflict:
-            raise invalid(
-                [{"field": "", "message": "this Idempotency-Key was used with another body"}],
-                "Idempotency-Key reused with another body",
-            ) from None
+        stored = _claim(call, conn, org_id, TOP_UPS_ROUTE, key)
         if stored is not None:
             return stored, True
         top_up = topups.create(
