@@ -203,22 +203,27 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
             ).scalars()
         )
         paused: tuple[str, ...] = ()
+        newly_paused: tuple[str, ...] = ()
     else:
         reason = ",".join(decision.reasons)
-        paused = tuple(
-            conn.execute(
-                text(
-                    "UPDATE campaigns SET status = 'paused', paused_by = 'system', "
-                    "pause_reason = :r, updated_at = now() "
-                    "WHERE org_id = :o AND (status = 'running' OR "
-                    "(paused_by = 'system' AND pause_reason IS DISTINCT FROM :r)) "
-                    "RETURNING campaign_id"
-                ),
-                {"o": org_id, "r": reason},
-            ).scalars()
-        )
+        # A system pause whose reasons changed is updated too, but only a campaign that was
+        # running is newly paused: the host hears of that one alone.
+        rows = conn.execute(
+            text(
+                "UPDATE campaigns c SET status = 'paused', paused_by = 'system', "
+                "pause_reason = :r, updated_at = now() "
+                "FROM (SELECT campaign_id, status FROM campaigns WHERE org_id = :o AND "
+                "(status = 'running' OR (paused_by = 'system' AND pause_reason IS DISTINCT "
+                "FROM :r)) FOR UPDATE) before "
+                "WHERE c.org_id = :o AND c.campaign_id = before.campaign_id "
+                "RETURNING c.campaign_id, before.status = 'running' AS newly"
+            ),
+            {"o": org_id, "r": reason},
+        ).all()
+        paused = tuple(r.campaign_id for r in rows)
+        newly_paused = tuple(r.campaign_id for r in rows if r.newly)
         resumed = ()
-    _report(conn, org_id, decision, paused, resumed)
+    _report(conn, org_id, decision, newly_paused, resumed)
     if paused or resumed or changed:
         log.info(
             "sending state reconciled",
@@ -309,15 +314,17 @@ def create_campaign(conn: Connection, org_id: str, campaign_id: str, policy: Pol
 def pause_campaign(conn: Connection, org_id: str, campaign_id: str) -> Campaign:
     """The user's own pause: it stays until the user resumes, whatever Payguard decides."""
     _campaign_id(campaign_id)
-    conn.execute(
+    changed = conn.execute(
         text(
             "UPDATE campaigns SET status = 'paused', paused_by = 'user', "
             "pause_reason = 'paused by user', updated_at = now() "
-            "WHERE org_id = :o AND campaign_id = :c"
+            "WHERE org_id = :o AND campaign_id = :c "
+            "AND paused_by IS DISTINCT FROM 'user' RETURNING campaign_id"
         ),
         {"o": org_id, "c": campaign_id},
-    )
-    outbound.note_campaign(conn, org_id, campaign_id, "user", "paused by user")
+    ).first()
+    if changed is not None:  # pausing a campaign the user paused already tells nobody again
+        outbound.note_campaign(conn, org_id, campaign_id, "user", "paused by user")
     return _campaign(conn, org_id, campaign_id)
 
 

@@ -232,6 +232,28 @@ def test_campaign_pause_and_resume_are_reported(engine):
     assert got == [("campaign.paused", "user"), ("campaign.resumed", None)]
 
 
+def test_a_campaign_paused_already_is_not_reported_paused_again(engine):
+    """The host hears `campaign.paused` when a campaign stops running, not again when the
+    system's reasons change or the user pauses what they paused already."""
+    org = new_org(engine, balance=1)
+    policy = sending.Policy()
+    tx(engine, lambda c: sending.create_campaign(c, org, "spring", policy))
+    tx(engine, lambda c: sending.create_campaign(c, org, "summer", policy))
+    tx(engine, lambda c: sending.pause_campaign(c, org, "summer"))
+    tx(engine, lambda c: sending.pause_campaign(c, org, "summer"))  # again: nothing new
+    tx(engine, lambda c: (wallet.freeze(c, org, "review", actor="t"),  # system pause: spring
+                          sending.reconcile(c, org, policy)))  # fmt: skip
+    tx(engine, lambda c: (wallet.adjust(c, org, -1, reason="t", actor="t"),  # more reasons
+                          sending.reconcile(c, org, policy)))  # fmt: skip
+    got = [(e["type"], e["data"]["campaign_id"], e["data"]["paused_by"]) for e in events_of(engine)
+           if e["type"].startswith("campaign.")]  # fmt: skip
+    assert got == [("campaign.paused", "summer", "user"), ("campaign.paused", "spring", "system")]
+    with engine.connect() as c:
+        reason = c.execute(text("SELECT pause_reason FROM campaigns WHERE campaign_id = 'spring' "
+                                "AND org_id = :o"), {"o": org}).scalar_one()  # fmt: skip
+    assert "insufficient_balance" in reason  # the stored reason still follows the decision
+
+
 # ---------------------------------------------------------------- delivery (real processes)
 
 
