@@ -30,12 +30,9 @@ def _config() -> dict:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": "payguard.events",
+        # One table of routes (worker/broker.py) for Celery and for the publishers.
         "task_routes": {
-            "payguard.process_event": {"queue": "payguard.events"},
-            "payguard.send_message": {"queue": "payguard.send"},
-            "payguard.fan_out_sends": {"queue": "payguard.send"},
-            "payguard.sync_twilio_account": {"queue": "payguard.twilio"},
-            "payguard.deliver_event": {"queue": "payguard.outbound"},
+            **{task: {"queue": queue} for task, queue in broker.ROUTES.items()},
             "payguard.beat.*": {"queue": "payguard.beat"},
         },
         "beat_schedule": beat_schedule(s),
