@@ -9,7 +9,6 @@ Security properties are in test_security_topups.py.
 
 from __future__ import annotations
 
-import json
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +20,7 @@ from core.db import run_in_transaction
 from core.errors import TransientError
 from tests.fakes import stripe_payloads as sp
 from tests.support.api import Client, assert_problem, count, make_key, new_org
+from tests.support.events import events_of
 from tests.support.topups import (
     RETURN,
     balance,
@@ -67,10 +67,7 @@ def test_paypal_top_up_creates_a_capture_order_for_the_organization(
 
 def host_events(engine, prefix: str) -> list[tuple[str, dict]]:
     """(type, data) of the events recorded for the host whose type starts with `prefix`."""
-    with engine.connect() as c:
-        bodies = c.execute(text("SELECT body FROM outbound_events ORDER BY sequence")).scalars()
-        events = [json.loads(b) for b in bodies]
-    return [(e["type"], e["data"]) for e in events if e["type"].startswith(prefix)]
+    return [(e["type"], e["data"]) for e in events_of(engine) if e["type"].startswith(prefix)]
 
 
 ORDERS = {

@@ -23,6 +23,7 @@ from core.webhook_signing import sign, verify
 from tests.fakes.fake_twilio import unused_port
 from tests.fakes.hook_endpoint import HookEndpoint
 from tests.stack import start_beat, start_worker, wait_for
+from tests.support.events import events_of
 
 pytestmark = [pytest.mark.integration]
 
@@ -52,13 +53,6 @@ def add_endpoint(engine, url, events=None, org=None, policy=POLICY):
     return tx(
         engine, lambda c: outbound.create_endpoint(c, url, events, org, "test", policy=policy)
     )
-
-
-def events_of(engine, type_: str | None = None) -> list[dict]:
-    with engine.connect() as c:
-        rows = c.execute(text("SELECT body FROM outbound_events ORDER BY sequence")).scalars()
-        bodies = [json.loads(b) for b in rows]
-    return [b for b in bodies if type_ is None or b["type"] == type_]
 
 
 def delivery_rows(engine, endpoint_id: str):
