@@ -16,7 +16,8 @@ from sqlalchemy import Connection, text
 
 from core import inbox, orgs, sending, subscriptions, topups, wallet
 from core.errors import InvalidInput, MalformedEvent, NotYetApplicable, ParkEvent
-from core.provider_events import (
+from core.providers import webhooks
+from core.providers.events import (
     PREPAID,
     SUBSCRIPTION,
     ChargebackOpened,
@@ -41,18 +42,6 @@ class Outcome:
     org_ids: tuple[str, ...] = ()
 
 
-def normalize(provider: str, payload: dict) -> list[NormalizedEvent]:
-    if provider == "paypal":
-        from core import paypal_events
-
-        return paypal_events.normalize(payload)
-    if provider == "stripe":
-        from core import stripe_events
-
-        return stripe_events.normalize(payload)
-    raise MalformedEvent(f"unknown provider {provider!r}")
-
-
 def process(conn: Connection, inbox_id: int, policy: sending.Policy) -> Outcome:
     """Apply a `received` event once. Raises ParkEvent (and NotYetApplicable) to park it."""
     row = inbox.lock_for_processing(conn, inbox_id)
@@ -63,7 +52,7 @@ def process(conn: Connection, inbox_id: int, policy: sending.Policy) -> Outcome:
     except ValueError:
         raise ParkEvent("body is not JSON") from None
     try:
-        events = normalize(row.provider, payload)
+        events = webhooks.normalize(row.provider, payload)
     except MalformedEvent as exc:
         raise ParkEvent(f"malformed event: {exc}") from None
     if not events:

@@ -362,7 +362,7 @@ def record_result(conn: Connection, message_id: str, result, policy: sending.Pol
 
     An answer that comes after the message was settled otherwise still says what happened:
     a message given up as `unknown` learns its SID, one a callback settled its billing."""
-    from core.twilio_gateway import SendOutcome
+    from core.providers.twilio.gateway import SendOutcome
 
     row = _lock_message(conn, message_id=message_id)
     if row is None:

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     SMS_SEGMENT_PRICE_CENTS: int = 1
     # How long the run that marks a message `sending` owns it; a copy of the send task waits
     # that long before it calls the send `unknown`. Longer than a Twilio call can last
-    # (core.twilio_gateway.DEFAULT_TIMEOUT: 3.05 s connect + 15 s read).
+    # (core.providers.twilio.gateway.DEFAULT_TIMEOUT: 3.05 s connect + 15 s read).
     SEND_LEASE_SECONDS: float = Field(default=60.0, ge=20.0)
     # A recording of Twilio's answer that failed (the database was away) is tried again after
     # this long, with the answer carried in the retried task.

@@ -30,7 +30,7 @@ from core import inbox, orgs, outbound
 from core.db import run_in_transaction
 from core.errors import InvalidInput, MalformedEvent, NotFound, ParkEvent
 from core.money import normalize_currency, to_minor_units
-from core.topup_api import ProviderRefused, TopUpApi
+from core.providers.ports import ProviderRefused, TopUpApi
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def record_capture(conn: Connection, top_up_id: str, answer: Any) -> str:
     """Apply PayPal's answer to a capture: credit a completed capture once (the reference
     PAYMENT.CAPTURE.COMPLETED uses too), fail a declined one; its status after."""
     from core import handlers  # handlers applies top-up events: imported late, not in a cycle
-    from core.provider_events import PaymentCaptured
+    from core.providers.events import PaymentCaptured
 
     top_up = _by_id(conn, top_up_id)
     assert top_up is not None

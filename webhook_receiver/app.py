@@ -63,7 +63,7 @@ class Receiver:
             ).first()
         if ours is None or not self.settings.twilio_configured:
             return None
-        from core.twilio_gateway import build_gateway
+        from core.providers.twilio.gateway import build_gateway
 
         gateway = build_gateway(self.settings, timeout=(2.0, 5.0))
         try:
@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None, *, paypal_clock: Callable | Non
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY + 1
     paypal_verifier = None
     if settings.PAYPAL_WEBHOOK_ID:
-        from core.paypal_verify import build_verifier
+        from core.providers.paypal.verify import build_verifier
 
         paypal_verifier = build_verifier(settings, clock=paypal_clock)
     # A connection that went stale fails one request with 503, which the provider retries.

@@ -46,9 +46,9 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
 
 @blueprint.post("/webhooks/paypal")
 def paypal_webhook() -> Response:
-    from core import paypal_events
     from core.errors import MalformedEvent
-    from core.paypal_verify import InvalidWebhook, VerificationUnavailable
+    from core.providers.paypal import events as paypal_events
+    from core.providers.paypal.verify import InvalidWebhook, VerificationUnavailable
 
     receiver = _receiver()
     if receiver.paypal_verifier is None:
@@ -75,7 +75,7 @@ def paypal_webhook() -> Response:
 
 @blueprint.post("/webhooks/stripe")
 def stripe_webhook() -> Response:
-    from core.stripe_verify import InvalidStripeWebhook, verify_stripe
+    from core.providers.stripe.verify import InvalidStripeWebhook, verify_stripe
 
     receiver = _receiver()
     secrets = receiver.settings.stripe_secrets
@@ -153,7 +153,7 @@ def _twilio_signer(receiver: Receiver) -> str | None | bool:
     """Who signed this callback: None for the parent account, a subaccount SID for that
     subaccount's own token, False for nobody we know. The signed URL is the public one,
     query (`?m=`) included, as Twilio called it."""
-    from core.twilio_gateway import validate_status_callback
+    from core.providers.twilio.gateway import validate_status_callback
 
     s = receiver.settings
     url = f"{(s.PUBLIC_BASE_URL or request.host_url).rstrip('/')}/webhooks/twilio/status"

@@ -9,8 +9,9 @@ import zlib
 
 from sqlalchemy import Connection, text
 
-from core import idempotency, inbox, messages, orgs, sending, topups, twilio_accounts, wallet
+from core import idempotency, inbox, messages, orgs, sending, topups, wallet
 from core.db import run_in_transaction
+from core.providers.twilio import accounts as twilio_accounts
 from worker import runtime
 from worker.celery_app import app
 from worker.publisher import Publisher

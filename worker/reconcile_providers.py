@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 from core import sending, subscriptions
 from core.db import run_in_transaction
 from core.errors import PayguardError
-from core.provider_api import build_subscription_apis
+from core.providers.apis import build_subscription_apis
 from core.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -50,18 +50,18 @@ def gateway():
     s = settings()
     with _lock:
         if "gateway" not in _state:
-            from core.twilio_gateway import build_gateway
+            from core.providers.twilio.gateway import build_gateway
 
             _state["gateway"] = build_gateway(s)
         return _state["gateway"]
 
 
 def top_up_apis() -> dict:
-    """The providers' top-up APIs (core/topup_api.py), by provider name."""
+    """The providers' top-up APIs (core/providers/apis.py), by provider name."""
     s = settings()
     with _lock:
         if "top_up_apis" not in _state:
-            from core.topup_api import build_top_up_apis
+            from core.providers.apis import build_top_up_apis
 
             _state["top_up_apis"] = build_top_up_apis(s)
         return _state["top_up_apis"]

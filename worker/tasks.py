@@ -8,9 +8,10 @@ import random
 from celery import Task
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core import handlers, inbox, twilio_accounts
+from core import handlers, inbox
 from core.db import run_in_transaction
 from core.errors import NotYetApplicable, ParkEvent, RetryableConflict, TransientError
+from core.providers.twilio import accounts as twilio_accounts
 from worker import metrics, runtime
 from worker.celery_app import app
 
@@ -137,7 +138,7 @@ def send_message(
     `answer` is Twilio's answer carried by a retry whose recording failed: it is recorded,
     never sent again."""
     from core import messages
-    from core.twilio_gateway import SendOutcome, SendResult
+    from core.providers.twilio.gateway import SendOutcome, SendResult
 
     engine, policy, s = runtime.engine(), runtime.policy(), runtime.settings()
     if answer is not None:

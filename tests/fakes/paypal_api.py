@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from core.paypal_verify import PAYPAL_CERT_NAME, expected_message
+from core.providers.paypal.verify import PAYPAL_CERT_NAME, expected_message
 
 PAYPAL_CERT_CN = PAYPAL_CERT_NAME
 CERTS_PATH = "/v1/notifications/certs/"

@@ -95,7 +95,8 @@ def test_a_new_subaccount_of_an_organization_that_should_be_suspended_is_suspend
 
     from sqlalchemy import text
 
-    from core import orgs, twilio_accounts
+    from core import orgs
+    from core.providers.twilio import accounts as twilio_accounts
 
     policy = Policy()
     names = [f"org-{uuid.uuid4().hex[:10]}" for _ in range(2)]

@@ -16,9 +16,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from core import handlers, inbox, messages, orgs, sending, subscriptions, twilio_accounts, wallet
+from core import handlers, inbox, messages, orgs, sending, subscriptions, wallet
 from core.db import run_in_transaction
 from core.errors import Refused
+from core.providers.twilio import accounts as twilio_accounts
+from core.providers.twilio.gateway import AccountOutcome, AccountResult
 from core.sending import (
     INSUFFICIENT_BALANCE,
     SUBSCRIPTION_INACTIVE,
@@ -26,7 +28,6 @@ from core.sending import (
     WALLET_FROZEN,
     Policy,
 )
-from core.twilio_gateway import AccountOutcome, AccountResult
 from tests.fakes import paypal_payloads
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from core.paypal_verify import (
+from core.providers.paypal.verify import (
     CertificateFetcher,
     InvalidWebhook,
     OfflineVerifier,

@@ -17,9 +17,9 @@ from sqlalchemy import Engine, text
 
 from core import orgs, sending, subscriptions, wallet
 from core.db import run_in_transaction
-from core.provider_api import StripeApi
+from core.providers.stripe.api import StripeApi
+from core.providers.twilio.accounts import converge_one
 from core.settings import Settings
-from core.twilio_accounts import converge_one
 from tests.fakes.fake_stripe import STRIPE_KEY, FakeStripe
 from tests.fakes.paypal_api import FakePayPal
 from worker.reconcile_providers import refresh_stale

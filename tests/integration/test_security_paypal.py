@@ -54,7 +54,7 @@ from sqlalchemy import text
 
 from core import orgs
 from core.db import run_in_transaction
-from core.paypal_verify import CertificateFetcher, VerificationUnavailable
+from core.providers.paypal.verify import CertificateFetcher, VerificationUnavailable
 from core.settings import Settings
 from tests.fakes import paypal_payloads as pp
 from tests.fakes.crc_forge import forge_same_crc

@@ -33,7 +33,9 @@ SENDER = "+15005550006"
 TO = "+15005550010"
 POLICY = Policy()
 SETTLED = ("accepted", "rejected", "unknown", "blocked", "not_sent")
-GATEWAY_READ_TIMEOUT = 15.0  # core.twilio_gateway.DEFAULT_TIMEOUT: the worker's read timeout
+GATEWAY_READ_TIMEOUT = (
+    15.0  # core.providers.twilio.gateway.DEFAULT_TIMEOUT: the worker's read timeout
+)
 
 # --- helpers ------------------------------------------------------------------------------
 

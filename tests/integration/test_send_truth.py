@@ -21,9 +21,9 @@ from sqlalchemy import text
 
 from core import messages, orgs, subscriptions, wallet
 from core.db import run_in_transaction
+from core.providers.twilio.gateway import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
-from core.twilio_gateway import SendOutcome, SendResult
 from tests.fakes.fake_twilio import Reply, signed_status_callback, status_callback_params
 from tests.stack import free_port, start_worker, wait_for
 from webhook_receiver.app import create_app

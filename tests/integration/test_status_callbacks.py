@@ -16,9 +16,9 @@ from sqlalchemy import text
 
 from core import messages, orgs, sending, subscriptions, wallet
 from core.db import run_in_transaction
+from core.providers.twilio.gateway import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
-from core.twilio_gateway import SendOutcome, SendResult
 from tests.fakes.fake_twilio import signed_status_callback, status_callback_params
 from webhook_receiver.app import create_app
 

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, text
 from core import handlers, inbox, orgs, sending, wallet
 from core.db import run_in_transaction
 from core.errors import NotYetApplicable, ParkEvent
-from core.provider_events import PaymentCaptured
+from core.providers.events import PaymentCaptured
 from core.settings import Settings
 from tests.fakes import paypal_payloads as pp
 from tests.fakes import stripe_payloads as sp

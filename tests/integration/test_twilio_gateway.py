@@ -16,8 +16,7 @@ import pytest
 import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
-from core.settings import Settings
-from core.twilio_gateway import (
+from core.providers.twilio.gateway import (
     AccountOutcome,
     ConsoleGateway,
     SendOutcome,
@@ -26,6 +25,7 @@ from core.twilio_gateway import (
     build_gateway,
     validate_status_callback,
 )
+from core.settings import Settings
 from tests.fakes.fake_twilio import (
     FakeTwilio,
     Reply,
@@ -377,7 +377,7 @@ def test_only_connection_phase_failures_count_as_never_sent(exc, never_sent):
 
 def test_console_gateway_only_logs(caplog):
     gw = ConsoleGateway()
-    with caplog.at_level(logging.INFO, logger="core.twilio_gateway"):
+    with caplog.at_level(logging.INFO, logger="core.providers.twilio.gateway"):
         result = gw.send_message(SUB, SERVICE, TO, "hello €", status_callback=CALLBACK)
 
     assert result.outcome is SendOutcome.ACCEPTED

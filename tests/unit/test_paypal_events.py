@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.errors import MalformedEvent
-from core.paypal_events import event_meta, normalize, parse_time
-from core.provider_events import (
+from core.providers.events import (
     ChargebackOpened,
     DisputeClosed,
     DisputeOpened,
@@ -21,6 +20,7 @@ from core.provider_events import (
     SubscriptionChanged,
     SubscriptionPayment,
 )
+from core.providers.paypal.events import event_meta, normalize, parse_time
 from tests.fakes import paypal_payloads as pp
 
 AT = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
@@ -749,7 +749,7 @@ def test_field_of_the_wrong_shape_is_malformed(build, path, value):
 
 
 def test_order_approved_names_the_order_and_its_custom_id():
-    from core.provider_events import OrderApproved
+    from core.providers.events import OrderApproved
 
     payload = pp.unknown_event("CHECKOUT.ORDER.APPROVED")
     payload["resource"] = {"id": "5O190127TN364715T", "status": "APPROVED",

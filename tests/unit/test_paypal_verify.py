@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from werkzeug.datastructures import Headers
 
-from core.paypal_verify import (
+from core.providers.paypal.verify import (
     CertificateFetcher,
     InvalidWebhook,
     OfflineVerifier,

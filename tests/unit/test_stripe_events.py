@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from core.errors import MalformedEvent
-from core.provider_events import (
+from core.providers.events import (
     DisputeClosed,
     DisputeOpened,
     PaymentCaptured,
@@ -18,7 +18,7 @@ from core.provider_events import (
     SubscriptionChanged,
     SubscriptionPayment,
 )
-from core.stripe_events import HANDLED_TYPES, normalize
+from core.providers.stripe.events import HANDLED_TYPES, normalize
 from tests.fakes import stripe_payloads as sp
 
 CREATED = 1_760_000_000

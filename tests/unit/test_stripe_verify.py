@@ -7,7 +7,7 @@ import json
 import pytest
 import stripe
 
-from core.stripe_verify import InvalidStripeWebhook, verify_stripe
+from core.providers.stripe.verify import InvalidStripeWebhook, verify_stripe
 from tests.fakes import stripe_payloads as sp
 
 NOW = 1_760_000_000

@@ -29,8 +29,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from core.apikeys import ApiKey
 from core.db import run_in_transaction
 from core.errors import Conflict, InvalidInput, NotFound, PayguardError, Refused
+from core.providers.apis import build_top_up_apis
 from core.sending import Policy
-from core.topup_api import build_top_up_apis
 from webhook_receiver.api import access
 from webhook_receiver.api.problems import Problem, invalid, pointer
 from webhook_receiver.api.schemas import IDEMPOTENCY_KEY_PATTERN, ORG_ID_PATTERN

@@ -13,8 +13,8 @@ from flask import Response
 from core import audit, idempotency, inbox, messages, outbound, overview, sending, topups, wallet
 from core.errors import InvalidInput
 from core.idempotency import KeysConflict, Stored
+from core.providers.ports import ProviderRefused, ProviderUnavailable
 from core.settings import ConfigError
-from core.topup_api import ProviderRefused, ProviderUnavailable
 from webhook_receiver.api import openapi
 from webhook_receiver.api import schemas as s
 from webhook_receiver.api.problems import Problem, invalid

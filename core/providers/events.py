@@ -1,6 +1,6 @@
 """Provider-neutral events: what a PayPal or Stripe webhook means for Payguard.
 
-Adapters (core/paypal_events.py, core/stripe_events.py) turn one verified payload into a
+Adapters (core/providers/paypal/events.py, core/providers/stripe/events.py) turn one verified payload into a
 list of these; core/handlers.py applies them. Amounts are integers of minor units, currencies
 upper-case ISO 4217, times aware UTC datetimes (None when the provider gave nothing usable).
 """

@@ -1,77 +1,89 @@
-"""The providers' REST calls a top-up makes: create a PayPal order and capture it, create a
-Stripe Checkout Session. Adapters like core/provider_api.py: the only place these calls live.
+"""PayPal's REST API: the subscription status the reconciliation asks for, and the orders a
+top-up creates and captures. The only module that calls PayPal's REST API (webhooks are
+verified in core/providers/paypal/verify.py).
 
-Each call either answers, or raises `ProviderRefused` (the provider said no: a 4xx, with its
-reason, which the host may show) or `ProviderUnavailable` (down, 5xx, or no answer within the
-timeout: the same call may work later). Every call that creates something carries an
-idempotency key derived by the caller (`PayPal-Request-Id`, Stripe's `Idempotency-Key`), so
-sending it again after a lost answer returns the first result instead of a second order.
+Subscriptions go through `requests` (OAuth client-credentials and GET
+/v1/billing/subscriptions/{id}); an answer is `(status lower-case, when it was set or None)`,
+NotFound when PayPal has no such subscription, TransientError for anything else (the next
+reconciliation run asks again).
 
-PayPal goes through `paypalrestsdk.Api`, the SDK the customer named, for its OAuth token and
+Orders go through `paypalrestsdk.Api`, the SDK the customer named, for its OAuth token and
 its HTTP call, with two measured corrections: its `http_call` passes no timeout to requests
 (a silent PayPal would hang the request forever), so `_TimedApi` adds one; and its `request`
 turns a 400 into a returned dict and retries a 401 by recursing without bound, so calls go
-through `http_call` here, retrying an expired token once. `WebhookEvent.verify` is never used
-(core/paypal_verify.py verifies webhooks).
+through `http_call` here, retrying an expired token once. `WebhookEvent.verify` is never used.
+Each call either answers or raises `ProviderRefused` / `ProviderUnavailable`
+(core/providers/ports.py), and carries the caller's `PayPal-Request-Id`.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
-from typing import Any, Protocol
+import time
+from datetime import datetime
+from typing import Any
 
 import paypalrestsdk
 import requests
-import stripe
 from paypalrestsdk import exceptions as paypal_errors
 
-from core.errors import PayguardError, TransientError
+from core.errors import NotFound, TransientError
 from core.money import from_minor_units
-from core.settings import Settings
+from core.providers.paypal.events import parse_time
+from core.providers.ports import Checkout, ProviderRefused, ProviderUnavailable
 
 
-class ProviderRefused(PayguardError):
-    """The provider refused the request (4xx); str() is its reason."""
+class PayPalApi:
+    """OAuth client-credentials and GET /v1/billing/subscriptions/{id} against PAYPAL_API_BASE."""
 
+    def __init__(
+        self, api_base: str, client_id: str, client_secret: str, timeout: float = 10.0
+    ) -> None:
+        self.api_base = api_base.rstrip("/")
+        self._auth = (client_id, client_secret)
+        self._timeout = timeout
+        self._token: tuple[str, float] | None = None
+        self._lock = threading.Lock()
 
-class ProviderUnavailable(TransientError):
-    """The provider is down, failed (5xx) or did not answer in time."""
+    def _access_token(self) -> str:
+        with self._lock:
+            if self._token and self._token[1] > time.monotonic():
+                return self._token[0]
+            try:
+                r = requests.post(
+                    f"{self.api_base}/v1/oauth2/token",
+                    auth=self._auth,
+                    data={"grant_type": "client_credentials"},
+                    timeout=self._timeout,
+                )
+            except requests.RequestException as exc:
+                raise TransientError(f"PayPal OAuth unreachable: {exc}") from None
+            if r.status_code != 200:
+                raise TransientError(f"PayPal OAuth answered {r.status_code}")
+            body = r.json()
+            self._token = (
+                body["access_token"],
+                time.monotonic() + max(60, int(body.get("expires_in", 300)) - 60),
+            )
+            return self._token[0]
 
-
-@dataclass(frozen=True)
-class Checkout:
-    """What the buyer is sent to: the provider's reference and the approval link."""
-
-    reference: str
-    approval_url: str
-
-
-class TopUpApi(Protocol):
-    def create_checkout(
-        self, *, org_id: str, amount_cents: int, currency: str, return_url: str,
-        cancel_url: str, idempotency_key: str,
-    ) -> Checkout: ...  # fmt: skip
-
-
-def build_top_up_apis(settings: Settings) -> dict[str, TopUpApi]:
-    """The providers a top-up can be made with, by name: those with API credentials set."""
-    timeout = settings.TOP_UP_PROVIDER_TIMEOUT_SECONDS
-    apis: dict[str, TopUpApi] = {}
-    if settings.PAYPAL_CLIENT_ID and settings.PAYPAL_CLIENT_SECRET:
-        apis["paypal"] = PayPalOrders(
-            settings.PAYPAL_API_BASE,
-            settings.PAYPAL_CLIENT_ID,
-            settings.PAYPAL_CLIENT_SECRET,
-            timeout=timeout,
-        )
-    if settings.STRIPE_API_KEY:
-        apis["stripe"] = StripeCheckout(settings.STRIPE_API_BASE, settings.STRIPE_API_KEY, timeout)
-    return apis
-
-
-# ---------------------------------------------------------------- PayPal
+    def subscription_status(self, subscription_id: str) -> tuple[str, datetime | None]:
+        try:
+            r = requests.get(
+                f"{self.api_base}/v1/billing/subscriptions/{subscription_id}",
+                headers={"Authorization": f"Bearer {self._access_token()}"},
+                timeout=self._timeout,
+            )
+        except requests.RequestException as exc:
+            raise TransientError(f"PayPal API unreachable: {exc}") from None
+        if r.status_code == 404:
+            raise NotFound(f"PayPal has no subscription {subscription_id}")
+        if r.status_code != 200:
+            raise TransientError(f"PayPal API answered {r.status_code}")
+        body = r.json()
+        when = parse_time(body.get("status_update_time")) or parse_time(body.get("update_time"))
+        return str(body["status"]).lower(), when
 
 
 class _TimedApi(paypalrestsdk.Api):
@@ -179,56 +191,3 @@ class PayPalOrders:
     def capture_order(self, order_id: str, request_id: str) -> dict:
         """PayPal's answer to the capture (the order, with its captures)."""
         return self._call("POST", f"/v2/checkout/orders/{order_id}/capture", {}, request_id)
-
-
-# ---------------------------------------------------------------- Stripe
-
-
-class StripeCheckout:
-    """POST /v1/checkout/sessions through the stripe package, against STRIPE_API_BASE."""
-
-    def __init__(self, api_base: str, api_key: str, timeout: float = 5.0) -> None:
-        self._client = stripe.StripeClient(
-            api_key,
-            base_addresses={"api": api_base.rstrip("/")},
-            # The host asks again (503 + Retry-After); a request must not sleep on backoff.
-            max_network_retries=0,
-            http_client=stripe.RequestsClient(timeout=timeout),
-        )
-
-    def create_checkout(
-        self, *, org_id: str, amount_cents: int, currency: str, return_url: str,
-        cancel_url: str, idempotency_key: str,
-    ) -> Checkout:  # fmt: skip
-        try:
-            session = self._client.v1.checkout.sessions.create(
-                {
-                    "mode": "payment",
-                    "client_reference_id": org_id,
-                    "metadata": {"org_id": org_id},
-                    "payment_intent_data": {"metadata": {"org_id": org_id}},
-                    "line_items": [
-                        {
-                            "quantity": 1,
-                            "price_data": {
-                                "currency": currency.lower(),
-                                "unit_amount": amount_cents,
-                                "product_data": {"name": "Prepaid SMS credit"},
-                            },
-                        }
-                    ],
-                    "success_url": return_url,
-                    "cancel_url": cancel_url,
-                },
-                {"idempotency_key": idempotency_key},
-            )
-        except (stripe.InvalidRequestError, stripe.CardError, stripe.IdempotencyError) as exc:
-            raise ProviderRefused(f"Stripe refused: {exc.user_message or exc}") from None
-        except stripe.StripeError as exc:
-            raise ProviderUnavailable(
-                f"Stripe failed ({type(exc).__name__}, {exc.http_status})"
-            ) from None
-        session_id, url = getattr(session, "id", None), getattr(session, "url", None)
-        if not isinstance(session_id, str) or not isinstance(url, str):
-            raise ProviderUnavailable("Stripe answered a session without id or url")
-        return Checkout(session_id, url)

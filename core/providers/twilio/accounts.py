@@ -33,7 +33,7 @@ def converge_one(engine: Engine, gateway, org_id: str, policy: Policy) -> str:
         return "in_sync"
     desired = row.twilio_desired_status
     if row.twilio_subaccount_sid:
-        from core.twilio_gateway import AccountOutcome
+        from core.providers.twilio.gateway import AccountOutcome
 
         result = gateway.set_account_status(row.twilio_subaccount_sid, desired)
         if result.outcome == AccountOutcome.RETRY:

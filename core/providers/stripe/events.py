@@ -1,7 +1,7 @@
 """What a verified Stripe event means for Payguard.
 
-`normalize` turns one Stripe event (the dict `core.stripe_verify.verify_stripe` returns) into
-provider-neutral events from core/provider_events.py; an empty list means "a type Payguard
+`normalize` turns one Stripe event (the dict `core.providers.stripe.verify.verify_stripe` returns) into
+provider-neutral events from core/providers/events.py; an empty list means "a type Payguard
 does not act on". A payload whose shape its type does not promise raises MalformedEvent.
 
 Time. Every event's `occurred_at` is the event's own `created`, as an aware UTC datetime.
@@ -40,7 +40,7 @@ from typing import Any
 
 from core.errors import MalformedEvent
 from core.money import normalize_currency
-from core.provider_events import (
+from core.providers.events import (
     DisputeClosed,
     DisputeOpened,
     NormalizedEvent,

@@ -1,4 +1,4 @@
-"""PayPal webhook payloads turned into provider-neutral events (core/provider_events.py).
+"""PayPal webhook payloads turned into provider-neutral events (core/providers/events.py).
 
 `normalize` reads one verified PayPal webhook event and says what it means for Payguard:
 a capture credits a wallet, a refund or reversal claws back, a subscription changes status,
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from core.errors import MalformedEvent
 from core.money import normalize_currency, to_minor_units
-from core.provider_events import (
+from core.providers.events import (
     ChargebackOpened,
     DisputeClosed,
     DisputeOpened,

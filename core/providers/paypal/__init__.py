@@ -1,0 +1,1 @@
+"""PayPal: webhook verification (verify), webhook payloads → neutral events (events), REST (api)."""

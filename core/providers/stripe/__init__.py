@@ -1,0 +1,1 @@
+"""Stripe: webhook verification (verify), webhook payloads → neutral events (events), REST (api)."""
