@@ -45,7 +45,7 @@ import psycopg  # noqa: E402
 
 from bench.scratch import prepare_database  # noqa: E402
 from cli.devstack import start_redis  # noqa: E402
-from core import orgs  # noqa: E402
+from core import orgs, outbox  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
 from tests.fakes import paypal_payloads as pp  # noqa: E402
 from tests.fakes.paypal_api import FakePayPal, SigningCert, make_signing_cert  # noqa: E402
@@ -234,10 +234,12 @@ def breakdown(
             )
             t2 = time.perf_counter()
             receiver.publisher.publish(
-                inbox.PROCESS_EVENT_TASK, [stored.id], task_id=f"outbox-{outbox_id}"
+                outbox.PROCESS_EVENT_TASK, [stored.id], task_id=f"outbox-{outbox_id}"
             )
             t3 = time.perf_counter()
-            run_in_transaction(receiver.engine, lambda c, o=outbox_id: inbox.mark_published(c, [o]))
+            run_in_transaction(
+                receiver.engine, lambda c, o=outbox_id: outbox.mark_published(c, [o])
+            )
             t4 = time.perf_counter()
             for name, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 stages[name].append(value)

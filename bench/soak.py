@@ -77,7 +77,7 @@ from psycopg.rows import dict_row  # noqa: E402
 import migrations  # noqa: E402
 from cli.devstack import TEST_POSTGRES_SETTINGS, start_postgres, start_redis  # noqa: E402
 from cli.devstack import database_url as url_for  # noqa: E402
-from core import inbox, messages, orgs, sending  # noqa: E402
+from core import inbox, messages, orgs, outbox, sending  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
 from tests.fakes import paypal_payloads as pp  # noqa: E402
 from tests.fakes import stripe_payloads as sp  # noqa: E402
@@ -663,7 +663,7 @@ class Plan:
             stack.publisher().publish(messages.SEND_TASK, [msg.message_id])
             run_in_transaction(
                 stack.engine,
-                lambda c: inbox.mark_task_published(c, messages.SEND_TASK, [msg.message_id]),
+                lambda c: outbox.mark_task_published(c, messages.SEND_TASK, [msg.message_id]),
             )
         except Exception:
             with self.stats.lock:
@@ -902,7 +902,7 @@ def create_orgs(engine, rng: random.Random, count: int, policy: sending.Policy):
                 billing="prepaid" if i % 2 else "subscription",
             )
             for name in names:
-                sending.create_campaign(conn, org_id, name, policy)
+                campaigns.create_campaign(conn, org_id, name, policy)
 
         run_in_transaction(engine, create)
         org_ids.append(org_id)
@@ -1131,8 +1131,8 @@ def replay_parked(database_url: str, engine, publisher: Publisher) -> tuple[Coun
         )
         replayed[f"{provider} {event_type}"] += 1
         try:
-            publisher.publish(inbox.PROCESS_EVENT_TASK, [event.id], task_id=f"outbox-{outbox_id}")
-            run_in_transaction(engine, lambda c, o=outbox_id: inbox.mark_published(c, [o]))
+            publisher.publish(outbox.PROCESS_EVENT_TASK, [event.id], task_id=f"outbox-{outbox_id}")
+            run_in_transaction(engine, lambda c, o=outbox_id: outbox.mark_published(c, [o]))
         except Exception:
             pass  # the relay publishes it
     return replayed, others

@@ -26,7 +26,19 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from cli import output
-from core import apikeys, audit, inbox, messages, orgs, outbound, overview, sending, wallet
+from core import (
+    apikeys,
+    audit,
+    campaigns,
+    inbox,
+    messages,
+    orgs,
+    outbound,
+    outbox,
+    overview,
+    sending,
+    wallet,
+)
 from core.db import make_engine, run_in_transaction
 from core.errors import InvalidInput, PayguardError, Refused
 from core.settings import ConfigError, Settings, load_settings
@@ -169,7 +181,7 @@ def _flush_publishes(ctx: Context) -> None:
         for task, args, outbox_id in ctx.pending_publish:
             publisher.publish(task, args, task_id=f"outbox-{outbox_id}" if outbox_id else None)
             run_in_transaction(
-                engine, lambda conn, t=task, a=args: inbox.mark_task_published(conn, t, a)
+                engine, lambda conn, t=task, a=args: outbox.mark_task_published(conn, t, a)
             )
     except Exception:
         ctx.progress("broker unavailable: the outbox relay will publish the rest")
@@ -471,7 +483,7 @@ CAMPAIGN_COLUMNS = ("campaign_id", "status", "paused_by", "pause_reason")
 
 
 def _audit_campaign(
-    ctx: Context, args: argparse.Namespace, action: str, c: sending.Campaign
+    ctx: Context, args: argparse.Namespace, action: str, c: campaigns.Campaign
 ) -> None:
     _audit(
         ctx.conn, actor=args.actor, action=action, org_id=args.org_id,
@@ -479,10 +491,10 @@ def _audit_campaign(
     )  # fmt: skip
 
 
-def _campaigns(ctx: Context, org_id: str, campaign: sending.Campaign | None = None) -> Result:
+def _campaigns(ctx: Context, org_id: str, campaign: campaigns.Campaign | None = None) -> Result:
     result: Result = {
         "org_id": org_id,
-        "campaigns": [c.as_dict() for c in sending.list_campaigns(ctx.conn, org_id)],
+        "campaigns": [c.as_dict() for c in campaigns.list_campaigns(ctx.conn, org_id)],
     }
     if campaign is not None:
         result.update(campaign.as_dict())
@@ -499,7 +511,7 @@ _CAMPAIGN_RENDER = {"render": lambda r: output.render(r, {"campaigns": CAMPAIGN_
     **_CAMPAIGN_RENDER,
 )
 def campaign_create(ctx: Context, args: argparse.Namespace) -> Result:
-    campaign = sending.create_campaign(ctx.conn, args.org_id, args.campaign_id, _policy(ctx))
+    campaign = campaigns.create_campaign(ctx.conn, args.org_id, args.campaign_id, _policy(ctx))
     _audit_campaign(ctx, args, "campaign.create", campaign)
     return _campaigns(ctx, args.org_id, campaign)
 
@@ -511,7 +523,7 @@ def campaign_create(ctx: Context, args: argparse.Namespace) -> Result:
     **_CAMPAIGN_RENDER,
 )
 def campaign_pause(ctx: Context, args: argparse.Namespace) -> Result:
-    campaign = sending.pause_campaign(ctx.conn, args.org_id, args.campaign_id)
+    campaign = campaigns.pause_campaign(ctx.conn, args.org_id, args.campaign_id)
     _audit_campaign(ctx, args, "campaign.pause", campaign)
     return _campaigns(ctx, args.org_id, campaign)
 
@@ -523,7 +535,7 @@ def campaign_pause(ctx: Context, args: argparse.Namespace) -> Result:
     **_CAMPAIGN_RENDER,
 )
 def campaign_resume(ctx: Context, args: argparse.Namespace) -> Result:
-    campaign = sending.resume_campaign(ctx.conn, args.org_id, args.campaign_id, _policy(ctx))
+    campaign = campaigns.resume_campaign(ctx.conn, args.org_id, args.campaign_id, _policy(ctx))
     _audit_campaign(ctx, args, "campaign.resume", campaign)
     return _campaigns(ctx, args.org_id, campaign)
 
@@ -607,7 +619,7 @@ def events_replay(ctx: Context, args: argparse.Namespace) -> Result:
         raise UsageError("give either an event ID or --all STATUS", "", "payguard events replay")
     if args.id is not None:
         event, outbox_id = inbox.replay(ctx.conn, args.id, actor=args.actor)
-        _publish_after_commit(ctx, inbox.PROCESS_EVENT_TASK, [event.id], outbox_id)
+        _publish_after_commit(ctx, outbox.PROCESS_EVENT_TASK, [event.id], outbox_id)
         return event.as_dict()
     targets = inbox.list_events(
         ctx.conn, status=args.all_status, provider=args.provider, limit=100_000
@@ -615,7 +627,7 @@ def events_replay(ctx: Context, args: argparse.Namespace) -> Result:
     replayed = []
     for n, target in enumerate(targets, 1):
         event, outbox_id = inbox.replay(ctx.conn, target.id, actor=args.actor)
-        _publish_after_commit(ctx, inbox.PROCESS_EVENT_TASK, [event.id], outbox_id)
+        _publish_after_commit(ctx, outbox.PROCESS_EVENT_TASK, [event.id], outbox_id)
         replayed.append(event.id)
         ctx.progress_bar("replaying events", n, len(targets))
     return {"replayed": replayed, "count": len(replayed)}

@@ -1,7 +1,7 @@
-"""The durable webhook inbox and the outbox that feeds Celery.
+"""The durable inbox of provider webhooks (`webhook_events`): store once, process, park, replay.
 
-A verified webhook is stored together with an outbox row in one transaction; only then does
-the receiver answer 200. Publishing to the broker happens after commit and may fail: the
+A verified webhook is stored together with its task-outbox row (core/outbox.py) in one
+statement and one transaction; only then does the receiver answer 200. Publishing to the broker happens after commit and may fail: the
 beat relay republishes whatever was not published (or was published long ago and is still
 unprocessed), so a broker outage or a dead worker never loses an acknowledged event.
 """
@@ -16,13 +16,11 @@ from datetime import datetime
 
 from sqlalchemy import Connection, text
 
+from core import outbox
 from core.errors import InvalidInput, NotFound, ParkEvent, Refused
 
 STATUSES = ("received", "processed", "ignored", "parked", "failed")
 REPLAYABLE = ("parked", "failed")
-PROCESS_EVENT_TASK = "payguard.process_event"
-SEND_MESSAGE_TASK = "payguard.send_message"  # core.messages.SEND_TASK; here to avoid a cycle
-CAPTURE_TOP_UP_TASK = "payguard.capture_top_up"  # core.topups.CAPTURE_TASK, likewise
 
 # Headers worth keeping with the raw body (for audit and postback re-verification).
 _KEPT_HEADERS = {
@@ -80,7 +78,7 @@ WITH e AS (
     RETURNING {_COLUMNS}
 ), o AS (
     INSERT INTO outbox (task, args)
-    SELECT '{PROCESS_EVENT_TASK}', jsonb_build_array(e.id) FROM e
+    SELECT '{outbox.PROCESS_EVENT_TASK}', jsonb_build_array(e.id) FROM e
     RETURNING id
 )
 SELECT e.*, (SELECT id FROM o) AS outbox_id FROM e
@@ -233,7 +231,7 @@ def park(conn: Connection, inbox_id: int, exc: ParkEvent) -> bool:
         ).first()
         if arrived is not None:
             record_attempt(conn, inbox_id, f"{exc}; its payment has arrived: queued again")
-            enqueue(conn, PROCESS_EVENT_TASK, [inbox_id])
+            outbox.enqueue(conn, outbox.PROCESS_EVENT_TASK, [inbox_id])
             return False
         conn.execute(
             text("UPDATE webhook_events SET awaiting = :a WHERE id = :id AND status = 'received'"),
@@ -263,7 +261,7 @@ def redrive_awaiting(conn: Connection, awaiting: str) -> list[int]:
         ).scalars()
     )
     for inbox_id in sorted(ids):
-        enqueue(conn, PROCESS_EVENT_TASK, [inbox_id])
+        outbox.enqueue(conn, outbox.PROCESS_EVENT_TASK, [inbox_id])
     return ids
 
 
@@ -305,7 +303,7 @@ def replay(conn: Connection, inbox_id: int, *, actor: str) -> tuple[StoredEvent,
         raise Refused(
             f"event {inbox_id} is {current.status}; only parked or failed events can be replayed"
         )
-    outbox_id = enqueue(conn, PROCESS_EVENT_TASK, [inbox_id])
+    outbox_id = outbox.enqueue(conn, outbox.PROCESS_EVENT_TASK, [inbox_id])
     conn.execute(
         text(
             "INSERT INTO audit_log (actor, action, org_id, details) "
@@ -314,132 +312,3 @@ def replay(conn: Connection, inbox_id: int, *, actor: str) -> tuple[StoredEvent,
         {"a": actor, "org": row.org_id, "d": json.dumps({"inbox_id": inbox_id})},
     )
     return _row(row), outbox_id
-
-
-# ---------------------------------------------------------------- outbox
-
-
-def enqueue(conn: Connection, task: str, args: list) -> int:
-    """Queue a task to be published after this transaction commits (by the caller or relay)."""
-    return conn.execute(
-        text("INSERT INTO outbox (task, args) VALUES (:t, CAST(:a AS jsonb)) RETURNING id"),
-        {"t": task, "a": json.dumps(args)},
-    ).scalar_one()
-
-
-def enqueue_many(conn: Connection, task: str, args: list[list]) -> list[int]:
-    """`enqueue` for many tasks in one statement; their outbox ids in the order given."""
-    # Ids come from one sequence in insertion order, so sorted they follow `args`.
-    return sorted(
-        conn.execute(
-            text(
-                "INSERT INTO outbox (task, args) SELECT :t, a "
-                "FROM jsonb_array_elements(CAST(:a AS jsonb)) WITH ORDINALITY AS u(a, n) "
-                "ORDER BY n RETURNING id"
-            ),
-            {"t": task, "a": json.dumps(args)},
-        ).scalars()
-    )
-
-
-def mark_published(conn: Connection, outbox_ids: list[int], *, durable: bool = True) -> None:
-    """Record a publish. `durable=False` skips the WAL flush wait: losing the mark in a crash
-    only makes the relay publish again, which processing tolerates."""
-    if not durable:
-        conn.execute(text("SET LOCAL synchronous_commit = off"))
-    if outbox_ids:
-        conn.execute(
-            text(
-                "UPDATE outbox SET published_at = now(), attempts = attempts + 1 "
-                "WHERE id = ANY(:ids)"
-            ),
-            {"ids": outbox_ids},
-        )
-
-
-def mark_task_published(conn: Connection, task: str, args: list) -> None:
-    """Mark the unpublished outbox rows of this task and arguments published."""
-    conn.execute(
-        text(
-            "UPDATE outbox SET published_at = now(), attempts = attempts + 1 "
-            "WHERE task = :t AND args = CAST(:a AS jsonb) AND published_at IS NULL"
-        ),
-        {"t": task, "a": json.dumps(args)},
-    )
-
-
-def claim_for_relay(
-    conn: Connection, *, limit: int, grace_seconds: float, redeliver_seconds: float
-) -> list:
-    """Outbox rows to publish now, locked so a second relay skips them.
-
-    Unpublished rows older than `grace_seconds` (the receiver publishes right after commit;
-    the grace keeps the relay from racing it), and event rows published more than
-    `redeliver_seconds` ago whose work is still undone: an event still `received`, a message
-    still `queued` or `retrying`, or `sending` past its lease (a worker died holding the task,
-    or the broker lost it; the copy settles it as the lease rules say).
-    A duplicate delivery is harmless: both tasks check the row's state under a lock."""
-    return list(
-        conn.execute(
-            text("""
-SELECT o.id, o.task, o.args FROM outbox o
-LEFT JOIN webhook_events e
-       -- CASE, not AND: PostgreSQL may evaluate the cast first, and a send task's argument
-       -- ('msg_...') is no number.
-       ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
-LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
-LEFT JOIN top_ups t ON t.top_up_id = CASE WHEN o.task = :capture THEN o.args->>0 END
-WHERE (o.published_at IS NULL AND o.created_at < now() - make_interval(secs => :grace))
-   OR (o.published_at < now() - make_interval(secs => :redeliver)
-       AND (e.status = 'received' OR m.status IN ('queued', 'retrying')
-            OR (m.status = 'sending' AND m.send_lease_until < now())
-            OR t.status = 'approved'))
-ORDER BY o.id
-LIMIT :limit
-FOR UPDATE OF o SKIP LOCKED
-"""),
-            {
-                "pe": PROCESS_EVENT_TASK,
-                "send": SEND_MESSAGE_TASK,
-                "capture": CAPTURE_TOP_UP_TASK,
-                "grace": grace_seconds,
-                "redeliver": redeliver_seconds,
-                "limit": limit,
-            },
-        )
-    )
-
-
-def prune_published(conn: Connection, *, older_than_seconds: float, limit: int) -> int:
-    """Forget outbox rows published long ago whose work is done, so the relay's scan of
-    published rows stays small. Rows whose event or message is still pending stay."""
-    return conn.execute(
-        text("""
-DELETE FROM outbox WHERE id IN (
-    SELECT o.id FROM outbox o
-    LEFT JOIN webhook_events e ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
-    LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
-    LEFT JOIN top_ups t ON t.top_up_id = CASE WHEN o.task = :capture THEN o.args->>0 END
-    WHERE o.published_at < now() - make_interval(secs => :age)
-      AND e.status IS DISTINCT FROM 'received'
-      AND t.status IS DISTINCT FROM 'approved'
-      AND m.status IS DISTINCT FROM 'queued' AND m.status IS DISTINCT FROM 'retrying'
-      AND m.status IS DISTINCT FROM 'sending'
-    ORDER BY o.id LIMIT :limit
-    FOR UPDATE OF o SKIP LOCKED)
-"""),
-        {
-            "pe": PROCESS_EVENT_TASK,
-            "send": SEND_MESSAGE_TASK,
-            "capture": CAPTURE_TOP_UP_TASK,
-            "age": older_than_seconds,
-            "limit": limit,
-        },
-    ).rowcount
-
-
-def record_publish_failure(conn: Connection, outbox_id: int, error: str) -> None:
-    conn.execute(
-        text("UPDATE outbox SET attempts = attempts + 1, last_error = :e WHERE id = :id"),
-        {"e": error[:1000], "id": outbox_id},
-    )

@@ -19,14 +19,14 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, text
 
-from core import inbox, outbound, sending, wallet
+from core import outbound, outbox, sending, wallet
 from core.db import run_in_transaction
 from core.errors import InvalidInput, NotFound, Refused
 from core.sms import count_segments, validate_e164
 
 log = logging.getLogger(__name__)
 
-SEND_TASK = inbox.SEND_MESSAGE_TASK
+SEND_TASK = outbox.SEND_MESSAGE_TASK
 CAMPAIGN_PAUSED = "campaign_paused"
 NO_SENDER = "no_sender"
 MAX_BODY = 1600
@@ -193,7 +193,7 @@ def queue_batch(
     )
     outbox_ids: list[int | None] = [None] * len(ids)
     if status == "queued":
-        outbox_ids = list(inbox.enqueue_many(conn, SEND_TASK, [[m] for m in ids]))
+        outbox_ids = list(outbox.enqueue_many(conn, SEND_TASK, [[m] for m in ids]))
     return [Queued(m, status, tuple(reasons), o) for m, o in zip(ids, outbox_ids, strict=True)]
 
 

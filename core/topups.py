@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from core import inbox, orgs, outbound
+from core import orgs, outbound, outbox
 from core.db import run_in_transaction
 from core.errors import InvalidInput, MalformedEvent, NotFound, ParkEvent
 from core.money import normalize_currency, to_minor_units
@@ -35,7 +35,7 @@ from core.providers.ports import ProviderRefused, TopUpApi
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("paypal", "stripe")
-CAPTURE_TASK = inbox.CAPTURE_TOP_UP_TASK
+CAPTURE_TASK = outbox.CAPTURE_TOP_UP_TASK
 OPEN = ("created", "approved")
 FINAL = ("completed", "failed", "expired")
 _COLUMNS = (
@@ -249,7 +249,7 @@ def approve(conn: Connection, provider: str, order_id: str, org_hint: str | None
             ),
             {"id": top_up.top_up_id},
         )
-        inbox.enqueue(conn, CAPTURE_TASK, [top_up.top_up_id])
+        outbox.enqueue(conn, CAPTURE_TASK, [top_up.top_up_id])
     return top_up.org_id
 
 

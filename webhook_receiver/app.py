@@ -20,7 +20,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from core import inbox
+from core import inbox, outbox
 from core.db import make_engine, run_in_transaction
 from core.errors import InvalidInput
 from core.settings import Settings, load_settings_or_exit
@@ -188,7 +188,7 @@ def accept(
 def publish_now(receiver: Receiver, outbox_id: int, inbox_id: int) -> None:
     try:
         receiver.publisher.publish(
-            inbox.PROCESS_EVENT_TASK, [inbox_id], task_id=f"outbox-{outbox_id}"
+            outbox.PROCESS_EVENT_TASK, [inbox_id], task_id=f"outbox-{outbox_id}"
         )
     except Exception as exc:
         log.warning(
@@ -197,7 +197,7 @@ def publish_now(receiver: Receiver, outbox_id: int, inbox_id: int) -> None:
         return
     try:
         run_in_transaction(
-            receiver.engine, lambda conn: inbox.mark_published(conn, [outbox_id], durable=False)
+            receiver.engine, lambda conn: outbox.mark_published(conn, [outbox_id], durable=False)
         )
     except SQLAlchemyError:
         pass  # the relay will publish it again; processing is idempotent

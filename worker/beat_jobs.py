@@ -9,7 +9,7 @@ import zlib
 
 from sqlalchemy import Connection, text
 
-from core import idempotency, inbox, messages, orgs, sending, topups, wallet
+from core import idempotency, messages, orgs, outbox, sending, topups, wallet
 from core.db import run_in_transaction
 from core.providers.twilio import accounts as twilio_accounts
 from worker import runtime
@@ -54,7 +54,7 @@ def relay_outbox() -> int:
     s = runtime.settings()
 
     def relay(conn: Connection) -> int:
-        rows = inbox.claim_for_relay(
+        rows = outbox.claim_for_relay(
             conn,
             limit=BATCH,
             grace_seconds=s.OUTBOX_GRACE_SECONDS,
@@ -65,12 +65,12 @@ def relay_outbox() -> int:
             try:
                 publisher().publish(row.task, list(row.args), task_id=f"outbox-{row.id}")
             except Exception as exc:
-                inbox.record_publish_failure(conn, row.id, repr(exc))
+                outbox.record_publish_failure(conn, row.id, repr(exc))
                 log.warning("outbox publish failed", extra={"outbox_id": row.id, "error": str(exc)})
                 break
             published.append(row.id)
-        inbox.mark_published(conn, published)
-        inbox.prune_published(conn, older_than_seconds=86400, limit=BATCH)
+        outbox.mark_published(conn, published)
+        outbox.prune_published(conn, older_than_seconds=86400, limit=BATCH)
         return len(published)
 
     count = run_in_transaction(runtime.engine(), relay)
@@ -88,7 +88,7 @@ def converge_twilio() -> int:
             return 0
         orgs = twilio_accounts.out_of_sync(conn, BATCH)
         for org_id in orgs:
-            inbox.enqueue(conn, sending.SYNC_TWILIO_TASK, [org_id])
+            outbox.enqueue(conn, sending.SYNC_TWILIO_TASK, [org_id])
         return len(orgs)
 
     count = run_in_transaction(runtime.engine(), enqueue)

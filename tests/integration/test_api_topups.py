@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from core import topups
+from core import outbox, topups
 from core.db import run_in_transaction
 from core.errors import TransientError
 from tests.fakes import stripe_payloads as sp
@@ -401,7 +401,6 @@ def test_unknown_top_up_is_404(topup_api, engine):
 def test_the_relay_publishes_the_capture_again_while_the_top_up_stays_approved(
     topup_api, engine, topup_paypal
 ):
-    from core import inbox
 
     key, org = make_key(engine), new_org(engine)
     top_up = create(topup_api, key, org).body
@@ -410,7 +409,7 @@ def test_the_relay_publishes_the_capture_again_while_the_top_up_stays_approved(
     def relay(conn):
         return [
             r.task
-            for r in inbox.claim_for_relay(conn, limit=100, grace_seconds=0, redeliver_seconds=0)
+            for r in outbox.claim_for_relay(conn, limit=100, grace_seconds=0, redeliver_seconds=0)
         ]
 
     def relayed() -> list[str]:

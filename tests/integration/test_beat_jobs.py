@@ -20,7 +20,7 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from core import inbox, messages, orgs, sending, subscriptions, wallet
+from core import campaigns, inbox, messages, orgs, outbox, sending, subscriptions, wallet
 from core.db import run_in_transaction
 from core.sending import Policy
 from worker import beat_jobs, runtime
@@ -144,7 +144,7 @@ def test_two_relays_at_once_publish_each_outbox_row_once_and_each_run_is_bounded
                 conn, "paypal", f"WH-{i}", "PAYMENT.CAPTURE.COMPLETED", {}, b"{}"
             )
             messages.queue(conn, org, "+15005550010", f"m{i}", POLICY)  # a send_message row
-            inbox.enqueue(conn, sending.SYNC_TWILIO_TASK, [org])
+            outbox.enqueue(conn, sending.SYNC_TWILIO_TASK, [org])
         return [r for r in conn.execute(text("SELECT id FROM outbox ORDER BY id")).scalars()]
 
     outbox_ids = tx(engine, fill)
@@ -267,7 +267,7 @@ def test_two_campaign_reconciliations_at_once_pause_each_campaign_once(beat, eng
                 conn, "paypal", f"I-{org}", org, "past_due", datetime.now(UTC) - timedelta(hours=1)
             )
             for c in ("spring", "summer"):
-                sending.create_campaign(conn, org, c, POLICY)  # running: still in grace
+                campaigns.create_campaign(conn, org, c, POLICY)  # running: still in grace
             org_ids.append(org)
         conn.execute(text("DELETE FROM outbox"))
         return org_ids
@@ -306,7 +306,7 @@ def test_reconciliation_pages_through_every_organization_even_those_without_camp
             orgs.create(conn, org, twilio_subaccount_sid="AC" + uuid.uuid4().hex)
             wallet.credit(conn, org, 100, f"seed:{org}")
             subscriptions.apply_status(conn, "paypal", f"I-{org}", org, "past_due", recently)
-            sending.create_campaign(conn, org, "spring", POLICY)  # running: still in grace
+            campaigns.create_campaign(conn, org, "spring", POLICY)  # running: still in grace
             with_campaigns.append(org)
         # Subscription-billed, no campaign at all: only its Twilio subaccount is at stake.
         bare = "zz-" + uuid.uuid4().hex[:8]  # sorts after every other: on the last page

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from sqlalchemy import text
 
-from core import inbox, messages, orgs, sending, wallet
+from core import campaigns, inbox, messages, orgs, sending, wallet
 from core.db import run_in_transaction
 from tests.integration.test_cli import PAYGUARD, ROOT, Run
 
@@ -45,9 +45,9 @@ def _prepaid(conn, org_id: str = "acme", balance: int = 1000) -> None:
 
 def _with_campaign(conn, *, paused_by_user: bool = False) -> None:
     _prepaid(conn)
-    sending.create_campaign(conn, "acme", "spring", POLICY)
+    campaigns.create_campaign(conn, "acme", "spring", POLICY)
     if paused_by_user:
-        sending.pause_campaign(conn, "acme", "spring")
+        campaigns.pause_campaign(conn, "acme", "spring")
 
 
 def _parked_event(conn) -> None:
@@ -157,7 +157,7 @@ def test_the_actor_is_the_operating_system_user_by_default(name, engine, databas
 
 def test_a_refused_command_leaves_no_audit_row(engine, database_url):
     run_in_transaction(engine, lambda c: orgs.create(c, "acme", billing="prepaid"))
-    run_in_transaction(engine, lambda c: sending.create_campaign(c, "acme", "spring", POLICY))
+    run_in_transaction(engine, lambda c: campaigns.create_campaign(c, "acme", "spring", POLICY))
     before = audit_rows(engine)
 
     run = payguard_as("ana", database_url, "campaign", "resume", "acme", "spring", "--json")

@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from core import handlers, inbox, messages, orgs, sending, subscriptions, wallet
+from core.campaigns import create_campaign, list_campaigns, pause_campaign, resume_campaign
 from core.db import run_in_transaction
 from core.errors import Refused
 from core.providers.twilio import accounts as twilio_accounts
@@ -60,7 +61,7 @@ def new_org(engine, balance: int = 100, *, price: int | None = None, campaigns=(
             wallet.credit(conn, org, balance, f"seed:{org}")
         set_subscription(conn, org, "active", datetime.now(UTC) - timedelta(days=30))
         for campaign in campaigns:
-            sending.create_campaign(conn, org, campaign, POLICY)
+            create_campaign(conn, org, campaign, POLICY)
 
     tx(engine, create)
     return org
@@ -91,12 +92,12 @@ def decide(engine, org: str, **kw) -> sending.Decision:
 def campaigns(engine, org: str) -> dict[str, tuple]:
     return {
         c.campaign_id: (c.status, c.paused_by, c.pause_reason)
-        for c in tx(engine, lambda conn: sending.list_campaigns(conn, org))
+        for c in tx(engine, lambda conn: list_campaigns(conn, org))
     }
 
 
 def user_pause(engine, org: str, campaign: str) -> None:
-    tx(engine, lambda c: sending.pause_campaign(c, org, campaign))
+    tx(engine, lambda c: pause_campaign(c, org, campaign))
 
 
 def sync_rows(engine, org: str) -> int:
@@ -318,7 +319,7 @@ def test_the_pause_reason_follows_the_reasons(engine):
 
 def test_a_campaign_created_while_sending_is_blocked_waits_paused_by_the_system(engine):
     org = new_org(engine, balance=0)
-    created = tx(engine, lambda c: sending.create_campaign(c, org, "winter", POLICY))
+    created = tx(engine, lambda c: create_campaign(c, org, "winter", POLICY))
     assert (created.status, created.paused_by) == ("paused", "system")
 
     change(engine, org, lambda c: wallet.credit(c, org, 5, "paypal:payment:P1"))
@@ -331,7 +332,7 @@ def test_a_users_resume_is_refused_with_the_reasons_while_sending_is_blocked(eng
     tx(engine, lambda c: wallet.freeze(c, org, "chargeback", actor="test"))
 
     with pytest.raises(Refused) as refused:
-        tx(engine, lambda c: sending.resume_campaign(c, org, "spring", POLICY))
+        tx(engine, lambda c: resume_campaign(c, org, "spring", POLICY))
 
     assert WALLET_FROZEN in str(refused.value)
     assert INSUFFICIENT_BALANCE in str(refused.value)
@@ -340,7 +341,7 @@ def test_a_users_resume_is_refused_with_the_reasons_while_sending_is_blocked(eng
     change(engine, org, lambda c: wallet.unfreeze(c, org, "chargeback", actor="test"))
     change(engine, org, lambda c: wallet.credit(c, org, 5, "paypal:payment:P1"))
     assert campaigns(engine, org)["spring"] == ("paused", "user", "paused by user")
-    resumed = tx(engine, lambda c: sending.resume_campaign(c, org, "spring", POLICY))
+    resumed = tx(engine, lambda c: resume_campaign(c, org, "spring", POLICY))
     assert (resumed.status, resumed.paused_by) == ("running", None)
 
 
@@ -496,7 +497,7 @@ def test_a_subscription_billed_organization_resumes_when_its_first_subscription_
     engine,
 ):
     org = bare_org(engine, "subscription")
-    tx(engine, lambda c: sending.create_campaign(c, org, "spring", POLICY))
+    tx(engine, lambda c: create_campaign(c, org, "spring", POLICY))
     assert campaigns(engine, org)["spring"][:2] == ("paused", "system")
 
     change(engine, org, lambda c: set_subscription(c, org, "active"))

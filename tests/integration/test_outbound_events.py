@@ -17,7 +17,7 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import text
 
-from core import messages, orgs, outbound, sending, wallet
+from core import campaigns, messages, orgs, outbound, sending, wallet
 from core.db import run_in_transaction
 from core.webhook_signing import sign, verify
 from tests.fakes.fake_twilio import unused_port
@@ -218,9 +218,9 @@ def test_may_send_events_fire_only_when_the_answer_flips(engine):
 def test_campaign_pause_and_resume_are_reported(engine):
     org = new_org(engine, balance=100)
     policy = sending.Policy()
-    tx(engine, lambda c: sending.create_campaign(c, org, "spring", policy))
-    tx(engine, lambda c: sending.pause_campaign(c, org, "spring"))
-    tx(engine, lambda c: sending.resume_campaign(c, org, "spring", policy))
+    tx(engine, lambda c: campaigns.create_campaign(c, org, "spring", policy))
+    tx(engine, lambda c: campaigns.pause_campaign(c, org, "spring"))
+    tx(engine, lambda c: campaigns.resume_campaign(c, org, "spring", policy))
     got = [(e["type"], e["data"]["paused_by"]) for e in events_of(engine)
            if e["type"].startswith("campaign.")]  # fmt: skip
     assert got == [("campaign.paused", "user"), ("campaign.resumed", None)]
@@ -231,10 +231,10 @@ def test_a_campaign_paused_already_is_not_reported_paused_again(engine):
     system's reasons change or the user pauses what they paused already."""
     org = new_org(engine, balance=1)
     policy = sending.Policy()
-    tx(engine, lambda c: sending.create_campaign(c, org, "spring", policy))
-    tx(engine, lambda c: sending.create_campaign(c, org, "summer", policy))
-    tx(engine, lambda c: sending.pause_campaign(c, org, "summer"))
-    tx(engine, lambda c: sending.pause_campaign(c, org, "summer"))  # again: nothing new
+    tx(engine, lambda c: campaigns.create_campaign(c, org, "spring", policy))
+    tx(engine, lambda c: campaigns.create_campaign(c, org, "summer", policy))
+    tx(engine, lambda c: campaigns.pause_campaign(c, org, "summer"))
+    tx(engine, lambda c: campaigns.pause_campaign(c, org, "summer"))  # again: nothing new
     tx(engine, lambda c: (wallet.freeze(c, org, "review", actor="t"),  # system pause: spring
                           sending.reconcile(c, org, policy)))  # fmt: skip
     tx(engine, lambda c: (wallet.adjust(c, org, -1, reason="t", actor="t"),  # more reasons

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from core import orgs, sending, subscriptions, wallet
+from core import campaigns, orgs, sending, subscriptions, wallet
 from core.db import run_in_transaction
 from core.providers.stripe.api import StripeApi
 from core.providers.twilio.accounts import converge_one
@@ -84,7 +84,7 @@ def funded_org_with_campaign(engine: Engine) -> str:
     def create(conn):
         orgs.create(conn, org_id)
         wallet.credit(conn, org_id, 5000, f"seed:{org_id}")
-        sending.create_campaign(conn, org_id, "spring", POLICY)
+        campaigns.create_campaign(conn, org_id, "spring", POLICY)
 
     run_in_transaction(engine, create)
     return org_id
@@ -123,7 +123,7 @@ def decision(engine: Engine, org_id: str) -> sending.Decision:
 
 
 def campaign_status(engine: Engine, org_id: str) -> str:
-    (campaign,) = run_in_transaction(engine, lambda c: sending.list_campaigns(c, org_id))
+    (campaign,) = run_in_transaction(engine, lambda c: campaigns.list_campaigns(c, org_id))
     return campaign.status
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from core import inbox, messages, orgs, sending, wallet
+from core import messages, orgs, outbox, sending, wallet
 from core.db import run_in_transaction
 
 
@@ -14,7 +14,7 @@ def _claim(engine) -> list:
         engine,
         lambda c: [
             (r.task, list(r.args))
-            for r in inbox.claim_for_relay(c, limit=100, grace_seconds=1, redeliver_seconds=600)
+            for r in outbox.claim_for_relay(c, limit=100, grace_seconds=1, redeliver_seconds=600)
         ],
     )
 
@@ -61,7 +61,7 @@ def test_a_sent_message_is_not_published_again_and_its_row_is_pruned(engine):
 
     assert _claim(engine) == []
     pruned = run_in_transaction(
-        engine, lambda c: inbox.prune_published(c, older_than_seconds=86400, limit=100)
+        engine, lambda c: outbox.prune_published(c, older_than_seconds=86400, limit=100)
     )
     assert pruned == 1
 
@@ -71,7 +71,7 @@ def test_pending_work_is_never_pruned(engine):
     _age_outbox(engine, 2 * 86400)
 
     pruned = run_in_transaction(
-        engine, lambda c: inbox.prune_published(c, older_than_seconds=86400, limit=100)
+        engine, lambda c: outbox.prune_published(c, older_than_seconds=86400, limit=100)
     )
     assert pruned == 0
     assert len(_claim(engine)) == 1

@@ -17,7 +17,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from core import inbox, messages, orgs, sending, subscriptions, wallet
+from core import inbox, messages, orgs, outbox, sending, subscriptions, wallet
+from core.campaigns import create_campaign, list_campaigns, pause_campaign
 from core.db import run_in_transaction
 from core.sending import INSUFFICIENT_BALANCE, SUBSCRIPTION_INACTIVE, TWILIO_SUSPENDED, Policy
 from tests.fakes import paypal_payloads
@@ -69,7 +70,7 @@ def new_org(engine, balance: int, *, price: int = 1, campaigns=()) -> tuple[str,
             conn, "paypal", f"I-{org}", org, "active", datetime.now(UTC) - timedelta(days=1)
         )
         for campaign in campaigns:
-            sending.create_campaign(conn, org, campaign, POLICY)
+            create_campaign(conn, org, campaign, POLICY)
 
     tx(engine, create)
     return org, sub
@@ -139,7 +140,7 @@ def captures(engine, org: str) -> int:
 def campaigns(engine, org: str) -> dict[str, tuple]:
     return {
         c.campaign_id: (c.status, c.paused_by)
-        for c in tx(engine, lambda conn: sending.list_campaigns(conn, org))
+        for c in tx(engine, lambda conn: list_campaigns(conn, org))
     }
 
 
@@ -151,7 +152,7 @@ def deliver_paypal_event(engine, env, payload: dict) -> int:
             c, "paypal", payload["id"], payload["event_type"], {}, json.dumps(payload).encode()
         ),
     )
-    publish(env, inbox.PROCESS_EVENT_TASK, [[stored.id]])
+    publish(env, outbox.PROCESS_EVENT_TASK, [[stored.id]])
     return stored.id
 
 
@@ -174,7 +175,7 @@ def twilio_status(engine, org: str) -> tuple[str, str]:
 
 def test_two_hundred_sends_for_a_wallet_that_pays_for_fifty(engine, env, fake_twilio, tmp_path):
     org, sub = new_org(engine, 150, price=3, campaigns=["spring", "summer", "autumn"])
-    tx(engine, lambda c: sending.pause_campaign(c, org, "autumn"))
+    tx(engine, lambda c: pause_campaign(c, org, "autumn"))
     ids = queue(engine, org, 200, lambda i: ("spring", "summer", None)[i % 3])
 
     with start_worker(env, tmp_path, concurrency=8):

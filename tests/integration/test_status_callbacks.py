@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from core import messages, orgs, sending, subscriptions, wallet
+from core import campaigns, messages, orgs, subscriptions, wallet
 from core.db import run_in_transaction
 from core.providers.twilio.gateway import SendOutcome, SendResult
 from core.sending import Policy
@@ -75,7 +75,7 @@ def accepted_message(engine, *, balance: int = 10, price: int = 2, campaign: str
             conn, "paypal", f"I-{org}", org, "active", datetime.now(UTC) - timedelta(days=1)
         )
         if campaign:
-            sending.create_campaign(conn, org, campaign, POLICY)
+            campaigns.create_campaign(conn, org, campaign, POLICY)
         return messages.queue(conn, org, "+15005550010", "hello", POLICY, campaign)
 
     message = tx(engine, setup)
@@ -253,13 +253,13 @@ def test_a_signed_callback_for_an_unknown_message_or_status_changes_nothing(clie
 def test_a_refund_that_makes_sending_possible_again_resumes_system_paused_campaigns(client, engine):
     # The one message took the last of the balance: the campaign was paused for it.
     org, message = accepted_message(engine, balance=2, price=2, campaign="spring")
-    paused = tx(engine, lambda c: sending.list_campaigns(c, org))
+    paused = tx(engine, lambda c: campaigns.list_campaigns(c, org))
     assert [(c.status, c.paused_by) for c in paused] == [("paused", "system")]
 
     assert post(client, message, "failed").status_code == 200
 
     assert balance(engine, org) == 2
-    [campaign] = tx(engine, lambda c: sending.list_campaigns(c, org))
+    [campaign] = tx(engine, lambda c: campaigns.list_campaigns(c, org))
     assert (campaign.status, campaign.paused_by) == ("running", None)
 
 

@@ -19,7 +19,7 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
-from core import handlers, inbox, orgs, sending, wallet
+from core import campaigns, handlers, inbox, orgs, sending, wallet
 from core.db import run_in_transaction
 from core.errors import NotYetApplicable, ParkEvent
 from core.providers.events import PaymentCaptured
@@ -96,7 +96,7 @@ class Pipeline:
             orgs.create(conn, org_id, currency=currency, billing=billing)
             if campaign:
                 # Created before any money: Payguard pauses it, and must resume it itself.
-                sending.create_campaign(conn, org_id, "spring", POLICY)
+                campaigns.create_campaign(conn, org_id, "spring", POLICY)
 
         self.tx(create)
         return org_id
@@ -107,8 +107,8 @@ class Pipeline:
     def decide(self, org_id: str, policy: sending.Policy = POLICY) -> sending.Decision:
         return self.tx(lambda c: sending.decide(c, org_id, policy))
 
-    def campaign(self, org_id: str) -> sending.Campaign:
-        (campaign,) = self.tx(lambda c: sending.list_campaigns(c, org_id))
+    def campaign(self, org_id: str) -> campaigns.Campaign:
+        (campaign,) = self.tx(lambda c: campaigns.list_campaigns(c, org_id))
         return campaign
 
     def references(self, org_id: str) -> list[tuple[str, str, int]]:

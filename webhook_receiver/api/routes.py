@@ -10,7 +10,18 @@ import re
 
 from flask import Response
 
-from core import audit, idempotency, inbox, messages, outbound, overview, sending, topups, wallet
+from core import (
+    audit,
+    campaigns,
+    idempotency,
+    messages,
+    outbound,
+    outbox,
+    overview,
+    sending,
+    topups,
+    wallet,
+)
 from core.errors import InvalidInput
 from core.idempotency import KeysConflict, Stored
 from core.providers.ports import ProviderRefused, ProviderUnavailable
@@ -204,7 +215,7 @@ def create_campaign(call: Call, org_id: str) -> Reply:
     campaign_id = call.body.campaign_id
     return 201, _campaign_reply(
         call, org_id, "campaign.create",
-        lambda conn: sending.create_campaign(conn, org_id, campaign_id, call.policy),
+        lambda conn: campaigns.create_campaign(conn, org_id, campaign_id, call.policy),
     )  # fmt: skip
 
 
@@ -214,7 +225,7 @@ def create_campaign(call: Call, org_id: str) -> Reply:
 )  # fmt: skip
 def list_campaigns(call: Call, org_id: str) -> Reply:
     org_id = call.org(org_id)
-    found = call.read(lambda conn: sending.list_campaigns(conn, org_id))
+    found = call.read(lambda conn: campaigns.list_campaigns(conn, org_id))
     return 200, {"org_id": org_id, "campaigns": [c.as_dict() for c in found]}
 
 
@@ -231,7 +242,7 @@ def pause_campaign(call: Call, org_id: str, campaign_id: str) -> Reply:
     campaign_id = _campaign_id(campaign_id)
     return 200, _campaign_reply(
         call, org_id, "campaign.pause",
-        lambda conn: sending.pause_campaign(conn, org_id, campaign_id),
+        lambda conn: campaigns.pause_campaign(conn, org_id, campaign_id),
     )  # fmt: skip
 
 
@@ -245,12 +256,12 @@ def resume_campaign(call: Call, org_id: str, campaign_id: str) -> Reply:
     campaign_id = _campaign_id(campaign_id)
 
     def work(conn):
-        sending.campaign(conn, org_id, campaign_id)  # an unknown campaign is a 404 first
+        campaigns.campaign(conn, org_id, campaign_id)  # an unknown campaign is a 404 first
         decision = sending.decide(conn, org_id, call.policy)
         if not decision.can_send:
             raise Problem(409, f"cannot resume: {', '.join(decision.reasons)}",
                           kind="sending-blocked", reasons=list(decision.reasons))  # fmt: skip
-        return sending.resume_campaign(conn, org_id, campaign_id, call.policy)
+        return campaigns.resume_campaign(conn, org_id, campaign_id, call.policy)
 
     return 200, _campaign_reply(call, org_id, "campaign.resume", work)
 
@@ -288,7 +299,7 @@ def _publish(call: Call, queued: list[messages.Queued]) -> None:
         return
     try:
         call.transaction(
-            lambda conn: inbox.mark_published(conn, [o for _, o in pairs], durable=False)
+            lambda conn: outbox.mark_published(conn, [o for _, o in pairs], durable=False)
         )
     except Exception:
         pass  # the relay publishes them again; a send task settles a message once

@@ -1,0 +1,144 @@
+"""The task outbox (`outbox` table): Celery tasks recorded in the same transaction as the
+change that wants them, published after the commit, and relayed by beat when that publish
+failed or its work is still undone. Not to be confused with the inbox of provider webhooks
+(core/inbox.py) or the outbox of events to the host (core/outbound.py).
+
+A duplicate publish is harmless: every task checks its row's state under a lock.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import Connection, text
+
+# Task names the outbox publishes and the relay knows how to judge stuck.
+PROCESS_EVENT_TASK = "payguard.process_event"
+SEND_MESSAGE_TASK = "payguard.send_message"  # core.messages.SEND_TASK
+CAPTURE_TOP_UP_TASK = "payguard.capture_top_up"  # core.topups.CAPTURE_TASK
+
+
+def enqueue(conn: Connection, task: str, args: list) -> int:
+    """Queue a task to be published after this transaction commits (by the caller or relay)."""
+    return conn.execute(
+        text("INSERT INTO outbox (task, args) VALUES (:t, CAST(:a AS jsonb)) RETURNING id"),
+        {"t": task, "a": json.dumps(args)},
+    ).scalar_one()
+
+
+def enqueue_many(conn: Connection, task: str, args: list[list]) -> list[int]:
+    """`enqueue` for many tasks in one statement; their outbox ids in the order given."""
+    # Ids come from one sequence in insertion order, so sorted they follow `args`.
+    return sorted(
+        conn.execute(
+            text(
+                "INSERT INTO outbox (task, args) SELECT :t, a "
+                "FROM jsonb_array_elements(CAST(:a AS jsonb)) WITH ORDINALITY AS u(a, n) "
+                "ORDER BY n RETURNING id"
+            ),
+            {"t": task, "a": json.dumps(args)},
+        ).scalars()
+    )
+
+
+def mark_published(conn: Connection, outbox_ids: list[int], *, durable: bool = True) -> None:
+    """Record a publish. `durable=False` skips the WAL flush wait: losing the mark in a crash
+    only makes the relay publish again, which processing tolerates."""
+    if not durable:
+        conn.execute(text("SET LOCAL synchronous_commit = off"))
+    if outbox_ids:
+        conn.execute(
+            text(
+                "UPDATE outbox SET published_at = now(), attempts = attempts + 1 "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": outbox_ids},
+        )
+
+
+def mark_task_published(conn: Connection, task: str, args: list) -> None:
+    """Mark the unpublished outbox rows of this task and arguments published."""
+    conn.execute(
+        text(
+            "UPDATE outbox SET published_at = now(), attempts = attempts + 1 "
+            "WHERE task = :t AND args = CAST(:a AS jsonb) AND published_at IS NULL"
+        ),
+        {"t": task, "a": json.dumps(args)},
+    )
+
+
+def claim_for_relay(
+    conn: Connection, *, limit: int, grace_seconds: float, redeliver_seconds: float
+) -> list:
+    """Outbox rows to publish now, locked so a second relay skips them.
+
+    Unpublished rows older than `grace_seconds` (the receiver publishes right after commit;
+    the grace keeps the relay from racing it), and event rows published more than
+    `redeliver_seconds` ago whose work is still undone: an event still `received`, a message
+    still `queued` or `retrying`, or `sending` past its lease (a worker died holding the task,
+    or the broker lost it; the copy settles it as the lease rules say).
+    A duplicate delivery is harmless: both tasks check the row's state under a lock."""
+    return list(
+        conn.execute(
+            text("""
+SELECT o.id, o.task, o.args FROM outbox o
+LEFT JOIN webhook_events e
+       -- CASE, not AND: PostgreSQL may evaluate the cast first, and a send task's argument
+       -- ('msg_...') is no number.
+       ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
+LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
+LEFT JOIN top_ups t ON t.top_up_id = CASE WHEN o.task = :capture THEN o.args->>0 END
+WHERE (o.published_at IS NULL AND o.created_at < now() - make_interval(secs => :grace))
+   OR (o.published_at < now() - make_interval(secs => :redeliver)
+       AND (e.status = 'received' OR m.status IN ('queued', 'retrying')
+            OR (m.status = 'sending' AND m.send_lease_until < now())
+            OR t.status = 'approved'))
+ORDER BY o.id
+LIMIT :limit
+FOR UPDATE OF o SKIP LOCKED
+"""),
+            {
+                "pe": PROCESS_EVENT_TASK,
+                "send": SEND_MESSAGE_TASK,
+                "capture": CAPTURE_TOP_UP_TASK,
+                "grace": grace_seconds,
+                "redeliver": redeliver_seconds,
+                "limit": limit,
+            },
+        )
+    )
+
+
+def prune_published(conn: Connection, *, older_than_seconds: float, limit: int) -> int:
+    """Forget outbox rows published long ago whose work is done, so the relay's scan of
+    published rows stays small. Rows whose event or message is still pending stay."""
+    return conn.execute(
+        text("""
+DELETE FROM outbox WHERE id IN (
+    SELECT o.id FROM outbox o
+    LEFT JOIN webhook_events e ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
+    LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
+    LEFT JOIN top_ups t ON t.top_up_id = CASE WHEN o.task = :capture THEN o.args->>0 END
+    WHERE o.published_at < now() - make_interval(secs => :age)
+      AND e.status IS DISTINCT FROM 'received'
+      AND t.status IS DISTINCT FROM 'approved'
+      AND m.status IS DISTINCT FROM 'queued' AND m.status IS DISTINCT FROM 'retrying'
+      AND m.status IS DISTINCT FROM 'sending'
+    ORDER BY o.id LIMIT :limit
+    FOR UPDATE OF o SKIP LOCKED)
+"""),
+        {
+            "pe": PROCESS_EVENT_TASK,
+            "send": SEND_MESSAGE_TASK,
+            "capture": CAPTURE_TOP_UP_TASK,
+            "age": older_than_seconds,
+            "limit": limit,
+        },
+    ).rowcount
+
+
+def record_publish_failure(conn: Connection, outbox_id: int, error: str) -> None:
+    conn.execute(
+        text("UPDATE outbox SET attempts = attempts + 1, last_error = :e WHERE id = :id"),
+        {"e": error[:1000], "id": outbox_id},
+    )
