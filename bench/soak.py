@@ -75,6 +75,7 @@ import requests  # noqa: E402
 from psycopg.rows import dict_row  # noqa: E402
 
 import migrations  # noqa: E402
+from bus.publisher import Publisher  # noqa: E402
 from cli.devstack import TEST_POSTGRES_SETTINGS, start_postgres, start_redis  # noqa: E402
 from cli.devstack import database_url as url_for  # noqa: E402
 from core import inbox, messages, orgs, outbox, sending  # noqa: E402
@@ -89,7 +90,6 @@ from tests.fakes.fake_twilio import (  # noqa: E402
 )
 from tests.fakes.paypal_api import FakePayPal, make_signing_cert  # noqa: E402
 from tests.stack import BIN, Proc, Web, free_port, start_beat, start_worker, wait_for  # noqa: E402
-from worker.publisher import Publisher  # noqa: E402
 
 WEBHOOK_ID = "WH-SOAK"
 STRIPE_SECRET = "whsec_payguard_soak_0123456789abcdef"

@@ -38,6 +38,7 @@ from core import (
     overview,
     sending,
     wallet,
+    wallet_operations,
 )
 from core.db import make_engine, run_in_transaction
 from core.errors import InvalidInput, PayguardError, Refused
@@ -173,18 +174,20 @@ def _publish_after_commit(ctx: Context, task: str, args: list, outbox_id: int | 
 def _flush_publishes(ctx: Context) -> None:
     if not (ctx.settings and ctx.settings.broker_url and ctx.pending_publish):
         return
-    from worker.publisher import Publisher
+    from bus.publisher import Publisher
 
     publisher = Publisher.from_settings(ctx.settings)
     engine = _engine(ctx.settings)
+    pending = [
+        outbox.Pending.of_row(task, args, outbox_id) if outbox_id else outbox.Pending(task, args)
+        for task, args, outbox_id in ctx.pending_publish
+    ]
     try:
-        for task, args, outbox_id in ctx.pending_publish:
-            publisher.publish(task, args, task_id=f"outbox-{outbox_id}" if outbox_id else None)
-            run_in_transaction(
-                engine, lambda conn, t=task, a=args: outbox.mark_task_published(conn, t, a)
-            )
-    except Exception:
-        ctx.progress("broker unavailable: the outbox relay will publish the rest")
+        published = outbox.publish_after_commit(
+            lambda fn: run_in_transaction(engine, fn), publisher, pending
+        )
+        if published < len(pending):
+            ctx.progress("broker unavailable: the outbox relay will publish the rest")
     finally:
         publisher.close()
         engine.dispose()
@@ -375,20 +378,11 @@ def wallet_history(ctx: Context, args: argparse.Namespace) -> Result:
     arg("--reference", metavar="REF", help="idempotency key: the same REF applies once"),
 )
 def wallet_adjust(ctx: Context, args: argparse.Namespace) -> Result:
-    entry = wallet.adjust(
-        ctx.conn, args.org_id, args.amount_cents,
-        reason=args.reason, actor=args.actor, reference=args.reference,
+    done = wallet_operations.adjust(
+        ctx.conn, args.org_id, args.amount_cents, reason=args.reason, actor=args.actor,
+        reference=args.reference, policy=_policy(ctx),
     )  # fmt: skip
-    _audit(
-        ctx.conn, actor=args.actor, action="wallet.adjust", org_id=args.org_id,
-        details={"amount_cents": args.amount_cents, "reason": args.reason,
-                 "reference": entry.reference, "entry_id": entry.id,
-                 "duplicate": entry.duplicate},
-    )  # fmt: skip
-    # The wallet now, not entry.balance_after_cents: a repeated --reference returns the
-    # first entry, whose balance may be long gone.
-    sending.reconcile(ctx.conn, args.org_id, _policy(ctx))
-    state = wallet.show(ctx.conn, args.org_id)
+    entry, state = done.entry, done.wallet
     return {
         "org_id": args.org_id,
         "entry_id": entry.id,
@@ -408,13 +402,7 @@ FREEZE_ARGS = (
 )
 
 
-def _after_freeze(ctx: Context, args: argparse.Namespace, action: str, changed: bool) -> Result:
-    _audit(
-        ctx.conn, actor=args.actor, action=action, org_id=args.org_id,
-        details={"reason": args.reason, "changed": changed},
-    )  # fmt: skip
-    sending.reconcile(ctx.conn, args.org_id, _policy(ctx))  # pause or resume campaigns now
-    state = wallet.show(ctx.conn, args.org_id)
+def _freeze_result(args: argparse.Namespace, changed: bool, state: wallet.WalletState) -> Result:
     return {
         "org_id": args.org_id,
         "frozen": state.frozen,
@@ -425,14 +413,18 @@ def _after_freeze(ctx: Context, args: argparse.Namespace, action: str, changed: 
 
 @command("wallet freeze", "add one freeze reason", *FREEZE_ARGS)
 def wallet_freeze(ctx: Context, args: argparse.Namespace) -> Result:
-    changed = wallet.freeze(ctx.conn, args.org_id, args.reason, actor=args.actor)
-    return _after_freeze(ctx, args, "wallet.freeze", changed)
+    changed, state = wallet_operations.freeze(
+        ctx.conn, args.org_id, args.reason, actor=args.actor, policy=_policy(ctx)
+    )
+    return _freeze_result(args, changed, state)
 
 
 @command("wallet unfreeze", "lift one freeze reason (others stay)", *FREEZE_ARGS)
 def wallet_unfreeze(ctx: Context, args: argparse.Namespace) -> Result:
-    changed = wallet.unfreeze(ctx.conn, args.org_id, args.reason, actor=args.actor)
-    return _after_freeze(ctx, args, "wallet.unfreeze", changed)
+    changed, state = wallet_operations.unfreeze(
+        ctx.conn, args.org_id, args.reason, actor=args.actor, policy=_policy(ctx)
+    )
+    return _freeze_result(args, changed, state)
 
 
 @command(

@@ -1,6 +1,7 @@
-"""The task outbox (`outbox` table): Celery tasks recorded in the same transaction as the
-change that wants them, published after the commit, and relayed by beat when that publish
-failed or its work is still undone. Not to be confused with the inbox of provider webhooks
+"""The task outbox (`outbox` table): tasks recorded in the same transaction as the change
+that wants them, published after the commit (`publish_after_commit`, the one way every
+entrypoint does it), and relayed by beat (`relay`) when that publish failed or its work is
+still undone. Publishing goes through a `Publisher` (bus/publisher.py is the Celery one). Not to be confused with the inbox of provider webhooks
 (core/inbox.py) or the outbox of events to the host (core/outbound.py).
 
 A duplicate publish is harmless: every task checks its row's state under a lock.
@@ -9,8 +10,15 @@ A duplicate publish is harmless: every task checks its row's state under a lock.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
 from sqlalchemy import Connection, text
+
+log = logging.getLogger(__name__)
 
 # Task names the outbox publishes and the relay knows how to judge stuck.
 PROCESS_EVENT_TASK = "payguard.process_event"
@@ -142,3 +150,100 @@ def record_publish_failure(conn: Connection, outbox_id: int, error: str) -> None
         text("UPDATE outbox SET attempts = attempts + 1, last_error = :e WHERE id = :id"),
         {"e": error[:1000], "id": outbox_id},
     )
+
+
+# ---------------------------------------------------------------- publishing
+
+
+class Publisher(Protocol):
+    """Sends one task message to the broker; raises on any failure. bus/publisher.py is the
+    Celery one; core never imports Celery."""
+
+    def publish(self, task: str, args: list, *, task_id: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A task to publish once the transaction that recorded it has committed.
+
+    `outbox_ids` are the rows this one message covers (one row, or every row of a batch
+    fanned out by one task), marked published after it; with none, the rows of this task
+    and arguments are marked."""
+
+    task: str
+    args: list
+    outbox_ids: tuple[int, ...] = ()
+    task_id: str | None = None
+
+    @classmethod
+    def of_row(cls, task: str, args: list, outbox_id: int) -> Pending:
+        """The message of one outbox row, with the task id the relay would give it."""
+        return cls(task, args, (outbox_id,), task_id=task_id_of(outbox_id))
+
+
+def task_id_of(outbox_id: int) -> str:
+    """One task id per outbox row, whoever publishes it: a second publish is the same task."""
+    return f"outbox-{outbox_id}"
+
+
+def publish_after_commit(
+    transaction: Callable[[Callable[[Connection], object]], object],
+    publisher: Publisher,
+    pending: Sequence[Pending],
+) -> int:
+    """Publish `pending` in order and mark each published; how many went out.
+
+    Call it after the commit that recorded the rows. A broker that fails stops the rest
+    (logged): the rows stay unpublished and the relay publishes them. A mark that fails is
+    ignored: the relay publishes that one again, which every task tolerates. `transaction`
+    runs one function in a transaction of its own (core.db.run_in_transaction, bound)."""
+    published = 0
+    for item in pending:
+        try:
+            publisher.publish(item.task, item.args, task_id=item.task_id)
+        except Exception as exc:
+            log.warning(
+                "publish deferred to the relay", extra={"task": item.task, "error": str(exc)[:200]}
+            )
+            break
+        published += 1
+        try:
+            transaction(partial(_mark, item))
+        except Exception as exc:  # the relay publishes it again; every task tolerates that
+            log.warning("publish not marked", extra={"task": item.task, "error": str(exc)[:200]})
+    return published
+
+
+def _mark(item: Pending, conn: Connection) -> None:
+    if item.outbox_ids:
+        mark_published(conn, list(item.outbox_ids), durable=False)
+    else:
+        mark_task_published(conn, item.task, item.args)
+
+
+def relay(
+    conn: Connection,
+    publisher: Publisher,
+    *,
+    limit: int,
+    grace_seconds: float,
+    redeliver_seconds: float,
+) -> int:
+    """Publish the rows nobody published, and again those whose work is still undone (see
+    `claim_for_relay`), in the caller's transaction; forget rows long done. A broker that
+    fails stops the walk, with the failure recorded on its row."""
+    rows = claim_for_relay(
+        conn, limit=limit, grace_seconds=grace_seconds, redeliver_seconds=redeliver_seconds
+    )
+    published = []
+    for row in rows:
+        try:
+            publisher.publish(row.task, list(row.args), task_id=task_id_of(row.id))
+        except Exception as exc:
+            record_publish_failure(conn, row.id, repr(exc))
+            log.warning("outbox publish failed", extra={"outbox_id": row.id, "error": str(exc)})
+            break
+        published.append(row.id)
+    mark_published(conn, published)
+    prune_published(conn, older_than_seconds=86400, limit=limit)
+    return len(published)

@@ -3,7 +3,7 @@ credited once.
 
     create  (POST /v1/.../top-ups)  → `created`: a PayPal order or a Stripe Checkout Session
     approve (CHECKOUT.ORDER.APPROVED, PayPal only) → `approved`, and a capture task queued
-    capture (worker)                 → PayPal's answer credits the capture, or
+    capture (worker, core/top_up_capture.py) → PayPal's answer credits the capture, or
     credit  (PAYMENT.CAPTURE.COMPLETED, checkout.session.completed) → `completed`
     expire  (beat)                   → `expired`, when nobody approved or paid in time
 
@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, text
 
 from core import orgs, outbound, outbox
-from core.db import run_in_transaction
-from core.errors import InvalidInput, MalformedEvent, NotFound, ParkEvent
-from core.money import normalize_currency, to_minor_units
-from core.providers.ports import ProviderRefused, TopUpApi
+from core.errors import InvalidInput, NotFound, ParkEvent
+from core.providers.ports import TopUpApi
 
 log = logging.getLogger(__name__)
 
@@ -253,103 +251,11 @@ def approve(conn: Connection, provider: str, order_id: str, org_hint: str | None
     return top_up.org_id
 
 
-def capture_request_id(order_id: str) -> str:
-    """One PayPal-Request-Id per order: every capture of it is the same request to PayPal."""
-    return f"payguard-capture-{order_id}"
-
-
-def capture(engine: Engine, api: Any, top_up_id: str) -> str:
-    """Capture an approved PayPal order and credit what was captured; the top-up's status.
-
-    PayPal is called with no transaction open. ProviderUnavailable propagates (the task
-    retries with the same PayPal-Request-Id); a refusal fails the top-up."""
-    top_up = run_in_transaction(engine, lambda c: _by_id(c, top_up_id))
-    if top_up is None or top_up.status != "approved":
-        return top_up.status if top_up else "unknown"
-    try:
-        answer = api.capture_order(
-            top_up.provider_reference, capture_request_id(top_up.provider_reference)
-        )
-    except ProviderRefused as exc:
-        reason = f"PayPal refused the capture: {exc}"
-        run_in_transaction(engine, lambda c: finish(c, top_up_id, "failed", reason=reason))
-        return "failed"
-    return run_in_transaction(engine, lambda c: record_capture(c, top_up_id, answer))
-
-
-def _by_id(conn: Connection, top_up_id: str) -> TopUp | None:
+def by_id(conn: Connection, top_up_id: str) -> TopUp | None:
     row = conn.execute(
         text(f"SELECT {_COLUMNS} FROM top_ups WHERE top_up_id = :id"), {"id": top_up_id}
     ).first()
     return None if row is None else _row(row)
-
-
-def record_capture(conn: Connection, top_up_id: str, answer: Any) -> str:
-    """Apply PayPal's answer to a capture: credit a completed capture once (the reference
-    PAYMENT.CAPTURE.COMPLETED uses too), fail a declined one; its status after."""
-    from core import handlers  # handlers applies top-up events: imported late, not in a cycle
-    from core.providers.events import PaymentCaptured
-
-    top_up = _by_id(conn, top_up_id)
-    assert top_up is not None
-    try:
-        captured = _completed_capture(answer, top_up.provider_reference)
-    except MalformedEvent as exc:
-        finish(conn, top_up_id, "failed", reason=f"capture answer unusable: {exc}")
-        return "failed"
-    if captured is None:  # PENDING: PAYMENT.CAPTURE.COMPLETED will credit it
-        return top_up.status
-    capture_id, org_id, amount_cents, currency, status = captured
-    if status in ("DECLINED", "FAILED"):
-        finish(conn, top_up_id, "failed", reason=f"PayPal capture {capture_id} {status}")
-        return "failed"
-    if org_id is not None and org_id != top_up.org_id:
-        # Never credit an organization from another's top-up: the order was made for ours.
-        log.error(
-            "capture names another organization",
-            extra={"top_up_id": top_up_id, "org_id": top_up.org_id, "named": org_id},
-        )
-        finish(conn, top_up_id, "failed", reason="capture names another organization")
-        return "failed"
-    handlers.credit_payment(
-        conn,
-        PaymentCaptured(
-            provider=top_up.provider, payment_id=capture_id, org_id=top_up.org_id,
-            amount_cents=amount_cents, currency=currency,
-            checkout_id=top_up.provider_reference,
-        ),
-    )  # fmt: skip
-    return "completed"
-
-
-def _completed_capture(answer: Any, order_id: str) -> tuple[str, str | None, int, str, str] | None:
-    """(capture id, custom_id, cents, currency, status) of the order's capture; None while
-    it is PENDING."""
-    if not isinstance(answer, dict) or answer.get("id") != order_id:
-        raise MalformedEvent("the answer is not this order")
-    units = answer.get("purchase_units")
-    if not isinstance(units, list) or not units or not isinstance(units[0], dict):
-        raise MalformedEvent("no purchase unit")
-    payments = units[0].get("payments") or {}
-    captures = payments.get("captures") if isinstance(payments, dict) else None
-    if not isinstance(captures, list) or not captures or not isinstance(captures[0], dict):
-        raise MalformedEvent("no capture")
-    c = captures[0]
-    status = str(c.get("status") or "")
-    if status == "PENDING":
-        return None
-    amount = c.get("amount")
-    if not isinstance(amount, dict) or not isinstance(c.get("id"), str):
-        raise MalformedEvent("capture without id or amount")
-    currency = normalize_currency(amount.get("currency_code"))
-    custom = c.get("custom_id") or units[0].get("custom_id")
-    return (
-        c["id"],
-        custom if isinstance(custom, str) else None,
-        to_minor_units(amount.get("value"), currency),
-        currency,
-        status,
-    )
 
 
 # ---------------------------------------------------------------- the credit, either way

@@ -1,6 +1,7 @@
 # The project's virtualenv, shared by scripts/run and scripts/test (source it, then call
 # ensure_venv). One .venv with every extra, installed from uv.lock, so CI, a developer and
-# production install the same bytes; installed again only when uv.lock changed.
+# production install the same bytes; installed again only when uv.lock or pyproject.toml
+# (its list of packages) changed.
 # shellcheck shell=bash
 
 UV_VERSION="0.13.9"
@@ -39,10 +40,11 @@ ensure_venv() {
     fi
     local want
     want="$(.venv/bin/python -c 'import hashlib, sys
-print(hashlib.sha256(open("uv.lock", "rb").read() + " ".join(sys.argv[1:]).encode()).hexdigest())' \
+locked = open("uv.lock", "rb").read() + open("pyproject.toml", "rb").read()
+print(hashlib.sha256(locked + " ".join(sys.argv[1:]).encode()).hexdigest())' \
         "$UV_VERSION" "${EXTRAS[@]}")"
     if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-        echo "Installing Payguard and its locked dependencies into .venv (uv.lock changed or first run)" >&2
+        echo "Installing Payguard and its locked dependencies into .venv (uv.lock or pyproject.toml changed, or first run)" >&2
         if [ ! -x .venv/bin/uv ] || [ "$(.venv/bin/uv --version 2>/dev/null)" != "uv $UV_VERSION" ]; then
             .venv/bin/python -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
         fi

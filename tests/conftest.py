@@ -326,7 +326,7 @@ def rabbitmq_clean(rabbitmq: RabbitVhost) -> RabbitVhost:
     Celery's delayed-delivery ones): nothing a previous test left is delivered to this one."""
     from kombu import Connection
 
-    from worker.broker import QUEUES
+    from bus.broker import QUEUES
 
     delayed = [f"celery_delayed_{level}" for level in range(28)]
     with Connection(rabbitmq.url, connect_timeout=10) as conn:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from webhook_receiver.app import (
+from webhook_receiver.receiver import (
     BadRequest,
     Receiver,
     Unavailable,
@@ -118,28 +120,25 @@ def metrics() -> Response:
 @blueprint.post("/webhooks/twilio/status")
 def twilio_status() -> Response:
     from core import messages
-    from core.db import run_in_transaction
+    from core.errors import InvalidInput
+    from core.providers.twilio import callbacks
     from core.sending import Policy
 
     receiver = _receiver()
-    policy = Policy.from_settings(receiver.settings)
-    signer = _twilio_signer(receiver)
+    signer = callbacks.signer(
+        receiver.settings, _status_callback_url(receiver), request.form,
+        request.headers.get("X-Twilio-Signature"), partial(_subaccount_token, receiver),
+    )  # fmt: skip
     if signer is False:
         receiver.metrics.WEBHOOKS.labels("twilio", "403").inc()
         return answer(403, error="invalid X-Twilio-Signature")
-    sid, status = request.form.get("MessageSid"), request.form.get("MessageStatus")
-    if not sid or not status:
-        raise BadRequest("payload", "MessageSid and MessageStatus are required")
     try:
-        new = run_in_transaction(
-            receiver.engine,
-            lambda c: messages.apply_status_callback(
-                c, sid, status, price=request.form.get("Price"),
-                price_unit=request.form.get("PriceUnit"),
-                num_segments=request.form.get("NumSegments"), policy=policy,
-                signer=signer, message_id=request.args.get("m"),
-            ),
+        new = callbacks.apply(
+            receiver.engine, request.form, message_id=request.args.get("m"), signer=signer,
+            policy=Policy.from_settings(receiver.settings),
         )  # fmt: skip
+    except InvalidInput as exc:
+        raise BadRequest("payload", str(exc)) from None
     except messages.WrongSigner:
         receiver.metrics.WEBHOOKS.labels("twilio", "403").inc()
         return answer(403, error="signed by a subaccount that did not send this message")
@@ -149,27 +148,17 @@ def twilio_status() -> Response:
     return answer(200, status=new or "ignored")
 
 
-def _twilio_signer(receiver: Receiver) -> str | None | bool:
-    """Who signed this callback: None for the parent account, a subaccount SID for that
-    subaccount's own token, False for nobody we know. The signed URL is the public one,
-    query (`?m=`) included, as Twilio called it."""
-    from core.providers.twilio.gateway import validate_status_callback
-
-    s = receiver.settings
-    url = f"{(s.PUBLIC_BASE_URL or request.host_url).rstrip('/')}/webhooks/twilio/status"
+def _status_callback_url(receiver: Receiver) -> str:
+    """The URL Twilio signed: the public one, query (`?m=`) included, as Twilio called it."""
+    base = receiver.settings.PUBLIC_BASE_URL or request.host_url
+    url = f"{base.rstrip('/')}/webhooks/twilio/status"
     if request.query_string:
         url += "?" + request.query_string.decode("latin-1")
-    signature = request.headers.get("X-Twilio-Signature")
-    if validate_status_callback(s.TWILIO_AUTH_TOKEN or "", url, request.form, signature):
-        return None
-    account = request.form.get("AccountSid")
-    if not signature or not account or account == s.TWILIO_ACCOUNT_SID:
-        return False
-    # Twilio may sign a subaccount's callbacks with the subaccount's own token.
+    return url
+
+
+def _subaccount_token(receiver: Receiver, account: str) -> str | None:
     try:
-        token = receiver.subaccount_token(account)
+        return receiver.subaccount_token(account)
     except Exception as exc:
         raise Unavailable(f"cannot check the signature now: {type(exc).__name__}") from None
-    if token and validate_status_callback(token, url, request.form, signature):
-        return account
-    return False

@@ -9,12 +9,12 @@ import zlib
 
 from sqlalchemy import Connection, text
 
+from bus.publisher import Publisher
 from core import idempotency, messages, orgs, outbox, sending, topups, wallet
 from core.db import run_in_transaction
 from core.providers.twilio import accounts as twilio_accounts
 from worker import runtime
 from worker.celery_app import app
-from worker.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +54,13 @@ def relay_outbox() -> int:
     s = runtime.settings()
 
     def relay(conn: Connection) -> int:
-        rows = outbox.claim_for_relay(
+        return outbox.relay(
             conn,
+            publisher(),
             limit=BATCH,
             grace_seconds=s.OUTBOX_GRACE_SECONDS,
             redeliver_seconds=s.EVENT_REDELIVER_SECONDS,
         )
-        published = []
-        for row in rows:
-            try:
-                publisher().publish(row.task, list(row.args), task_id=f"outbox-{row.id}")
-            except Exception as exc:
-                outbox.record_publish_failure(conn, row.id, repr(exc))
-                log.warning("outbox publish failed", extra={"outbox_id": row.id, "error": str(exc)})
-                break
-            published.append(row.id)
-        outbox.mark_published(conn, published)
-        outbox.prune_published(conn, older_than_seconds=86400, limit=BATCH)
-        return len(published)
 
     count = run_in_transaction(runtime.engine(), relay)
     if count:

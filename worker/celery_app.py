@@ -8,7 +8,8 @@ import sys
 from celery import Celery
 from celery.signals import celeryd_init, setup_logging, worker_process_init
 
-from worker import broker, metrics, runtime  # noqa: F401  (metrics: its signal handlers connect)
+from bus import broker
+from worker import metrics, runtime  # noqa: F401  (metrics: its signal handlers connect)
 
 
 def _config() -> dict:
@@ -16,7 +17,7 @@ def _config() -> dict:
     from worker.schedule import beat_schedule
 
     return {
-        # Redis (REDIS_URL) unless BROKER_URL names RabbitMQ: worker/broker.py.
+        # Redis (REDIS_URL) unless BROKER_URL names RabbitMQ: bus/broker.py.
         **broker.celery_options(
             s.broker_url,
             delivery_limit=s.BROKER_DELIVERY_LIMIT,
@@ -30,7 +31,7 @@ def _config() -> dict:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": "payguard.events",
-        # One table of routes (worker/broker.py) for Celery and for the publishers.
+        # One table of routes (bus/broker.py) for Celery and for the publishers.
         "task_routes": {
             **{task: {"queue": queue} for task, queue in broker.ROUTES.items()},
             "payguard.beat.*": {"queue": "payguard.beat"},

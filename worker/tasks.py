@@ -249,14 +249,14 @@ def fan_out_sends(pairs: list[list]) -> int:
 def capture_top_up(self: Task, top_up_id: str) -> str:
     """Capture an approved PayPal top-up and credit what was captured, once. A capture that
     times out is sent again with the same PayPal-Request-Id, so PayPal captures once."""
-    from core import topups
+    from core import top_up_capture
 
     api = runtime.top_up_apis().get("paypal")
     if api is None:
         log.error("PayPal API not configured: top-up not captured", extra={"top_up_id": top_up_id})
         return "not_configured"
     try:
-        return topups.capture(runtime.engine(), api, top_up_id)
+        return top_up_capture.capture(runtime.engine(), api, top_up_id)
     except TRANSIENT as exc:
         if self.request.retries < runtime.settings().TASK_MAX_RETRIES:
             raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None

@@ -3,7 +3,7 @@ order or a Stripe Checkout Session at a local fake, the buyer's approval and the
 webhooks complete it, and the wallet is credited once whatever arrives twice or first.
 
 Webhooks are stored in the inbox and applied with core.handlers.process as the worker does
-(tests/support/topups.py); the capture task's work (core.topups.capture) is called directly.
+(tests/support/topups.py); the capture task's work (core.top_up_capture.capture) is called directly.
 Security properties are in test_security_topups.py.
 """
 
@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from core import outbox, topups
+from core import outbox, top_up_capture, topups
 from core.db import run_in_transaction
 from core.errors import TransientError
 from tests.fakes import stripe_payloads as sp
@@ -94,9 +94,11 @@ def test_top_up_is_credited_once_whatever_arrives_twice_or_first(
         elif step == "capture":
             capture(topup_app, engine, top_up_id)
         elif step == "raw":  # PayPal captured; its answer is not recorded yet
-            answer = api.capture_order(order_id, topups.capture_request_id(order_id))
+            answer = api.capture_order(order_id, top_up_capture.capture_request_id(order_id))
         elif step == "answer":
-            run_in_transaction(engine, lambda c, a=answer: topups.record_capture(c, top_up_id, a))
+            run_in_transaction(
+                engine, lambda c, a=answer: top_up_capture.record_capture(c, top_up_id, a)
+            )
         elif step == "webhook":
             cap = topup_paypal.orders[order_id]["capture"]
             assert deliver(engine, "paypal", capture_completed(order_id, cap)).status == "processed"

@@ -20,6 +20,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
+from bus.publisher import Publisher
 from core import inbox, messages, orgs, sending, subscriptions, wallet
 from core.db import run_in_transaction
 from core.settings import Settings
@@ -27,7 +28,6 @@ from tests.fakes import paypal_payloads as pp
 from tests.fakes import stripe_payloads as sp
 from tests.stack import free_port, start_beat, start_procfile_web, start_worker, wait_for
 from webhook_receiver.app import create_app
-from worker.publisher import Publisher
 
 pytestmark = pytest.mark.integration
 

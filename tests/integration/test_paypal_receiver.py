@@ -26,7 +26,8 @@ from core.settings import Settings
 from tests.fakes import paypal_payloads as pp
 from tests.fakes.paypal_api import CERTS_PATH, FakePayPal, LocalCA, make_signing_cert
 from tests.stack import free_port, start_beat, start_web, start_worker, wait_for
-from webhook_receiver.app import MAX_BODY, create_app
+from webhook_receiver.app import create_app
+from webhook_receiver.receiver import MAX_BODY
 
 WEBHOOK_ID = "WH-TEST"
 EVENTS_QUEUE = "payguard.events"

@@ -14,9 +14,9 @@ import time
 import pytest
 import requests
 
+from bus.publisher import Publisher
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.stack import start_web, start_worker, wait_for
-from worker.publisher import Publisher
 
 
 def _queues(vhost: str) -> dict[str, dict]:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from core import topups
+from core import top_up_capture, topups
 from core.db import run_in_transaction
 from core.settings import Settings
 from tests.fakes.paypal_api import make_signing_cert
@@ -139,9 +139,11 @@ def test_a_replayed_capture_credits_once(signed_app, engine, fake_paypal):
     order_id, top_up_id = top_up["provider_reference"], top_up["top_up_id"]
     fake_paypal.approve(order_id)
     deliver(engine, "paypal", order_approved(order_id, org))
-    answer = paypal_api(signed_app).capture_order(order_id, topups.capture_request_id(order_id))
+    answer = paypal_api(signed_app).capture_order(
+        order_id, top_up_capture.capture_request_id(order_id)
+    )
     for _ in range(3):
-        run_in_transaction(engine, lambda c: topups.record_capture(c, top_up_id, answer))
+        run_in_transaction(engine, lambda c: top_up_capture.record_capture(c, top_up_id, answer))
     webhook = capture_completed(order_id, fake_paypal.orders[order_id]["capture"])
     for _ in range(2):
         deliver(engine, "paypal", {**webhook, "id": webhook["id"] + "x" * _})

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
+from bus.publisher import Publisher
 from core import inbox, messages, orgs, outbox, sending, subscriptions, wallet
 from core.campaigns import create_campaign, list_campaigns, pause_campaign
 from core.db import run_in_transaction
@@ -24,7 +25,6 @@ from core.sending import INSUFFICIENT_BALANCE, SUBSCRIPTION_INACTIVE, TWILIO_SUS
 from tests.fakes import paypal_payloads
 from tests.fakes.fake_twilio import Reply, unused_port
 from tests.stack import free_port, start_worker, wait_for
-from worker.publisher import Publisher
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
+from bus.publisher import Publisher
 from core import messages, orgs, subscriptions, wallet
 from core.db import run_in_transaction
 from core.providers.twilio.gateway import SendOutcome, SendResult
@@ -27,7 +28,6 @@ from core.settings import Settings
 from tests.fakes.fake_twilio import Reply, signed_status_callback, status_callback_params
 from tests.stack import free_port, start_worker, wait_for
 from webhook_receiver.app import create_app
-from worker.publisher import Publisher
 
 pytestmark = pytest.mark.integration
 

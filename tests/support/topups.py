@@ -7,7 +7,7 @@ import json
 import secrets
 from typing import Any
 
-from core import handlers, inbox, sending, topups, wallet
+from core import handlers, inbox, sending, top_up_capture, topups, wallet
 from core.db import run_in_transaction
 from core.errors import ParkEvent
 from tests.fakes import paypal_payloads as pp
@@ -78,7 +78,7 @@ def paypal_api(app):
 
 def capture(app, engine, top_up_id: str) -> str:
     """What the worker's payguard.capture_top_up does, called directly."""
-    return topups.capture(engine, paypal_api(app), top_up_id)
+    return top_up_capture.capture(engine, paypal_api(app), top_up_id)
 
 
 def captures_queued(engine, top_up_id: str) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from bus import broker
 from core.settings import Settings
-from worker import broker
 
 
 def test_the_broker_is_rabbitmq_only_when_broker_url_says_so():

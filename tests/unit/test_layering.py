@@ -23,8 +23,10 @@ def _modules(package: str) -> dict[str, Path]:
     return found
 
 
-def _imported(module: str, path: Path) -> set[str]:
-    """The dotted names `module` imports anywhere in its body (lazy imports included)."""
+def _imported(module: str, path: Path, known: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """The dotted names `module` imports anywhere in its body (lazy imports included).
+
+    `from a import b` names `a.b` when that is one of the `known` modules, else `a`."""
     names: set[str] = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -35,8 +37,9 @@ def _imported(module: str, path: Path) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                names.add(full if full in known else base)
     return names
 
 
@@ -44,12 +47,88 @@ def _top(name: str) -> str:
     return name.split(".")[0]
 
 
-def test_only_core_providers_import_a_vendor_sdk():
-    offenders = [
+def _offenders(package: str, forbidden: set[str], *, skip: str | None = None) -> list[str]:
+    """ "module imports name" for each import by `package` (but its subpackage `skip`) of a
+    top-level name in `forbidden`."""
+    return [
         f"{module} imports {name}"
-        for module, path in _modules("core").items()
-        if not module.startswith("core.providers")
+        for module, path in _modules(package).items()
+        if not (skip and (module == skip or module.startswith(skip + ".")))
         for name in _imported(module, path)
-        if _top(name) in VENDOR_SDKS
+        if _top(name) in forbidden
+    ]
+
+
+def test_only_core_providers_import_a_vendor_sdk():
+    assert _offenders("core", VENDOR_SDKS, skip="core.providers") == []
+
+
+PROJECT = ("core", "bus", "webhook_receiver", "worker", "cli")
+ENTRYPOINTS = ("webhook_receiver", "worker", "cli")
+# What core must never import: frameworks of the entrypoints, and the entrypoints themselves.
+# (core uses no Redis: the rate limits and Twilio caps live in the entrypoints' adapters.)
+NOT_IN_CORE = {"flask", "werkzeug", "celery", "kombu", "redis", "bus", *ENTRYPOINTS}
+
+
+def _graph() -> dict[str, set[str]]:
+    """Project module → the project modules it imports (a package's name counts as its
+    __init__; `from core import wallet` is an import of core.wallet)."""
+    modules = {name: path for package in PROJECT for name, path in _modules(package).items()}
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        graph[module] = {
+            name
+            for name in _imported(module, path, set(modules))
+            if name in modules and name != module
+        }
+    return graph
+
+
+def test_core_imports_no_framework_and_no_entrypoint():
+    assert _offenders("core", NOT_IN_CORE) == []
+
+
+def test_entrypoints_do_not_import_each_other():
+    """The receiver, the worker and the CLI meet in core (and bus, to publish), never in one
+    another: each can be read, run and changed alone. The CLI's dev stack starts the others
+    as processes by name, which is no import. bus imports none of them."""
+    offenders = [
+        line
+        for package in (*ENTRYPOINTS, "bus")
+        for line in _offenders(package, set(ENTRYPOINTS) - {package})
     ]
     assert offenders == []
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, as the path that closes it, or None (depth-first, colouring)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycles_among_project_modules():
+    """Lazy imports inside functions count too: a cycle hidden in a function is still two
+    modules that cannot be understood apart."""
+    assert _cycle(_graph()) is None
+
+
+def test_the_cycle_search_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None

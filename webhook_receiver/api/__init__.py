@@ -10,6 +10,10 @@ access.py     the key cache and the per-key rate limit in Redis
 problems.py   RFC 9457 problem documents
 """
 
+# Importing the routes declares every endpoint in the registry: whoever imports anything of
+# this package (the app, openapi.py, a test) sees them all, and registry.py need not import
+# routes.py, which imports it.
+from webhook_receiver.api import routes  # noqa: F401
 from webhook_receiver.api.registry import install
 
 __all__ = ["install"]

@@ -12,6 +12,7 @@ from pydantic.json_schema import models_json_schema
 
 from webhook_receiver.api import schemas
 from webhook_receiver.api.problems import TITLES
+from webhook_receiver.api.registry import ENDPOINTS, PREFIX
 
 REF = "#/components/schemas/{model}"
 ERRORS_BY_SCOPE = (400, 401, 403, 404, 409, 413, 422, 429, 503)
@@ -23,9 +24,7 @@ def _ref(model: type[BaseModel]) -> dict:
 
 @cache
 def document() -> dict:
-    from webhook_receiver.api import routes  # noqa: F401  (declares the endpoints)
-    from webhook_receiver.api.registry import ENDPOINTS, PREFIX
-
+    """The document of every endpoint declared (the package declares them all on import)."""
     requests = {ep.body for ep in ENDPOINTS if ep.body}
     answers = {m for ep in ENDPOINTS for m in ep.answers.values() if m} | {schemas.Problem}
     _, top = models_json_schema(

@@ -276,9 +276,8 @@ def _problem_of(exc: Exception) -> Problem:
 
 
 def install(app: Flask, receiver: Any) -> None:
-    """Register `/v1` on the app: its routes, its per-process state and its 404/405s."""
-    from webhook_receiver.api import routes  # noqa: F401  (declares the endpoints)
-
+    """Register `/v1` on the app: its routes (declared when the package is imported, see
+    webhook_receiver/api/__init__.py), its per-process state and its 404/405s."""
     settings = receiver.settings
     app.extensions["payguard_api"] = Api(
         keys=access.KeyCache(receiver.engine),

@@ -286,23 +286,13 @@ def _publish(call: Call, queued: list[messages.Queued]) -> None:
     pairs = [(q.message_id, q.outbox_id) for q in queued if q.outbox_id is not None]
     if not pairs:
         return
-    try:
-        if len(pairs) == 1:
-            [(message_id, outbox_id)] = pairs
-            call.receiver.publisher.publish(
-                messages.SEND_TASK, [message_id], task_id=f"outbox-{outbox_id}"
-            )
-        else:
-            call.receiver.publisher.publish(FAN_OUT_TASK, [[list(p) for p in pairs]])
-    except Exception as exc:
-        log.warning("publish deferred to the relay", extra={"error": str(exc)[:200]})
-        return
-    try:
-        call.transaction(
-            lambda conn: outbox.mark_published(conn, [o for _, o in pairs], durable=False)
-        )
-    except Exception:
-        pass  # the relay publishes them again; a send task settles a message once
+    if len(pairs) == 1:
+        [(message_id, outbox_id)] = pairs
+        pending = [outbox.Pending.of_row(messages.SEND_TASK, [message_id], outbox_id)]
+    else:
+        covered = tuple(o for _, o in pairs)
+        pending = [outbox.Pending(FAN_OUT_TASK, [[list(p) for p in pairs]], covered)]
+    outbox.publish_after_commit(call.transaction, call.receiver.publisher, pending)
 
 
 @endpoint(

@@ -3,7 +3,7 @@ about a second (the outbox relay publishes it later), never hold a webhook reque
 
 The receiver, the beat relay and the CLI all publish through this, to the configured broker
 (`Settings.broker_url`: BROKER_URL, else REDIS_URL), with the queues declared as the worker
-declares them (quorum queues on RabbitMQ, `worker/broker.py`)."""
+declares them (quorum queues on RabbitMQ, `bus/broker.py`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import logging
 
 from celery import Celery
 
+from bus import broker
 from core.settings import Settings, is_amqp_url
-from worker import broker
 
 log = logging.getLogger(__name__)
 
