@@ -132,3 +132,17 @@ def test_no_import_cycles_among_project_modules():
 def test_the_cycle_search_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_module_that_applies_events_names_no_provider():
+    """core/handlers.py applies provider-neutral events: a provider's quirk is a field of the
+    event (core/providers/events.py), never a branch on the provider's name here."""
+    path = ROOT / "core" / "handlers.py"
+    named = [
+        node.value
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and any(p in node.value.lower() for p in ("paypal", "stripe", "twilio"))
+    ]
+    assert named == []
