@@ -79,16 +79,16 @@ from cli.devstack import TEST_POSTGRES_SETTINGS, start_postgres, start_redis  # 
 from cli.devstack import database_url as url_for  # noqa: E402
 from core import inbox, messages, orgs, sending  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
-from tests.fakes import paypal_payloads as pp  # noqa: E402
-from tests.fakes import stripe_payloads as sp  # noqa: E402
-from tests.fakes.fake_twilio import (  # noqa: E402
+from tests.stack import BIN, Proc, Web, free_port, start_beat, start_worker, wait_for  # noqa: E402
+from tests.support.fakes.fake_twilio import (  # noqa: E402
     FakeTwilio,
     signed_status_callback,
     status_callback_params,
     unused_port,
 )
-from tests.fakes.paypal_api import FakePayPal, make_signing_cert  # noqa: E402
-from tests.stack import BIN, Proc, Web, free_port, start_beat, start_worker, wait_for  # noqa: E402
+from tests.support.fakes.paypal_api import FakePayPal, make_signing_cert  # noqa: E402
+from tests.support.payloads import paypal as pp  # noqa: E402
+from tests.support.payloads import stripe as sp  # noqa: E402
 from worker.publisher import Publisher  # noqa: E402
 
 WEBHOOK_ID = "WH-SOAK"

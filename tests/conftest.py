@@ -31,7 +31,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INTEGRATION_DIR = REPO_ROOT / "tests" / "integration"
 
-# `from tests.fakes import …` needs the repository root importable, however pytest was started.
+# `from tests.support.fakes import …` needs the repository root importable, however pytest was started.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -196,6 +196,15 @@ def engine(database_url: str):  # -> sqlalchemy.Engine
         yield eng
     finally:
         eng.dispose()
+
+
+@pytest.fixture
+def db(engine):  # -> tests.support.db.Db
+    """Runs a core function as one committed unit of work on this test's database:
+    `db(new_org, balance=100)` (tests/support/db.py)."""
+    from tests.support.db import Db
+
+    return Db(engine)
 
 
 # --------------------------------------------------------------------------- Redis

@@ -39,8 +39,8 @@ from urllib.parse import unquote, urlsplit
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from tests.fakes.paypal_api import SigningCert
-from tests.fakes.stripe_payloads import stripe_signature_header
+from tests.support.fakes.paypal_api import SigningCert
+from tests.support.payloads.stripe import stripe_signature_header
 
 MAX_BODY = 1024 * 1024
 # Nesting far beyond any JSON parser's recursion limit, yet well under 1 MiB.

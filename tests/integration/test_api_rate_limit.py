@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 
 from tests.stack import free_port
-from tests.support.api import Client, api_settings, assert_problem, key_id, make_key, new_org
+from tests.support.api import Client, api_org, api_settings, assert_problem, key_id, make_key
+from tests.support.db import tx
 from webhook_receiver.app import create_app
 
 
@@ -23,7 +24,7 @@ def _at_a_fresh_second() -> None:
 def test_past_the_limit_a_key_gets_429_with_retry_after_across_processes_and_others_do_not(
     database_url, redis_clean, engine
 ):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     noisy, quiet = make_key(engine, "read"), make_key(engine, "read")
     one, two = (Client(_app(database_url, redis_clean, 4).test_client()) for _ in range(2))
     path = f"/organizations/{org}/can-send"
@@ -44,7 +45,7 @@ def test_past_the_limit_a_key_gets_429_with_retry_after_across_processes_and_oth
 
 
 def test_with_redis_down_requests_are_let_through(database_url, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "read")
     dead = f"redis://127.0.0.1:{free_port()}/0"
     api = Client(_app(database_url, dead, 1).test_client())
@@ -64,7 +65,7 @@ def test_processes_claim_requests_in_chunks_and_never_allow_more_than_the_limit(
     Redis once more and then remembers the refusal until the window ends."""
     import redis
 
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "read")
     one, two = (Client(_app(database_url, redis_clean, 100).test_client()) for _ in range(2))
     path = f"/organizations/{org}/can-send"

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from core import orgs, wallet
+from core import wallet
 from core.db import run_in_transaction
-
-pytestmark = pytest.mark.integration
+from tests.support.db import tx
+from tests.support.factories import new_org
 
 ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).with_name("payguard")
@@ -71,16 +71,6 @@ def payguard(database_url):
     return lambda *args: run_payguard(*args, database_url=database_url)
 
 
-def new_org(engine, org_id: str = "acme", balance: int = 0) -> str:
-    def create(conn):
-        orgs.create(conn, org_id)
-        if balance:
-            wallet.credit(conn, org_id, balance, f"seed:{org_id}")
-
-    run_in_transaction(engine, create)
-    return org_id
-
-
 def count(engine, table: str) -> int:
     with engine.connect() as conn:
         return conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
@@ -118,7 +108,7 @@ def test_org_create_then_show_has_the_contract_keys(payguard):
 
 
 def test_adjust_both_ways_with_a_negative_positional_then_show_and_history(engine, payguard):
-    org = new_org(engine)
+    org = tx(engine, new_org, org_id="acme")
 
     up = payguard("wallet", "adjust", org, "1000", "--reason", "top-up", "--actor", "ana",
                   "--json")  # fmt: skip
@@ -156,7 +146,7 @@ def test_adjust_both_ways_with_a_negative_positional_then_show_and_history(engin
 
 
 def test_freeze_and_unfreeze_one_reason(engine, payguard):
-    org = new_org(engine)
+    org = tx(engine, new_org, org_id="acme")
 
     frozen = payguard("wallet", "freeze", org, "--reason", "manual", "--actor", "ana", "--json")
     lifted = payguard("wallet", "unfreeze", org, "--reason", "manual", "--actor", "bo", "--json")
@@ -170,7 +160,7 @@ def test_freeze_and_unfreeze_one_reason(engine, payguard):
 
 
 def test_ledger_verify_passes_then_fails_after_a_balance_is_tampered_with(engine, payguard):
-    org = new_org(engine, balance=500)
+    org = tx(engine, new_org, balance=500, org_id="acme")
     clean = payguard("ledger", "verify", "--json")
     with engine.begin() as conn:
         conn.execute(text("UPDATE wallets SET balance_cents = balance_cents + 7"))
@@ -187,7 +177,7 @@ def test_ledger_verify_passes_then_fails_after_a_balance_is_tampered_with(engine
 
 
 def test_without_json_the_output_is_for_people(engine, payguard):
-    org = new_org(engine, balance=250)
+    org = tx(engine, new_org, balance=250, org_id="acme")
 
     run = payguard("wallet", "show", org)
 
@@ -200,7 +190,7 @@ def test_without_json_the_output_is_for_people(engine, payguard):
 
 
 def test_adjust_below_zero_is_refused_and_writes_nothing(engine, payguard):
-    org = new_org(engine, balance=100)
+    org = tx(engine, new_org, balance=100, org_id="acme")
     before = (count(engine, "journal"), count(engine, "audit_log"))
 
     run = payguard("wallet", "adjust", org, "-101", "--reason", "fix", "--actor", "ana", "--json")
@@ -212,7 +202,7 @@ def test_adjust_below_zero_is_refused_and_writes_nothing(engine, payguard):
 
 
 def test_unknown_org_and_duplicate_org_are_refused(engine, payguard):
-    new_org(engine, "acme")
+    tx(engine, new_org, org_id="acme")
 
     unknown = payguard("wallet", "show", "nobody", "--json")
     duplicate = payguard("org", "create", "acme", "--json")

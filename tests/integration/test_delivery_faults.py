@@ -25,8 +25,8 @@ from sqlalchemy import text
 from core import inbox, orgs, wallet
 from core.db import run_in_transaction
 from core.settings import Settings
-from tests.fakes import paypal_payloads as pp
 from tests.stack import Proc, start_beat, start_web, start_worker, wait_for
+from tests.support.payloads import paypal as pp
 
 WEBHOOK_ID = "WH-TEST"
 

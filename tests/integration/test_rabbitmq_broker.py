@@ -14,8 +14,8 @@ import time
 import pytest
 import requests
 
-from tests.fakes.tcp_proxy import TcpProxy
 from tests.stack import start_web, start_worker, wait_for
+from tests.support.fakes.tcp_proxy import TcpProxy
 from worker.publisher import Publisher
 
 

@@ -49,13 +49,11 @@ import pytest
 
 from core import handlers, inbox, wallet
 from core.errors import NotYetApplicable
-from tests.fakes import paypal_payloads as pp
-from tests.fakes import stripe_payloads as sp
 from tests.integration import test_stripe_pipeline as stripe_pipeline
 from tests.integration.test_cli import run_payguard
 from tests.integration.test_stripe_pipeline import Pipeline, pay
-
-pytestmark = pytest.mark.integration
+from tests.support.payloads import paypal as pp
+from tests.support.payloads import stripe as sp
 
 # The Stripe pipeline's fixtures: a signed delivery through the receiver, then the worker's
 # unit of work, every balance verified against its journal at the end of each test.

@@ -33,9 +33,7 @@ from core.errors import InvalidInput
 from core.outbound_net import UnsafeAddress, check_url, post
 from core.settings import ConfigError, load_settings
 from core.webhook_signing import verify
-from tests.fakes.hook_endpoint import HookEndpoint
-
-pytestmark = [pytest.mark.integration]
+from tests.support.fakes.hook_endpoint import HookEndpoint
 
 KEY = Fernet.generate_key().decode()
 PUBLIC = "93.184.216.34"

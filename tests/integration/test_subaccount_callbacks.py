@@ -13,7 +13,7 @@ from core.db import run_in_transaction
 from core.sending import Policy
 from core.settings import Settings
 from core.twilio_gateway import SendOutcome, SendResult
-from tests.fakes.fake_twilio import signed_status_callback, status_callback_params
+from tests.support.fakes.fake_twilio import signed_status_callback, status_callback_params
 from webhook_receiver.app import create_app
 
 PARENT = "AC" + "1" * 32

@@ -12,8 +12,8 @@ from sqlalchemy import text
 from core import orgs, wallet
 from core.db import run_in_transaction
 from core.settings import Settings
-from tests.fakes import paypal_payloads as pp
-from tests.fakes.crc_forge import forge_same_crc
+from tests.support.fakes.crc_forge import forge_same_crc
+from tests.support.payloads import paypal as pp
 from webhook_receiver.app import create_app
 
 

@@ -1,4 +1,4 @@
-"""The Twilio gateway against a real local HTTP server faking Twilio (tests/fakes/fake_twilio).
+"""The Twilio gateway against a real local HTTP server faking Twilio (tests/support/fakes/fake_twilio).
 
 The point of these tests is the send outcome: only what certainly never reached Twilio may
 be retried; anything that may have created a message is UNKNOWN.
@@ -26,7 +26,7 @@ from core.twilio_gateway import (
     build_gateway,
     validate_status_callback,
 )
-from tests.fakes.fake_twilio import (
+from tests.support.fakes.fake_twilio import (
     FakeTwilio,
     Reply,
     signed_status_callback,
@@ -221,7 +221,7 @@ def test_an_unreadable_success_answer_is_unknown(gateway, fake, monkeypatch):
         self.end_headers()
         self.wfile.write(data)
 
-    monkeypatch.setattr("tests.fakes.fake_twilio._Handler.send_json", garbage)
+    monkeypatch.setattr("tests.support.fakes.fake_twilio._Handler.send_json", garbage)
     assert send(gateway).outcome is SendOutcome.UNKNOWN
 
 

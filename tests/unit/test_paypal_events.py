@@ -21,7 +21,7 @@ from core.provider_events import (
     SubscriptionChanged,
     SubscriptionPayment,
 )
-from tests.fakes import paypal_payloads as pp
+from tests.support.payloads import paypal as pp
 
 AT = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
 

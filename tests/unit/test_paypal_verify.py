@@ -30,7 +30,7 @@ from core.paypal_verify import (
     verify_signature,
 )
 from core.settings import ConfigError, Settings
-from tests.fakes.paypal_api import make_signing_cert, sign_transmission
+from tests.support.fakes.paypal_api import make_signing_cert, sign_transmission
 
 PAYPAL_PREFIXES = (
     "https://api.paypal.com/v1/notifications/certs/",

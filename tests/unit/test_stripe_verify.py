@@ -8,7 +8,7 @@ import pytest
 import stripe
 
 from core.stripe_verify import InvalidStripeWebhook, verify_stripe
-from tests.fakes import stripe_payloads as sp
+from tests.support.payloads import stripe as sp
 
 NOW = 1_760_000_000
 SECRETS = [sp.TEST_SECRET]
