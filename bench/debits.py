@@ -49,7 +49,7 @@ def org_ids(layout: str) -> list[str]:
     return ["hot"] if layout == "hot" else [f"org-{i:04d}" for i in range(SPREAD)]
 
 
-def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> float:
+def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> float:  # noqa: C901 (one cell: setup, threads, teardown)
     """Debits per second of one (mode, layout, threads) cell."""
     targets = org_ids(layout)
     barrier = threading.Barrier(threads + 1)

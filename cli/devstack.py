@@ -632,7 +632,7 @@ def _run_dev(
                 "METRICS_TOKEN",
                 "PAYGUARD_SECRET_KEY",
                 "OUTBOUND_ALLOW_PRIVATE",
-            )  # fmt: skip
+            )
             if env.get(k)
         )
         + f"PAYGUARD_API_KEY={shlex.quote(api_key)}\n"

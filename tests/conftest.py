@@ -15,6 +15,7 @@ Tests under tests/integration are marked `integration` automatically.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -31,7 +32,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INTEGRATION_DIR = REPO_ROOT / "tests" / "integration"
 
-# `from tests.support.fakes import …` needs the repository root importable, however pytest was started.
+# `from tests.support… import …` needs the repository root importable, however pytest started.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -323,10 +324,8 @@ def rabbitmq() -> Iterator[RabbitVhost]:
     try:
         yield RabbitVhost(user, password, host, port, vhost)
     finally:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
             _rabbitmqctl("delete_vhost", vhost)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
-            pass
 
 
 @pytest.fixture

@@ -62,7 +62,8 @@ class Proc:
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> Proc:
-        self._log = open(self.log_path, "ab")
+        # Open for the process's whole life; closed in stop(), so no `with` here.
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.popen = subprocess.Popen(
             self.argv,
             env=self.env,

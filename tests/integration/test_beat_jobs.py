@@ -124,7 +124,7 @@ def test_two_relays_at_once_publish_each_outbox_row_once_and_each_run_is_bounded
     def fill(conn):
         org = beat_org(conn, balance=1000)
         for i in range(200):
-            stored, _ = inbox.store(
+            _stored, _ = inbox.store(
                 conn, "paypal", f"WH-{i}", "PAYMENT.CAPTURE.COMPLETED", {}, b"{}"
             )
             messages.queue(conn, org, "+15005550010", f"m{i}", POLICY)  # a send_message row

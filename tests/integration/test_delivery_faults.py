@@ -222,7 +222,7 @@ def test_backoff_grows_with_jitter_and_never_outlasts_the_visibility_timeout(
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(delays) > 1  # jitter: a burst of failures does not retry in lockstep
     assert max(backoff(30) for _ in range(50)) < s.BROKER_VISIBILITY_TIMEOUT
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="longer than TASK_RETRY_MAX_SECONDS"):
         Settings(_env_file=None, TASK_RETRY_MAX_SECONDS=600, BROKER_VISIBILITY_TIMEOUT=600)
 
 

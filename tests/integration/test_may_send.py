@@ -116,7 +116,7 @@ def test_every_reason_is_given_at_once(engine):
 
 
 @pytest.mark.parametrize(
-    "make, reason",
+    ("make", "reason"),
     [
         (lambda c, org: set_subscription(c, org, "cancelled"), SUBSCRIPTION_INACTIVE),
         (lambda c, org: set_subscription(c, org, "suspended"), SUBSCRIPTION_INACTIVE),
@@ -381,7 +381,7 @@ def test_a_send_of_a_user_paused_campaign_is_blocked(engine):
 
 
 @pytest.mark.parametrize(
-    "body, segments, encoding",
+    ("body", "segments", "encoding"),
     [
         ("a" * 160, 1, "GSM-7"),
         ("a" * 161, 2, "GSM-7"),

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -362,7 +363,7 @@ def test_three_gunicorn_workers_count_every_request_once_in_any_scrape(
 def listening_addresses(port: int) -> set[str]:
     """The IPv4 addresses something listens on at `port`, from /proc/net/tcp."""
     found = set()
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         local, state = line.split()[1], line.split()[3]
         address, hex_port = local.split(":")
         if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN

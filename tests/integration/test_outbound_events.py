@@ -75,12 +75,12 @@ def test_signature_matches_the_standard_webhooks_test_vector():
 
 def test_event_is_recorded_with_the_change_and_never_for_a_rolled_back_one(engine):
     org = tx(engine, new_org, billing="prepaid")
-    with pytest.raises(RuntimeError):
 
-        def credit_then_fail(c):
-            wallet.credit(c, org, 500, "rolled-back")
-            raise RuntimeError("the unit of work fails after the credit")
+    def credit_then_fail(c):
+        wallet.credit(c, org, 500, "rolled-back")
+        raise RuntimeError("the unit of work fails after the credit")
 
+    with pytest.raises(RuntimeError, match="fails after the credit"):
         tx(engine, credit_then_fail)
     assert events_of(engine, "wallet.credited") == []
     tx(engine, lambda c: wallet.credit(c, org, 700, "kept"))
@@ -272,7 +272,7 @@ def test_a_worker_killed_mid_delivery_delivers_again(engine, env, tmp_path):
     env = {**env, "OUTBOUND_LEASE_SECONDS": "8"}
     org = tx(engine, new_org, billing="prepaid")
     with HookEndpoint() as hook:
-        ep, secret = add_endpoint(engine, hook.url)
+        ep, _secret = add_endpoint(engine, hook.url)
         hook.script(["hang"])
         tx(engine, lambda c: wallet.credit(c, org, 250, "paid"))
         with start_worker(env, tmp_path, queues=MAIN_QS), start_beat(env, tmp_path):
@@ -303,26 +303,26 @@ def test_many_events_to_a_dead_endpoint_delay_neither_sends_nor_other_endpoints(
             outbound.record(c, "wallet.credited", busy, {"org_id": busy, "n": n})
 
     tx(engine, thousand)
-    with HookEndpoint() as hook:
-        with (
-            start_worker(env, tmp_path, queues=OUTBOUND_Q, concurrency=2),
-            start_worker(env, tmp_path, queues=MAIN_QS),
-            start_beat(env, tmp_path),
-        ):
-            wait_for(lambda: any(r.attempts for r in delivery_rows(engine, dead.endpoint_id)),
-                     60, what="the dead endpoint tried")  # fmt: skip
-            other = tx(engine, new_org, balance=100, billing="prepaid")
-            live, _ = add_endpoint(engine, hook.url, ["wallet.credited"], other)
-            tx(engine, lambda c: wallet.credit(c, other, 5, "after-the-flood"))
-            msg = tx(engine, lambda c: messages.queue(c, busy, "+15005550010", "hi",
-                                                      sending.Policy()))  # fmt: skip
-            wait_for(lambda: hook.received(), 60, what="the live endpoint's event")
-            wait_for(
-                lambda: tx(engine, lambda c: messages.get(c, msg.message_id)).status
-                not in ("queued", "sending"),
-                60, what="the send settled",
-            )  # fmt: skip
-            pending = [r for r in delivery_rows(engine, dead.endpoint_id) if r.status == "pending"]
+    with (
+        HookEndpoint() as hook,
+        start_worker(env, tmp_path, queues=OUTBOUND_Q, concurrency=2),
+        start_worker(env, tmp_path, queues=MAIN_QS),
+        start_beat(env, tmp_path),
+    ):
+        wait_for(lambda: any(r.attempts for r in delivery_rows(engine, dead.endpoint_id)),
+                 60, what="the dead endpoint tried")  # fmt: skip
+        other = tx(engine, new_org, balance=100, billing="prepaid")
+        _live, _ = add_endpoint(engine, hook.url, ["wallet.credited"], other)
+        tx(engine, lambda c: wallet.credit(c, other, 5, "after-the-flood"))
+        msg = tx(engine, lambda c: messages.queue(c, busy, "+15005550010", "hi",
+                                                  sending.Policy()))  # fmt: skip
+        wait_for(lambda: hook.received(), 60, what="the live endpoint's event")
+        wait_for(
+            lambda: tx(engine, lambda c: messages.get(c, msg.message_id)).status
+            not in ("queued", "sending"),
+            60, what="the send settled",
+        )  # fmt: skip
+        pending = [r for r in delivery_rows(engine, dead.endpoint_id) if r.status == "pending"]
     assert len(pending) > 900  # the flood is still waiting; the others did not wait for it
     assert json.loads(hook.received()[0].body)["data"]["reference"] == "after-the-flood"
 
@@ -433,7 +433,7 @@ def test_the_circuit_of_a_failing_endpoint_opens_and_another_endpoint_still_gets
 
 def test_delivered_events_are_pruned_after_the_retention_and_owed_ones_stay(engine):
     org = tx(engine, new_org, billing="prepaid")
-    ep, _ = add_endpoint(engine, "http://127.0.0.1:9/x")
+    _ep, _ = add_endpoint(engine, "http://127.0.0.1:9/x")
     for n in range(2):
         tx(engine, lambda c, n=n: outbound.record(c, "wallet.frozen", org, {"n": n}))
     with engine.begin() as c:
@@ -527,8 +527,8 @@ def test_beat_publishes_one_delivery_per_endpoint_to_the_outbound_queue(engine, 
     from worker import outbound_tasks
 
     org = tx(engine, new_org, billing="prepaid")
-    a, _ = add_endpoint(engine, "http://127.0.0.1:9/a")
-    b, _ = add_endpoint(engine, "http://127.0.0.1:9/b")
+    _a, _ = add_endpoint(engine, "http://127.0.0.1:9/a")
+    _b, _ = add_endpoint(engine, "http://127.0.0.1:9/b")
     for n in range(3):
         tx(engine, lambda c, n=n: outbound.record(c, "wallet.frozen", org, {"n": n}))
     assert outbound_tasks.dispatch_outbound() == 2

@@ -246,7 +246,7 @@ def test_concurrent_failure_deliveries_give_back_once(stripe):
         barrier.wait()
         try:
             stripe.process(inbox_id)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in inbox_ids]

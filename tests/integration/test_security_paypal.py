@@ -250,7 +250,7 @@ def test_racing_bodies_for_one_transmission_store_one_of_them(
 
 
 @pytest.mark.parametrize(
-    "age, status",
+    ("age", "status"),
     [
         (timedelta(days=3, hours=1), 200),  # PayPal's last retry of a 3-day schedule
         (timedelta(days=5), 400),

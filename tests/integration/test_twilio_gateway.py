@@ -4,6 +4,7 @@ The point of these tests is the send outcome: only what certainly never reached 
 be retried; anything that may have created a message is UNKNOWN.
 """
 
+import contextlib
 import logging
 import re
 import socket
@@ -159,10 +160,8 @@ def full_backlog_port():
     for _ in range(3):
         s = socket.socket()
         s.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
         fillers.append(s)
     time.sleep(0.05)
     yield port
@@ -332,9 +331,10 @@ def test_reactivating_a_closed_subaccount_fails(gateway, fake):
 
 @pytest.mark.parametrize("status", ["closed", "Suspended", ""])
 def test_closing_or_unknown_status_is_refused_locally(gateway, fake, status):
-    with pytest.raises(ValueError):
+    refused = "never closes" if status == "closed" else "must be 'suspended' or 'active'"
+    with pytest.raises(ValueError, match=refused):
         gateway.set_account_status(SUB, status)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=refused):
         ConsoleGateway().set_account_status(SUB, status)
     assert fake.requests() == []
 
@@ -385,7 +385,7 @@ def test_console_gateway_only_logs(caplog):
     assert result.num_segments == 1
     assert result.sid in caplog.text and TO in caplog.text
     assert gw.set_account_status(SUB, "suspended").outcome is AccountOutcome.OK
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"not an E\.164 phone number"):
         gw.send_message(SUB, FROM, "nope", "hi")
 
 

@@ -365,7 +365,7 @@ def test_negative_adjustment_works_on_a_frozen_wallet(engine):
     assert show(engine, org).balance_cents == 0
 
 
-@pytest.mark.parametrize("reason, actor", [("", "ann"), ("why", ""), (None, "ann")])
+@pytest.mark.parametrize(("reason", "actor"), [("", "ann"), ("why", ""), (None, "ann")])
 def test_adjustment_without_reason_or_actor_is_refused(engine, reason, actor):
     org = tx(engine, new_org, balance=300)
     refused_and_nothing_written(
@@ -471,7 +471,7 @@ def test_verify_finds_nothing_on_a_consistent_ledger(engine):
 
 
 @pytest.mark.parametrize(
-    "field, tamper",
+    ("field", "tamper"),
     [
         ("balance_cents", "balance_cents = balance_cents + 7"),
         ("held_cents", "held_cents = held_cents + 7"),

@@ -216,5 +216,5 @@ def test_error_names_its_cause():
 
     assert error.cause == "timestamp"
     assert "900s" in str(error)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown cause"):
         InvalidStripeWebhook("other", "x")
