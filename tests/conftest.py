@@ -200,6 +200,26 @@ def engine(database_url: str):  # -> sqlalchemy.Engine
 
 
 @pytest.fixture
+def make_app():  # -> Callable[[Settings], flask.Flask]
+    """webhook_receiver.app.create_app(settings); every app made is closed after the test (its
+    engine disposed, its publisher closed), so no pooled connection outlives the test."""
+    from webhook_receiver.app import create_app
+
+    apps = []
+
+    def make(settings):
+        app = create_app(settings)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        receiver = app.extensions["payguard"]
+        receiver.engine.dispose()
+        receiver.publisher.close()
+
+
+@pytest.fixture
 def db(engine):  # -> tests.support.db.Db
     """Runs a core function as one committed unit of work on this test's database:
     `db(new_org, balance=100)` (tests/support/db.py)."""
