@@ -34,9 +34,9 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 import migrations  # noqa: E402
-from cli.devstack import database_url as url_for  # noqa: E402
 from core import orgs, wallet  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
+from devtools.devstack import database_url as url_for  # noqa: E402
 
 SPREAD = 1_000
 START_BALANCE = 10**12

@@ -44,9 +44,9 @@ sys.path.insert(0, str(REPO))
 import psycopg  # noqa: E402
 
 from bench.scratch import prepare_database  # noqa: E402
-from cli.devstack import start_redis  # noqa: E402
 from core import orgs  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
+from devtools.devstack import start_redis  # noqa: E402
 from tests.stack import start_web, start_worker, wait_for  # noqa: E402
 from tests.support.fakes.paypal_api import FakePayPal, SigningCert, make_signing_cert  # noqa: E402
 from tests.support.payloads import paypal as pp  # noqa: E402

@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO))
 import redis  # noqa: E402
 
 from bench.scratch import prepare_database  # noqa: E402
-from cli.devstack import start_redis  # noqa: E402
 from core import messages, orgs, wallet  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
 from core.sending import Policy  # noqa: E402
+from devtools.devstack import start_redis  # noqa: E402
 from tests.stack import free_port, start_worker, wait_for  # noqa: E402
 from tests.support.fakes.fake_twilio import FakeTwilio  # noqa: E402
 from worker.publisher import Publisher  # noqa: E402

@@ -76,10 +76,10 @@ import requests  # noqa: E402
 from psycopg.rows import dict_row  # noqa: E402
 
 import migrations  # noqa: E402
-from cli.devstack import TEST_POSTGRES_SETTINGS, start_postgres, start_redis  # noqa: E402
-from cli.devstack import database_url as url_for  # noqa: E402
 from core import inbox, messages, orgs, sending  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
+from devtools.devstack import TEST_POSTGRES_SETTINGS, start_postgres, start_redis  # noqa: E402
+from devtools.devstack import database_url as url_for  # noqa: E402
 from tests.stack import BIN, Proc, Web, free_port, start_beat, start_worker, wait_for  # noqa: E402
 from tests.support.fakes.fake_twilio import (  # noqa: E402
     FakeTwilio,

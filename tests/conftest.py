@@ -2,7 +2,7 @@
 
 Servers start lazily, the first time a test asks for them, so tests in tests/unit (which must
 not ask) run without any. By default they are embedded servers from pip wheels
-(cli/devstack.py) in temporary directories, stopped when the session ends. Set
+(devtools/devstack.py) in temporary directories, stopped when the session ends. Set
 TEST_DATABASE_URL (a superuser, or a role with CREATEDB, on a disposable server; the database
 in the URL is only used for administration) and/or TEST_REDIS_URL (a disposable server: it is
 FLUSHALLed) to use servers of your own instead.
@@ -36,14 +36,14 @@ INTEGRATION_DIR = REPO_ROOT / "tests" / "integration"
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from cli.devstack import (  # noqa: E402
+from devtools.devstack import (  # noqa: E402
     TEST_POSTGRES_SETTINGS,
     EmbeddedPostgres,
     EmbeddedRedis,
     start_postgres,
     start_redis,
 )
-from cli.devstack import database_url as _database_url  # noqa: E402
+from devtools.devstack import database_url as _database_url  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -266,7 +266,7 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     """A redis-server for this test alone (no persistence), always embedded. The test may
     `stop()` (SIGTERM), `kill()` (SIGKILL) and `start()` it again: it comes back on the same
     port, so `own_redis.url` stays valid. Stopped after the test. For a broker whose queue
-    survives a restart use `cli.devstack.start_redis(tmp_path, durable=True)`."""
+    survives a restart use `devtools.devstack.start_redis(tmp_path, durable=True)`."""
     with start_redis(tmp_path / "own-redis") as server:
         yield server
 

@@ -81,7 +81,7 @@ def cuttable_broker(
     reset every connection and refuse new ones (the queues survive, as on a real restart of
     a durable broker)."""
     if request.param == "redis":
-        from cli.devstack import start_redis
+        from devtools.devstack import start_redis
 
         with start_redis(tmp_path / "own-redis") as server:
             yield CuttableBroker(

@@ -268,10 +268,23 @@ def test_dev_runs_the_dev_stack_without_database_url(monkeypatch):
     from cli.main import main
 
     calls = []
-    fake = types.ModuleType("cli.devstack")
+    fake = types.ModuleType("devtools.devstack")
     fake.run_dev = lambda procfile, data_dir: calls.append((procfile, data_dir)) or 0
-    monkeypatch.setitem(sys.modules, "cli.devstack", fake)
+    monkeypatch.setitem(sys.modules, "devtools.devstack", fake)
     monkeypatch.delenv("DATABASE_URL", raising=False)
 
     assert main(["dev"]) == 0
     assert calls == [(Path("Procfile"), Path("var/dev"))]
+
+
+def test_dev_outside_a_checkout_says_the_harness_is_not_installed(monkeypatch, tmp_path, capsys):
+    """An installed wheel has no devtools/: `payguard dev` says so instead of a traceback."""
+    import cli.main
+    from cli.main import main
+
+    monkeypatch.setattr(cli.main, "_checkouts", lambda: [tmp_path])
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+
+    assert main(["dev", "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert "devtools/" in error and "checkout" in error

@@ -302,7 +302,7 @@ def test_apikey_create_refuses_an_unknown_organization_and_a_bad_scope(cli, engi
 def test_the_dev_stack_key_is_admin_and_each_start_revokes_the_previous_one(
     api, engine, database_url
 ):
-    from cli.devstack import dev_api_key
+    from devtools.devstack import dev_api_key
 
     first, second = dev_api_key(database_url), dev_api_key(database_url)
     time.sleep(0.6)
