@@ -6,6 +6,7 @@ import itertools
 import json
 import subprocess
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import psycopg
 from psycopg.rows import dict_row
@@ -43,7 +44,20 @@ def sample(items, n: int = 3) -> str:
     )
 
 
-def run_checks(  # noqa: C901 (one numbered check after another)
+@dataclass
+class Rows:
+    """What the checks read from the database after the drain."""
+
+    events: list[dict]
+    journal: list[dict]
+    wallets: list[dict]
+    msgs: list[dict]
+    subs: list[dict]
+    freezes: list[dict]
+    early: int
+
+
+def run_checks(
     database_url: str,
     env: dict[str, str],
     plan: Plan,
@@ -58,7 +72,19 @@ def run_checks(  # noqa: C901 (one numbered check after another)
         drained,
         "all done" if drained else f"still pending: {leftover}",
     )
+    check_ledger_verify(checks, database_url, env)
+    expected_journal, expected_subs, acked = plan.expectations()
+    rows = read_rows(database_url)
+    check_inbox(checks, rows, acked, other_parked)
+    captures, msg_refunds = check_journal(checks, rows, expected_journal)
+    check_messages(checks, rows, plan, twilio, captures, msg_refunds)
+    check_money(checks, rows, expected_journal)
+    check_subscriptions(checks, rows, expected_subs)
+    check_freezes(checks, rows)
+    return checks
 
+
+def check_ledger_verify(checks: Checks, database_url: str, env: dict[str, str]) -> None:
     # 1. the operator's own verification, as a console script
     verify = subprocess.run(
         [str(BIN / "payguard"), "ledger", "verify", "--json"],
@@ -79,7 +105,8 @@ def run_checks(  # noqa: C901 (one numbered check after another)
         f"{sample(verdict.get('mismatches') or []) or 'none'}",
     )
 
-    expected_journal, expected_subs, acked = plan.expectations()
+
+def read_rows(database_url: str) -> Rows:
     with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
         events = conn.execute(
             "SELECT provider, event_id, status, last_error FROM webhook_events"
@@ -102,7 +129,11 @@ def run_checks(  # noqa: C901 (one numbered check after another)
             "SELECT org_id, reason FROM wallet_freezes WHERE lifted_at IS NULL"
         ).fetchall()
         early = conn.execute("SELECT count(*) AS n FROM early_callbacks").fetchone()["n"]
+    return Rows(events, journal, wallets, msgs, subs, freezes, early)
 
+
+def check_inbox(checks: Checks, rows: Rows, acked: set, other_parked: list) -> None:
+    events = rows.events
     # 2. none lost: every acknowledged webhook is in the inbox, applied or ignored
     stored = {(e["provider"], e["event_id"]): e for e in events}
     missing = [k for k in acked if k not in stored]
@@ -129,6 +160,12 @@ def run_checks(  # noqa: C901 (one numbered check after another)
         else f"parked {sample(other_parked)}; failed {by_status.get('failed', 0)}",
     )
 
+
+def check_journal(
+    checks: Checks, rows: Rows, expected_journal: dict
+) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """The journal check; the rows of message holds captured and of message refunds, by id."""
+    journal = rows.journal
     # 3. the journal: one row per payment and refund reference sent, nothing else
     rows_by_ref: dict[str, list[dict]] = defaultdict(list)
     captures: dict[str, list[dict]] = defaultdict(list)
@@ -159,7 +196,18 @@ def run_checks(  # noqa: C901 (one numbered check after another)
         + (f"; WRONG {sample(problems)}" if problems else "")
         + (f"; UNEXPECTED {sample(extra)}" if extra else ""),
     )
+    return captures, msg_refunds
 
+
+def check_messages(
+    checks: Checks,
+    rows: Rows,
+    plan: Plan,
+    twilio: FakeTwilio,
+    captures: dict[str, list[dict]],
+    msg_refunds: dict[str, list[dict]],
+) -> None:
+    msgs, early = rows.msgs, rows.early
     # 4. messages: charged once, at their price, only when they may have gone out
     by_sid = {m["twilio_sid"]: m for m in msgs if m["twilio_sid"]}
     posts = Counter(r.params.get("Body") for r in twilio.requests("messages") if r.method == "POST")
@@ -230,6 +278,9 @@ def run_checks(  # noqa: C901 (one numbered check after another)
         ),
     )
 
+
+def check_money(checks: Checks, rows: Rows, expected_journal: dict) -> None:
+    msgs, wallets = rows.msgs, rows.wallets
     # 5. money per organization: balance - debt is what the script paid in, minus what it
     #    took back, minus the charges Payguard decided (checked above), plus their refunds
     net: Counter[str] = Counter()
@@ -259,6 +310,9 @@ def run_checks(  # noqa: C901 (one numbered check after another)
         "balance >= 0, held = 0, debt >= 0 everywhere" if not negative else sample(negative),
     )
 
+
+def check_subscriptions(checks: Checks, rows: Rows, expected_subs: dict) -> None:
+    subs = rows.subs
     # 6. subscriptions: the newest status sent wins, whatever the order of arrival
     actual_subs = {(s["provider"], s["subscription_id"]): s["status"] for s in subs}
     sub_problems = [
@@ -273,6 +327,9 @@ def run_checks(  # noqa: C901 (one numbered check after another)
         + (f"; WRONG {sample(sub_problems)}" if sub_problems else ""),
     )
 
+
+def check_freezes(checks: Checks, rows: Rows) -> None:
+    freezes, wallets = rows.freezes, rows.wallets
     # 7. freezes: every dispute closed, a debt freeze exactly where there is debt
     active = defaultdict(set)
     for f in freezes:
@@ -294,4 +351,3 @@ def run_checks(  # noqa: C901 (one numbered check after another)
         f"{sum(len(r) for r in active.values())} active freezes"
         + (f"; WRONG {sample(freeze_problems)}" if freeze_problems else ""),
     )
-    return checks
