@@ -40,9 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.scratch import prepare_database  # noqa: E402
-from cli.devstack import start_redis  # noqa: E402
 from core import apikeys, orgs, wallet  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
+from devtools.devstack import start_redis  # noqa: E402
 from tests.stack import start_web  # noqa: E402
 
 ORG = "bench-org"
@@ -52,7 +52,7 @@ def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def request(

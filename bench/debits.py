@@ -34,9 +34,9 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 import migrations  # noqa: E402
-from cli.devstack import database_url as url_for  # noqa: E402
 from core import orgs, wallet  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
+from devtools.devstack import database_url as url_for  # noqa: E402
 
 SPREAD = 1_000
 START_BALANCE = 10**12
@@ -49,7 +49,7 @@ def org_ids(layout: str) -> list[str]:
     return ["hot"] if layout == "hot" else [f"org-{i:04d}" for i in range(SPREAD)]
 
 
-def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> float:
+def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> float:  # noqa: C901 (one cell: setup, threads, teardown)
     """Debits per second of one (mode, layout, threads) cell."""
     targets = org_ids(layout)
     barrier = threading.Barrier(threads + 1)

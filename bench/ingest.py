@@ -44,12 +44,12 @@ sys.path.insert(0, str(REPO))
 import psycopg  # noqa: E402
 
 from bench.scratch import prepare_database  # noqa: E402
-from cli.devstack import start_redis  # noqa: E402
 from core import orgs, outbox  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
-from tests.fakes import paypal_payloads as pp  # noqa: E402
-from tests.fakes.paypal_api import FakePayPal, SigningCert, make_signing_cert  # noqa: E402
+from devtools.devstack import start_redis  # noqa: E402
 from tests.stack import start_web, start_worker, wait_for  # noqa: E402
+from tests.support.fakes.paypal_api import FakePayPal, SigningCert, make_signing_cert  # noqa: E402
+from tests.support.payloads import paypal as pp  # noqa: E402
 
 WEBHOOK_ID = "WH-BENCH"
 ORG = "bench-org"
@@ -62,7 +62,7 @@ def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def ms(seconds: float) -> str:

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 import psycopg
 
 import migrations
-from cli.devstack import database_url as url_for
-from cli.devstack import start_postgres
+from devtools.devstack import database_url as url_for
+from devtools.devstack import start_postgres
 
 
 def prepare_database(admin_url: str | None, tmp: Path, stack: ExitStack) -> tuple[str, str]:

@@ -6,7 +6,7 @@ against the fake Twilio, beside the bare Celery round trip of a trivial task in 
 
 Everything runs on this machine: a scratch database (on BENCH_DATABASE_URL's server, an admin
 URL that may CREATE DATABASE, else an embedded PostgreSQL with default durability),
-BENCH_REDIS_URL or an embedded Redis, the fake Twilio (tests/fakes/fake_twilio.py, real HTTP on
+BENCH_REDIS_URL or an embedded Redis, the fake Twilio (tests/support/fakes/fake_twilio.py, real HTTP on
 127.0.0.1) and one worker subprocess (tests.stack.start_worker, prefork, --concurrency).
 
 Each round publishes N tasks at once and times from the first publish to the last one done:
@@ -38,12 +38,12 @@ import redis  # noqa: E402
 
 from bench.scratch import prepare_database  # noqa: E402
 from bus.publisher import Publisher  # noqa: E402
-from cli.devstack import start_redis  # noqa: E402
 from core import messages, orgs, wallet  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
 from core.sending import Policy  # noqa: E402
-from tests.fakes.fake_twilio import FakeTwilio  # noqa: E402
+from devtools.devstack import start_redis  # noqa: E402
 from tests.stack import free_port, start_worker, wait_for  # noqa: E402
+from tests.support.fakes.fake_twilio import FakeTwilio  # noqa: E402
 
 ORG = "bench-org"
 PARENT = "AC" + "1" * 32

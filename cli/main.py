@@ -724,8 +724,7 @@ def endpoint_rotate_secret(ctx: Context, args: argparse.Namespace) -> Result:
 def sample_paypal(ctx: Context, args: argparse.Namespace) -> Result:
     import os
 
-    from cli import devpaypal
-
+    devpaypal = _dev_harness("devpaypal")
     url = args.url or f"http://127.0.0.1:{os.environ.get('PORT', '5000')}/webhooks/paypal"
     try:
         event = devpaypal.sample_event(
@@ -759,10 +758,30 @@ def sample_paypal(ctx: Context, args: argparse.Namespace) -> Result:
     render=lambda result: "",
 )
 def dev(ctx: Context, args: argparse.Namespace) -> Result:
-    from cli.devstack import run_dev  # embedded services are dev-only dependencies
-
-    status = run_dev(Path("Procfile"), Path("var/dev"))
+    devstack = _dev_harness("devstack")
+    status = devstack.run_dev(Path("Procfile"), Path("var/dev"))
     return {"exit_status": status if isinstance(status, int) else EXIT_OK}
+
+
+def _checkouts() -> list[Path]:
+    """Where a checkout of the repository may be: the one this cli package was installed from
+    (an editable install) and the current directory."""
+    return [Path(__file__).resolve().parents[1], Path.cwd()]
+
+
+def _dev_harness(name: str) -> Any:
+    """devtools.<name>: the dev harness, which only a checkout has (it is not in the wheel)."""
+    import importlib
+
+    for root in _checkouts():
+        if (root / "devtools" / "__init__.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module(f"devtools.{name}")
+    raise Refused(
+        "the dev harness (devtools/) is not installed with payguard: run this from a checkout "
+        "of the Payguard repository (./scripts/run there starts `payguard dev`)"
+    )
 
 
 # ---------------------------------------------------------------- parsing

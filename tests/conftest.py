@@ -2,7 +2,7 @@
 
 Servers start lazily, the first time a test asks for them, so tests in tests/unit (which must
 not ask) run without any. By default they are embedded servers from pip wheels
-(cli/devstack.py) in temporary directories, stopped when the session ends. Set
+(devtools/devstack.py) in temporary directories, stopped when the session ends. Set
 TEST_DATABASE_URL (a superuser, or a role with CREATEDB, on a disposable server; the database
 in the URL is only used for administration) and/or TEST_REDIS_URL (a disposable server: it is
 FLUSHALLed) to use servers of your own instead.
@@ -15,6 +15,8 @@ Tests under tests/integration are marked `integration` automatically.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import secrets
 import shutil
@@ -31,18 +33,18 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INTEGRATION_DIR = REPO_ROOT / "tests" / "integration"
 
-# `from tests.fakes import …` needs the repository root importable, however pytest was started.
+# `from tests.support… import …` needs the repository root importable, however pytest started.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from cli.devstack import (  # noqa: E402
+from devtools.devstack import (  # noqa: E402
     TEST_POSTGRES_SETTINGS,
     EmbeddedPostgres,
     EmbeddedRedis,
     start_postgres,
     start_redis,
 )
-from cli.devstack import database_url as _database_url  # noqa: E402
+from devtools.devstack import database_url as _database_url  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -183,6 +185,10 @@ def database_url(pg_server: PgServer, migrated_template: str) -> Iterator[str]:
     try:
         yield pg_server.url_for(name)
     finally:
+        # A connection this test left open is collected here, so its ResourceWarning (an
+        # error: pyproject's filterwarnings) fails this test rather than whichever test the
+        # garbage collector happens to run in later.
+        gc.collect()
         _drop_database(pg_server, name)
 
 
@@ -196,6 +202,35 @@ def engine(database_url: str):  # -> sqlalchemy.Engine
         yield eng
     finally:
         eng.dispose()
+
+
+@pytest.fixture
+def make_app():  # -> Callable[[Settings], flask.Flask]
+    """webhook_receiver.app.create_app(settings); every app made is closed after the test (its
+    engine disposed, its publisher closed), so no pooled connection outlives the test."""
+    from webhook_receiver.app import create_app
+
+    apps = []
+
+    def make(settings):
+        app = create_app(settings)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        receiver = app.extensions["payguard"]
+        receiver.engine.dispose()
+        receiver.publisher.close()
+
+
+@pytest.fixture
+def db(engine):  # -> tests.support.db.Db
+    """Runs a core function as one committed unit of work on this test's database:
+    `db(new_org, balance=100)` (tests/support/db.py)."""
+    from tests.support.db import Db
+
+    return Db(engine)
 
 
 # --------------------------------------------------------------------------- Redis
@@ -236,7 +271,7 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     """A redis-server for this test alone (no persistence), always embedded. The test may
     `stop()` (SIGTERM), `kill()` (SIGKILL) and `start()` it again: it comes back on the same
     port, so `own_redis.url` stays valid. Stopped after the test. For a broker whose queue
-    survives a restart use `cli.devstack.start_redis(tmp_path, durable=True)`."""
+    survives a restart use `devtools.devstack.start_redis(tmp_path, durable=True)`."""
     with start_redis(tmp_path / "own-redis") as server:
         yield server
 
@@ -314,10 +349,8 @@ def rabbitmq() -> Iterator[RabbitVhost]:
     try:
         yield RabbitVhost(user, password, host, port, vhost)
     finally:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
             _rabbitmqctl("delete_vhost", vhost)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
-            pass
 
 
 @pytest.fixture

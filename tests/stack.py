@@ -62,14 +62,16 @@ class Proc:
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> Proc:
-        self._log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The child writes to its own copy of the descriptor: ours can close at once, so a
+        # process that is killed rather than left through `with` leaks no open file.
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     @property
@@ -116,7 +118,6 @@ class Proc:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        self._log.close()
 
 
 def start_worker(

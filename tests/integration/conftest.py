@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fakes.fake_twilio import FakeTwilio
-from tests.fakes.paypal_api import FakePayPal, SigningCert, make_signing_cert
+from tests.support.fakes.fake_twilio import FakeTwilio
+from tests.support.fakes.paypal_api import FakePayPal, SigningCert, make_signing_cert
 
 
 @pytest.fixture(scope="session")
@@ -81,14 +81,14 @@ def cuttable_broker(
     reset every connection and refuse new ones (the queues survive, as on a real restart of
     a durable broker)."""
     if request.param == "redis":
-        from cli.devstack import start_redis
+        from devtools.devstack import start_redis
 
         with start_redis(tmp_path / "own-redis") as server:
             yield CuttableBroker(
                 "redis", dict(stack_env, REDIS_URL=server.url), server.stop, server.start
             )
         return
-    from tests.fakes.tcp_proxy import TcpProxy
+    from tests.support.fakes.tcp_proxy import TcpProxy
 
     rabbit = request.getfixturevalue("rabbitmq_clean")
     with TcpProxy(rabbit.host, rabbit.port) as proxy:
@@ -128,7 +128,7 @@ def topup_paypal() -> Iterator[FakePayPal]:
 @pytest.fixture
 def topup_stripe():
     """A local Stripe with Checkout Sessions for top-ups."""
-    from tests.fakes.fake_stripe import FakeStripe
+    from tests.support.fakes.fake_stripe import FakeStripe
 
     with FakeStripe() as fake:
         yield fake
@@ -138,8 +138,8 @@ def topup_stripe():
 def topup_app(database_url: str, redis_clean: str, topup_paypal: FakePayPal, topup_stripe):
     """The web app in-process with PayPal and Stripe top-ups pointed at the local fakes, and
     a provider timeout of 1 s instead of 5."""
-    from tests.fakes.fake_stripe import STRIPE_KEY
     from tests.support.api import api_settings
+    from tests.support.fakes.fake_stripe import STRIPE_KEY
     from webhook_receiver.app import create_app
 
     app = create_app(

@@ -10,7 +10,8 @@ from cryptography.fernet import Fernet
 
 from core import wallet
 from core.db import run_in_transaction
-from tests.support.api import Client, api_settings, assert_problem, count, make_key, new_org
+from tests.support.api import Client, api_org, api_settings, assert_problem, count, make_key
+from tests.support.db import tx
 from webhook_receiver.app import create_app
 
 HOOK = "http://127.0.0.1:9/hook"
@@ -102,7 +103,7 @@ def test_without_a_secret_key_an_endpoint_cannot_be_made_503(database_url, redis
 
 
 def test_endpoint_routes_span_organizations_so_a_confined_key_gets_403(events_api, engine):
-    org = new_org(engine)
+    org = tx(engine, api_org)
     confined = make_key(engine, "admin", org=org)
     made = events_api.post("/webhook-endpoints", make_key(engine, "admin"), {"url": HOOK}).body
 
@@ -119,7 +120,7 @@ def test_endpoint_routes_span_organizations_so_a_confined_key_gets_403(events_ap
 
 
 def test_events_catch_up_after_a_sequence_and_a_confined_key_sees_its_own(events_api, engine):
-    a, b = new_org(engine), new_org(engine)
+    a, b = tx(engine, api_org), tx(engine, api_org)
     for org, cents in ((a, 100), (b, 200), (a, 300)):
         run_in_transaction(engine, lambda c, o=org, n=cents: wallet.credit(c, o, n, f"t:{o}:{n}"))
     everyone = make_key(engine, "read")

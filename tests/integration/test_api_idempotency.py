@@ -13,13 +13,14 @@ from sqlalchemy import text
 from core import idempotency
 from core.db import run_in_transaction
 from tests.stack import start_web
-from tests.support.api import count, make_key, new_org
+from tests.support.api import api_org, count, make_key
+from tests.support.db import tx
 
 TO = "+15005550010"
 
 
 def test_a_retry_answers_the_first_answer_with_idempotent_replayed(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     body = {"org_id": org, "to": TO, "body": "hello"}
     reordered = {"body": "hello", "to": TO, "org_id": org}
@@ -46,7 +47,7 @@ def test_a_refused_request_keeps_no_key_so_its_retry_is_judged_afresh(api, engin
 
 
 def test_a_batch_retried_whole_or_in_part_replays_each_message(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     items = [{"to": TO, "body": f"m{i}", "idempotency_key": f"k{i}"} for i in range(4)]
 
@@ -61,7 +62,7 @@ def test_a_batch_retried_whole_or_in_part_replays_each_message(api, engine):
 
 
 def test_thirty_copies_at_once_queue_one_message_and_all_answer_alike(app_env, engine, tmp_path):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "burst"}
     body = {"org_id": org, "to": TO, "body": "once"}
@@ -85,7 +86,7 @@ def test_thirty_copies_at_once_queue_one_message_and_all_answer_alike(app_env, e
 
 
 def test_keys_are_kept_a_day_and_then_pruned(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     for n in range(3):
         api.post("/messages", key, {"org_id": org, "to": TO, "body": "x"},

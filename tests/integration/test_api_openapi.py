@@ -11,7 +11,8 @@ import requests
 from openapi_spec_validator import validate
 
 from tests.stack import start_web
-from tests.support.api import make_key, new_org
+from tests.support.api import api_org, make_key
+from tests.support.db import tx
 from webhook_receiver.api import openapi, schemas
 from webhook_receiver.api.registry import ENDPOINTS
 
@@ -77,7 +78,7 @@ def test_fuzzing_a_running_web_finds_no_5xx_and_no_answer_outside_the_document(
         status_code_conformance,
     )
 
-    org = new_org(engine, 1000)
+    org = tx(engine, api_org, balance=1000)
     key = make_key(engine, "admin")
     auth = {"Authorization": f"Bearer {key}"}
     checks = [

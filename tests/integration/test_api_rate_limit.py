@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 
 from tests.stack import free_port
-from tests.support.api import Client, api_settings, assert_problem, key_id, make_key, new_org
-from webhook_receiver.app import create_app
+from tests.support.api import Client, api_org, api_settings, assert_problem, key_id, make_key
+from tests.support.db import tx
 
 
-def _app(database_url: str, redis_url: str, limit: int):
-    return create_app(api_settings(database_url, redis_url, API_RATE_LIMIT=limit))
+def _app(make_app, database_url: str, redis_url: str, limit: int):
+    return make_app(api_settings(database_url, redis_url, API_RATE_LIMIT=limit))
 
 
 def _at_a_fresh_second() -> None:
@@ -21,11 +21,13 @@ def _at_a_fresh_second() -> None:
 
 
 def test_past_the_limit_a_key_gets_429_with_retry_after_across_processes_and_others_do_not(
-    database_url, redis_clean, engine
+    make_app, database_url, redis_clean, engine
 ):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     noisy, quiet = make_key(engine, "read"), make_key(engine, "read")
-    one, two = (Client(_app(database_url, redis_clean, 4).test_client()) for _ in range(2))
+    one, two = (
+        Client(_app(make_app, database_url, redis_clean, 4).test_client()) for _ in range(2)
+    )
     path = f"/organizations/{org}/can-send"
     for _attempt in range(5):  # a window may close mid-burst on a slow machine: try again
         _at_a_fresh_second()
@@ -43,11 +45,11 @@ def test_past_the_limit_a_key_gets_429_with_retry_after_across_processes_and_oth
     assert one.get(path, quiet).status == 200  # another key is untouched
 
 
-def test_with_redis_down_requests_are_let_through(database_url, engine):
-    org = new_org(engine, 100)
+def test_with_redis_down_requests_are_let_through(make_app, database_url, engine):
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "read")
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    api = Client(_app(database_url, dead, 1).test_client())
+    api = Client(_app(make_app, database_url, dead, 1).test_client())
 
     started = time.monotonic()
     answers = [api.get(f"/organizations/{org}/can-send", key).status for _ in range(5)]
@@ -57,16 +59,18 @@ def test_with_redis_down_requests_are_let_through(database_url, engine):
 
 
 def test_processes_claim_requests_in_chunks_and_never_allow_more_than_the_limit(
-    database_url, redis_clean, engine
+    make_app, database_url, redis_clean, engine
 ):
     """At 100 per second a process claims 2 requests per trip to Redis (100 // 50): two
     processes alternating get exactly the first 100 of 111 requests in one window; past the limit each process asks
     Redis once more and then remembers the refusal until the window ends."""
     import redis
 
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "read")
-    one, two = (Client(_app(database_url, redis_clean, 100).test_client()) for _ in range(2))
+    one, two = (
+        Client(_app(make_app, database_url, redis_clean, 100).test_client()) for _ in range(2)
+    )
     path = f"/organizations/{org}/can-send"
     for _attempt in range(5):  # a window may close mid-burst on a slow machine: try again
         _at_a_fresh_second()

@@ -12,7 +12,8 @@ from cli.main import main as payguard
 from core import messages, sending, wallet
 from core.db import run_in_transaction
 from core.sending import Policy
-from tests.support.api import PROBLEM, assert_problem, count, make_key, new_org
+from tests.support.api import PROBLEM, api_org, assert_problem, count, make_key
+from tests.support.db import tx
 
 TO = "+15005550010"
 
@@ -36,8 +37,8 @@ def cli(database_url, monkeypatch, capsys):
 
 
 def test_can_send_wallet_and_campaigns_answer_as_the_cli_does(api, engine, cli):
-    ok = new_org(engine, 100)
-    blocked = new_org(engine, 0, billing="subscription")
+    ok = tx(engine, api_org, balance=100)
+    blocked = tx(engine, api_org, balance=0, billing="subscription", active=True)
     key = make_key(engine, "admin")
     for org in (ok, blocked):
         assert api.post(f"/organizations/{org}/campaigns", key, {"campaign_id": "c1"}).status == 201
@@ -77,7 +78,7 @@ def test_creating_an_organization_twice_with_the_same_body_answers_200_and_anoth
 
 
 def test_patch_changes_only_the_fields_given_and_null_clears(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "admin")
 
     changed = api.patch(f"/organizations/{org}", key, {"segment_price_cents": 3,
@@ -120,7 +121,7 @@ def test_a_new_subaccount_of_an_organization_that_should_be_suspended_is_suspend
 
 
 def test_a_subaccount_of_another_organization_is_a_conflict(api, engine):
-    a, b = new_org(engine), new_org(engine)
+    a, b = tx(engine, api_org), tx(engine, api_org)
     key = make_key(engine, "admin")
     sid = api.get(f"/organizations/{a}", key).body["twilio_subaccount_sid"]
 
@@ -131,7 +132,7 @@ def test_a_subaccount_of_another_organization_is_a_conflict(api, engine):
 
 
 def test_wallet_entries_walk_newest_first_by_cursor_to_the_end(api, engine):
-    org = new_org(engine, 0)
+    org = tx(engine, api_org, balance=0)
     key = make_key(engine, "read")
     for n in range(7):
         run_in_transaction(engine, lambda c, n=n: wallet.credit(c, org, 10 + n, f"t:{n}"))
@@ -158,7 +159,7 @@ def test_wallet_entries_walk_newest_first_by_cursor_to_the_end(api, engine):
      "?cursor=ZTE6LTE", "?unknown=1"],
 )  # fmt: skip
 def test_bad_cursors_and_limits_answer_422(api, engine, query):
-    org = new_org(engine, 10)
+    org = tx(engine, api_org, balance=10)
     key = make_key(engine, "read")
 
     body = assert_problem(api.get(f"/organizations/{org}/wallet/entries{query}", key), 422)
@@ -169,7 +170,7 @@ def test_bad_cursors_and_limits_answer_422(api, engine, query):
 
 
 def test_campaigns_pause_and_resume_and_a_blocked_resume_says_why(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "admin")
     created = api.post(f"/organizations/{org}/campaigns", key, {"campaign_id": "spring"})
     paused = api.post(f"/organizations/{org}/campaigns/spring/pause", key)
@@ -191,7 +192,7 @@ def test_campaigns_pause_and_resume_and_a_blocked_resume_says_why(api, engine):
 
 
 def test_a_message_is_queued_or_blocked_with_reasons_at_queue_time(api, engine):
-    ok, broke = new_org(engine, 100), new_org(engine, 0)
+    ok, broke = tx(engine, api_org, balance=100), tx(engine, api_org, balance=0)
     key = make_key(engine, "send")
 
     queued = api.post("/messages", key, {"org_id": ok, "to": TO, "body": "hi"},
@@ -211,7 +212,7 @@ def test_a_message_is_queued_or_blocked_with_reasons_at_queue_time(api, engine):
 
 
 def test_a_batch_is_queued_in_request_order_and_stops_exactly_at_the_money(api, engine):
-    org = new_org(engine, 30)  # 30 one-segment messages' worth
+    org = tx(engine, api_org, balance=30)  # 30 one-segment messages' worth
     key = make_key(engine, "send")
     items = [{"to": TO, "body": f"m{i}", "idempotency_key": f"k{i}"} for i in range(100)]
 
@@ -231,7 +232,7 @@ def test_a_batch_is_queued_in_request_order_and_stops_exactly_at_the_money(api, 
 
 
 def test_a_batch_with_one_bad_item_queues_nothing_and_points_at_it(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     items = [{"to": TO, "body": "ok", "idempotency_key": f"k{i}"} for i in range(5)]
     items[3] = {"to": "5551234", "body": "ok", "idempotency_key": "k3"}
@@ -264,7 +265,7 @@ BAD_MESSAGES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_MESSAGES))
 def test_invalid_message_bodies_answer_422_with_a_pointer_and_queue_nothing(api, engine, case):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
 
     answer = api.post("/messages", key, BAD_MESSAGES[case](org), headers={"Idempotency-Key": "i"})
@@ -285,7 +286,7 @@ def test_malformed_json_answers_400(api, engine, raw):
 
 
 def test_bodies_over_1_mib_answer_413_and_batches_get_8_mib(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     big = json.dumps(_message(org, body="x" * (1024 * 1024))).encode()
     over_8 = (
@@ -302,7 +303,7 @@ def test_bodies_over_1_mib_answer_413_and_batches_get_8_mib(api, engine):
 
 
 def test_batches_of_none_or_over_1000_messages_answer_422(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     items = [{"to": TO, "body": "x", "idempotency_key": f"k{i}"} for i in range(1001)]
 
@@ -315,7 +316,7 @@ def test_batches_of_none_or_over_1000_messages_answer_422(api, engine):
 
 
 def test_unknown_organizations_campaigns_and_messages_answer_404(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "admin")
 
     assert_problem(api.get("/organizations/nobody", key), 404)
@@ -332,7 +333,7 @@ def test_unknown_organizations_campaigns_and_messages_answer_404(api, engine):
 
 
 def test_a_missing_or_malformed_idempotency_key_answers_400(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
 
     assert_problem(api.post("/messages", key, _message(org)), 400)
@@ -358,7 +359,7 @@ def test_unknown_routes_and_methods_answer_problem_documents(api, engine):
 def test_a_batch_reaches_the_worker_and_every_message_is_sent(api, engine, app_env, tmp_path):
     from tests.stack import start_worker, wait_for
 
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     items = [{"to": TO, "body": f"m{i}", "idempotency_key": f"k{i}"} for i in range(5)]
     answer = api.post("/messages/batch", key, {"org_id": org, "messages": items})
@@ -379,7 +380,7 @@ def test_a_batch_reaches_the_worker_and_every_message_is_sent(api, engine, app_e
 
 def test_a_price_beyond_its_column_answers_422_not_500(api, engine):
     """Found by schemathesis: segment_price_cents is an integer column."""
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "admin")
 
     body = assert_problem(

@@ -18,9 +18,10 @@ from sqlalchemy import text
 from core import outbox, top_up_capture, topups
 from core.db import run_in_transaction
 from core.errors import TransientError
-from tests.fakes import stripe_payloads as sp
-from tests.support.api import Client, assert_problem, count, make_key, new_org
+from tests.support.api import Client, api_org, assert_problem, count, make_key
+from tests.support.db import tx
 from tests.support.events import events_of
+from tests.support.payloads import stripe as sp
 from tests.support.topups import (
     RETURN,
     balance,
@@ -34,8 +35,6 @@ from tests.support.topups import (
     paypal_api,
 )
 
-pytestmark = pytest.mark.integration
-
 
 def nothing_made(engine) -> None:
     assert count(engine, "top_ups") == 0
@@ -48,7 +47,7 @@ def nothing_made(engine) -> None:
 def test_paypal_top_up_creates_a_capture_order_for_the_organization(
     topup_api, engine, topup_paypal
 ):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     answer = create(topup_api, key, org, amount=1500)
     assert answer.status == 201, answer.body
     top_up = answer.body
@@ -82,7 +81,7 @@ ORDERS = {
 def test_top_up_is_credited_once_whatever_arrives_twice_or_first(
     topup_app, topup_api, engine, topup_paypal, steps
 ):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     top_up = create(topup_api, key, org, amount=1500).body
     order_id, top_up_id = top_up["provider_reference"], top_up["top_up_id"]
     topup_paypal.approve(order_id)
@@ -118,7 +117,7 @@ def test_top_up_is_credited_once_whatever_arrives_twice_or_first(
 def test_a_capture_that_times_out_is_retried_and_captures_once(
     topup_app, topup_api, engine, topup_paypal
 ):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     top_up = create(topup_api, key, org, amount=2000).body
     topup_paypal.approve(top_up["provider_reference"])
     deliver(engine, "paypal", order_approved(top_up["provider_reference"], org))
@@ -132,7 +131,7 @@ def test_a_capture_that_times_out_is_retried_and_captures_once(
 
 
 def test_a_refused_capture_fails_the_top_up(topup_app, topup_api, engine, topup_paypal):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     top_up = create(topup_api, key, org).body
     deliver(engine, "paypal", order_approved(top_up["provider_reference"], org))
     topup_paypal.fail_capture = (422, {"name": "UNPROCESSABLE_ENTITY",
@@ -147,7 +146,7 @@ def test_a_refused_capture_fails_the_top_up(topup_app, topup_api, engine, topup_
 
 
 def test_twenty_concurrent_copies_make_one_order(topup_app, engine, topup_paypal):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     topup_paypal.create_delay = 0.3  # the copies overlap the provider call
     answers: list = []
     barrier = threading.Barrier(20)
@@ -170,14 +169,14 @@ def test_twenty_concurrent_copies_make_one_order(topup_app, engine, topup_paypal
 
 
 def test_the_same_key_with_another_body_is_refused(topup_api, engine, topup_paypal):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     assert create(topup_api, key, org, idem="k1", amount=1500).status == 201
     assert_problem(create(topup_api, key, org, idem="k1", amount=1600), 422)
     assert len(topup_paypal.orders) == 1
 
 
 def test_an_idempotency_key_is_required(topup_api, engine, topup_paypal):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     from tests.support.topups import body
 
     assert_problem(topup_api.post(f"/organizations/{org}/top-ups", key, body()), 400)
@@ -210,7 +209,7 @@ def test_an_idempotency_key_is_required(topup_api, engine, topup_paypal):
 def test_bad_input_is_422_and_nothing_is_made(topup_api, engine, topup_paypal, change):
     from tests.support.topups import body
 
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     sent = {**body(), **change}
     answer = topup_api.post(
         f"/organizations/{org}/top-ups", key, sent, headers={"Idempotency-Key": "k"}
@@ -224,7 +223,7 @@ def test_bad_input_is_422_and_nothing_is_made(topup_api, engine, topup_paypal, c
 def test_a_missing_url_is_422(topup_api, engine, topup_paypal):
     from tests.support.topups import body
 
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     sent = body()
     del sent["cancel_url"]
     answer = topup_api.post(
@@ -240,7 +239,7 @@ def test_a_missing_url_is_422(topup_api, engine, topup_paypal):
 def test_a_provider_refusal_is_422_with_its_reason_and_nothing_is_left(
     topup_api, engine, topup_paypal
 ):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     topup_paypal.fail_create = (422, {
         "name": "UNPROCESSABLE_ENTITY", "message": "The requested action could not be performed",
         "details": [{"issue": "CURRENCY_NOT_SUPPORTED"}],
@@ -256,7 +255,7 @@ def test_a_provider_refusal_is_422_with_its_reason_and_nothing_is_left(
 def test_a_provider_down_is_503_with_retry_after_and_nothing_is_left(
     topup_app, topup_api, engine, topup_paypal, how
 ):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     if how == "timeout":
         topup_paypal.create_delay = 2.5
     elif how == "5xx":
@@ -284,7 +283,7 @@ def test_unapproved_top_ups_expire_after_the_providers_window(topup_app, topup_a
     from core.settings import Settings
 
     s = Settings(_env_file=None)
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     old = create(topup_api, key, org).body["top_up_id"]
     young = create(topup_api, key, org).body["top_up_id"]
     stripe_old = create(topup_api, key, org, provider="stripe").body["top_up_id"]
@@ -318,7 +317,7 @@ def test_unapproved_top_ups_expire_after_the_providers_window(topup_app, topup_a
 def test_a_late_approval_of_an_expired_top_up_still_captures_and_credits(
     topup_app, topup_api, engine, topup_paypal
 ):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     top_up = create(topup_api, key, org, amount=700).body
     _age(engine, top_up["top_up_id"], 4)
     run_in_transaction(engine, lambda c: topups.expire_stale(c, "paypal", 3 * 3600, 100))
@@ -342,7 +341,7 @@ def test_the_expiry_job_is_scheduled():
 def test_stripe_top_up_is_a_checkout_session_credited_once_and_completed(
     topup_api, engine, topup_stripe
 ):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     answer = create(topup_api, key, org, provider="stripe", amount=2500)
     assert answer.status == 201, answer.body
     top_up = answer.body
@@ -370,7 +369,7 @@ def test_stripe_top_up_is_a_checkout_session_credited_once_and_completed(
 def test_stripe_refusal_is_422_and_idempotent_create_makes_one_session(
     topup_api, engine, topup_stripe
 ):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     topup_stripe.fail_create = (400, {"error": {
         "type": "invalid_request_error", "message": "Amount must be no more than $999,999.99",
     }})  # fmt: skip
@@ -386,7 +385,7 @@ def test_stripe_refusal_is_422_and_idempotent_create_makes_one_session(
 
 
 def test_stripe_down_is_503(topup_api, engine, topup_stripe):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     topup_stripe.create_delay = 2.5
     answer = create(topup_api, key, org, provider="stripe")
     assert_problem(answer, 503)
@@ -395,7 +394,7 @@ def test_stripe_down_is_503(topup_api, engine, topup_stripe):
 
 
 def test_unknown_top_up_is_404(topup_api, engine):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     assert_problem(topup_api.get(f"/organizations/{org}/top-ups/tu_{'0' * 32}", key), 404)
     assert_problem(topup_api.get(f"/organizations/{org}/top-ups/nope", key), 404)
 
@@ -404,7 +403,7 @@ def test_the_relay_publishes_the_capture_again_while_the_top_up_stays_approved(
     topup_api, engine, topup_paypal
 ):
 
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     top_up = create(topup_api, key, org).body
     deliver(engine, "paypal", order_approved(top_up["provider_reference"], org))
 
@@ -444,7 +443,7 @@ def test_the_worker_task_captures_and_the_beat_job_expires(
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(runtime, "_state", {})
     try:
-        key, org = make_key(engine), new_org(engine)
+        key, org = make_key(engine), tx(engine, api_org)
         paid = create(topup_api, key, org, amount=900).body
         stale = create(topup_api, key, org).body
         topup_paypal.approve(paid["provider_reference"])
@@ -470,7 +469,7 @@ def test_an_unknown_organization_is_404_and_no_order_is_made(topup_api, engine, 
 def test_a_stripe_payment_intent_arriving_before_its_session_credits_once_and_completes(
     topup_api, engine, topup_stripe
 ):
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     top_up = create(topup_api, key, org, provider="stripe", amount=1200).body
     session = topup_stripe.sessions[top_up["provider_reference"]]
     assert session["form"]["payment_intent_data[metadata][org_id]"] == org

@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from unittest import mock
 
 import pytest
@@ -21,11 +22,10 @@ import redis
 from sqlalchemy import text
 
 from core import campaigns, inbox, messages, orgs, outbox, sending, subscriptions, wallet
-from core.db import run_in_transaction
 from core.sending import Policy
+from tests.support.db import tx
+from tests.support.factories import new_org
 from worker import beat_jobs, runtime
-
-pytestmark = pytest.mark.integration
 
 POLICY = Policy()
 QUEUES = ("payguard.events", "payguard.send", "payguard.twilio", "payguard.beat")
@@ -88,23 +88,7 @@ def twice_at_once(task, *, meet_at_lock: bool = False) -> list:
     return results
 
 
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
-
-
-def new_org(conn, balance: int = 0, *, price: int = 1, billing: str = "prepaid") -> str:
-    org = f"org-{uuid.uuid4().hex[:10]}"
-    orgs.create(
-        conn,
-        org,
-        twilio_subaccount_sid="AC" + uuid.uuid4().hex,
-        sender="+15005550006",
-        segment_price_cents=price,
-        billing=billing,
-    )
-    if balance:
-        wallet.credit(conn, org, balance, f"seed:{org}")
-    return org
+beat_org = partial(new_org, twilio=True, price=1, billing="prepaid")
 
 
 def published(redis_url: str) -> Counter:
@@ -138,9 +122,9 @@ def test_two_relays_at_once_publish_each_outbox_row_once_and_each_run_is_bounded
     n = 3 * 200  # more than one run's batch
 
     def fill(conn):
-        org = new_org(conn, 1000)
+        org = beat_org(conn, balance=1000)
         for i in range(200):
-            stored, _ = inbox.store(
+            _stored, _ = inbox.store(
                 conn, "paypal", f"WH-{i}", "PAYMENT.CAPTURE.COMPLETED", {}, b"{}"
             )
             messages.queue(conn, org, "+15005550010", f"m{i}", POLICY)  # a send_message row
@@ -173,13 +157,13 @@ def test_two_convergence_runs_at_once_queue_one_sync_per_subaccount(beat, engine
         org_ids = []
         for _ in range(40):
             # Subscription-billed: a prepaid organization's subaccount stays active regardless.
-            org = new_org(conn, billing="subscription")
+            org = beat_org(conn, billing="subscription")
             subscriptions.apply_status(
                 conn, "paypal", f"I-{org}", org, "cancelled", datetime.now(UTC)
             )
             sending.reconcile(conn, org, POLICY)
             org_ids.append(org)
-        new_org(conn)  # in sync: nothing to do for it
+        beat_org(conn)  # in sync: nothing to do for it
         conn.execute(text("DELETE FROM outbox"))  # as if those syncs were long gone
         return org_ids
 
@@ -201,7 +185,7 @@ def test_two_expiry_runs_at_once_settle_each_stale_hold_once(beat, engine, caplo
     def stale_sends(conn):
         created = []
         for _ in range(3):
-            org = new_org(conn, 100, price=2)
+            org = beat_org(conn, balance=100, price=2)
             for i in range(10):
                 m = messages.queue(conn, org, "+15005550010", f"m{i}", POLICY)
                 created.append((org, m.message_id))
@@ -218,7 +202,7 @@ def test_two_expiry_runs_at_once_settle_each_stale_hold_once(beat, engine, caplo
                     {"m": mid},
                 ),
             )
-    fresh_org = tx(engine, lambda c: new_org(c, 10, price=2))
+    fresh_org = tx(engine, lambda c: beat_org(c, balance=10, price=2))
     fresh = tx(engine, lambda c: messages.queue(c, fresh_org, "+15005550010", "new", POLICY))
     tx(engine, lambda c: c.execute(text("UPDATE holds SET created_at = now() - interval '1 hour'")))
     assert tx(engine, lambda c: messages.prepare(c, fresh.message_id, POLICY)) is not None
@@ -262,7 +246,7 @@ def test_two_campaign_reconciliations_at_once_pause_each_campaign_once(beat, eng
     def past_due(conn):
         org_ids = []
         for _ in range(5):
-            org = new_org(conn, 100, billing="subscription")
+            org = beat_org(conn, balance=100, billing="subscription")
             subscriptions.apply_status(
                 conn, "paypal", f"I-{org}", org, "past_due", datetime.now(UTC) - timedelta(hours=1)
             )
@@ -351,7 +335,7 @@ def test_reconciliation_pages_through_every_organization_even_those_without_camp
 
 
 def test_two_ledger_verifications_at_once_report_the_mismatch_once(beat, engine, caplog):
-    org = tx(engine, lambda c: new_org(c, 100))
+    org = tx(engine, lambda c: beat_org(c, balance=100))
     tx(
         engine,
         lambda c: c.execute(

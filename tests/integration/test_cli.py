@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from core import orgs, wallet
+from core import wallet
 from core.db import run_in_transaction
-
-pytestmark = pytest.mark.integration
+from tests.support.db import tx
+from tests.support.factories import new_org
 
 ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).with_name("payguard")
@@ -71,16 +71,6 @@ def payguard(database_url):
     return lambda *args: run_payguard(*args, database_url=database_url)
 
 
-def new_org(engine, org_id: str = "acme", balance: int = 0) -> str:
-    def create(conn):
-        orgs.create(conn, org_id)
-        if balance:
-            wallet.credit(conn, org_id, balance, f"seed:{org_id}")
-
-    run_in_transaction(engine, create)
-    return org_id
-
-
 def count(engine, table: str) -> int:
     with engine.connect() as conn:
         return conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
@@ -114,11 +104,11 @@ def test_org_create_then_show_has_the_contract_keys(payguard):
     assert shown.json["subscription_status"] == "none"
     assert shown.json["twilio_status"] == "active"
     assert shown.json["segment_price_cents"] == 2
-    assert WALLET_KEYS <= set(shown.json["wallet"])
+    assert set(shown.json["wallet"]) >= WALLET_KEYS
 
 
 def test_adjust_both_ways_with_a_negative_positional_then_show_and_history(engine, payguard):
-    org = new_org(engine)
+    org = tx(engine, new_org, org_id="acme")
 
     up = payguard("wallet", "adjust", org, "1000", "--reason", "top-up", "--actor", "ana",
                   "--json")  # fmt: skip
@@ -135,11 +125,11 @@ def test_adjust_both_ways_with_a_negative_positional_then_show_and_history(engin
     assert again.json["entry_id"] == down.json["entry_id"]
     assert again.json["duplicate"] is True
     assert again.json["balance_cents"] == 700
-    assert WALLET_KEYS <= set(shown.json)
+    assert set(shown.json) >= WALLET_KEYS
     assert shown.json["balance_cents"] == shown.json["available_cents"] == 700
     assert history.status == 0
     [newest] = history.json["entries"]
-    assert ENTRY_KEYS <= set(newest)
+    assert set(newest) >= ENTRY_KEYS
     # An operator's reference is kept in its own namespace, apart from every provider's.
     assert (newest["amount_cents"], newest["reference"], newest["actor"]) == (
         -300, "op:ticket-7", "ana",
@@ -156,7 +146,7 @@ def test_adjust_both_ways_with_a_negative_positional_then_show_and_history(engin
 
 
 def test_freeze_and_unfreeze_one_reason(engine, payguard):
-    org = new_org(engine)
+    org = tx(engine, new_org, org_id="acme")
 
     frozen = payguard("wallet", "freeze", org, "--reason", "manual", "--actor", "ana", "--json")
     lifted = payguard("wallet", "unfreeze", org, "--reason", "manual", "--actor", "bo", "--json")
@@ -170,7 +160,7 @@ def test_freeze_and_unfreeze_one_reason(engine, payguard):
 
 
 def test_ledger_verify_passes_then_fails_after_a_balance_is_tampered_with(engine, payguard):
-    org = new_org(engine, balance=500)
+    org = tx(engine, new_org, balance=500, org_id="acme")
     clean = payguard("ledger", "verify", "--json")
     with engine.begin() as conn:
         conn.execute(text("UPDATE wallets SET balance_cents = balance_cents + 7"))
@@ -187,7 +177,7 @@ def test_ledger_verify_passes_then_fails_after_a_balance_is_tampered_with(engine
 
 
 def test_without_json_the_output_is_for_people(engine, payguard):
-    org = new_org(engine, balance=250)
+    org = tx(engine, new_org, balance=250, org_id="acme")
 
     run = payguard("wallet", "show", org)
 
@@ -200,7 +190,7 @@ def test_without_json_the_output_is_for_people(engine, payguard):
 
 
 def test_adjust_below_zero_is_refused_and_writes_nothing(engine, payguard):
-    org = new_org(engine, balance=100)
+    org = tx(engine, new_org, balance=100, org_id="acme")
     before = (count(engine, "journal"), count(engine, "audit_log"))
 
     run = payguard("wallet", "adjust", org, "-101", "--reason", "fix", "--actor", "ana", "--json")
@@ -212,7 +202,7 @@ def test_adjust_below_zero_is_refused_and_writes_nothing(engine, payguard):
 
 
 def test_unknown_org_and_duplicate_org_are_refused(engine, payguard):
-    new_org(engine, "acme")
+    tx(engine, new_org, org_id="acme")
 
     unknown = payguard("wallet", "show", "nobody", "--json")
     duplicate = payguard("org", "create", "acme", "--json")
@@ -250,7 +240,7 @@ def test_database_unreachable_is_one_line_without_traceback():
         pytest.param(
             ["wallet", "adjust", "acme", "12.5", "--reason", "r", "--actor", "a"],
             id="non-integer-amount",
-        ),  # fmt: skip
+        ),
         pytest.param(["wallet"], id="no-subcommand"),
     ],
 )
@@ -278,10 +268,23 @@ def test_dev_runs_the_dev_stack_without_database_url(monkeypatch):
     from cli.main import main
 
     calls = []
-    fake = types.ModuleType("cli.devstack")
+    fake = types.ModuleType("devtools.devstack")
     fake.run_dev = lambda procfile, data_dir: calls.append((procfile, data_dir)) or 0
-    monkeypatch.setitem(sys.modules, "cli.devstack", fake)
+    monkeypatch.setitem(sys.modules, "devtools.devstack", fake)
     monkeypatch.delenv("DATABASE_URL", raising=False)
 
     assert main(["dev"]) == 0
     assert calls == [(Path("Procfile"), Path("var/dev"))]
+
+
+def test_dev_outside_a_checkout_says_the_harness_is_not_installed(monkeypatch, tmp_path, capsys):
+    """An installed wheel has no devtools/: `payguard dev` says so instead of a traceback."""
+    import cli.main
+    from cli.main import main
+
+    monkeypatch.setattr(cli.main, "_checkouts", lambda: [tmp_path])
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+
+    assert main(["dev", "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert "devtools/" in error and "checkout" in error

@@ -14,8 +14,6 @@ from core import campaigns, inbox, messages, orgs, sending, wallet
 from core.db import run_in_transaction
 from tests.integration.test_cli import PAYGUARD, ROOT, Run
 
-pytestmark = pytest.mark.integration
-
 POLICY = sending.Policy()
 
 

@@ -25,8 +25,8 @@ from sqlalchemy import text
 from core import inbox, orgs, wallet
 from core.db import run_in_transaction
 from core.settings import Settings
-from tests.fakes import paypal_payloads as pp
 from tests.stack import Proc, start_beat, start_web, start_worker, wait_for
+from tests.support.payloads import paypal as pp
 
 WEBHOOK_ID = "WH-TEST"
 
@@ -222,7 +222,7 @@ def test_backoff_grows_with_jitter_and_never_outlasts_the_visibility_timeout(
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(delays) > 1  # jitter: a burst of failures does not retry in lockstep
     assert max(backoff(30) for _ in range(50)) < s.BROKER_VISIBILITY_TIMEOUT
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="longer than TASK_RETRY_MAX_SECONDS"):
         Settings(_env_file=None, TASK_RETRY_MAX_SECONDS=600, BROKER_VISIBILITY_TIMEOUT=600)
 
 

@@ -9,7 +9,7 @@ import pytest
 from core import handlers, inbox, orgs, sending, wallet
 from core.db import run_in_transaction
 from core.errors import InvalidInput
-from tests.fakes import paypal_payloads as pp
+from tests.support.payloads import paypal as pp
 
 
 def _apply(engine, payload: dict) -> str:

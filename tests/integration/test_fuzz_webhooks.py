@@ -28,8 +28,6 @@ from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
 from core.settings import Settings
-from tests.fakes import paypal_payloads, stripe_payloads
-from tests.fakes.paypal_api import CERTS_PATH, FakePayPal, SigningCert, make_signing_cert
 from tests.fuzz_strategies import (
     H_ALGO,
     H_ID,
@@ -48,9 +46,12 @@ from tests.fuzz_strategies import (
     stripe_requests,
     with_header,
 )
+from tests.support.fakes.paypal_api import CERTS_PATH, FakePayPal, SigningCert, make_signing_cert
+from tests.support.payloads import paypal as paypal_payloads
+from tests.support.payloads import stripe as stripe_payloads
 from webhook_receiver.app import create_app
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 WEBHOOK_ID = "WH-TEST"
 PAYPAL_PATH = "/webhooks/paypal"

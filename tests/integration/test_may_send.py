@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from sqlalchemy import text
 
 from core import handlers, inbox, messages, orgs, sending, subscriptions, wallet
 from core.campaigns import create_campaign, list_campaigns, pause_campaign, resume_campaign
-from core.db import run_in_transaction
 from core.errors import Refused
 from core.providers.twilio import accounts as twilio_accounts
-from core.providers.twilio.gateway import AccountOutcome, AccountResult
+from core.providers.twilio.gateway import AccountOutcome
 from core.sending import (
     INSUFFICIENT_BALANCE,
     SUBSCRIPTION_INACTIVE,
@@ -29,9 +29,10 @@ from core.sending import (
     WALLET_FROZEN,
     Policy,
 )
-from tests.fakes import paypal_payloads
-
-pytestmark = pytest.mark.integration
+from tests.support.db import tx
+from tests.support.factories import new_org
+from tests.support.fakes.recording_gateway import RecordingGateway
+from tests.support.payloads import paypal as paypal_payloads
 
 POLICY = Policy(default_segment_price_cents=1, past_due_grace=timedelta(hours=72))
 SENDER = "+15005550006"
@@ -41,30 +42,7 @@ ALL_REASONS = [SUBSCRIPTION_INACTIVE, TWILIO_SUSPENDED, WALLET_FROZEN, INSUFFICI
 # --- helpers ------------------------------------------------------------------------------
 
 
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
-
-
-def new_org(engine, balance: int = 100, *, price: int | None = None, campaigns=()) -> str:
-    """An organization with a subaccount, a sender, an active subscription and campaigns."""
-    org = f"org-{uuid.uuid4().hex[:10]}"
-
-    def create(conn):
-        orgs.create(
-            conn,
-            org,
-            twilio_subaccount_sid="AC" + uuid.uuid4().hex,
-            sender=SENDER,
-            segment_price_cents=price,
-        )
-        if balance:
-            wallet.credit(conn, org, balance, f"seed:{org}")
-        set_subscription(conn, org, "active", datetime.now(UTC) - timedelta(days=30))
-        for campaign in campaigns:
-            create_campaign(conn, org, campaign, POLICY)
-
-    tx(engine, create)
-    return org
+sending_org = partial(new_org, balance=100, twilio=True, active=True)
 
 
 def set_subscription(conn, org: str, status: str, at: datetime | None = None) -> None:
@@ -112,24 +90,11 @@ def org_row(engine, org: str):
     return tx(engine, lambda c: orgs.get(c, org))
 
 
-class RecordingGateway:
-    """A gateway double for converge_one: records account updates, answers as told."""
-
-    def __init__(self, *outcomes: AccountOutcome) -> None:
-        self.outcomes = list(outcomes)
-        self.calls: list[tuple[str, str]] = []
-
-    def set_account_status(self, sid: str, status: str) -> AccountResult:
-        self.calls.append((sid, status))
-        outcome = self.outcomes.pop(0) if self.outcomes else AccountOutcome.OK
-        return AccountResult(outcome, status=status if outcome is AccountOutcome.OK else None)
-
-
 # --- the decision -------------------------------------------------------------------------
 
 
 def test_an_organization_in_good_standing_may_send(engine):
-    org = new_org(engine, balance=5)
+    org = tx(engine, sending_org, balance=5)
 
     decision = decide(engine, org)
 
@@ -140,7 +105,7 @@ def test_an_organization_in_good_standing_may_send(engine):
 
 
 def test_every_reason_is_given_at_once(engine):
-    org = new_org(engine, balance=0)
+    org = tx(engine, sending_org, balance=0)
     cancel(engine, org)  # inactive subscription, and the subaccount marked to be suspended
     tx(engine, lambda c: wallet.freeze(c, org, "chargeback", actor="test"))
 
@@ -153,7 +118,7 @@ def test_every_reason_is_given_at_once(engine):
 
 
 @pytest.mark.parametrize(
-    "make, reason",
+    ("make", "reason"),
     [
         (lambda c, org: set_subscription(c, org, "cancelled"), SUBSCRIPTION_INACTIVE),
         (lambda c, org: set_subscription(c, org, "suspended"), SUBSCRIPTION_INACTIVE),
@@ -186,14 +151,14 @@ def test_every_reason_is_given_at_once(engine):
     ],
 )
 def test_each_reason_alone(engine, make, reason):
-    org = new_org(engine, balance=3)
+    org = tx(engine, sending_org, balance=3)
     tx(engine, lambda c: make(c, org))
 
     assert decide(engine, org).reasons == (reason,)
 
 
 def test_past_due_allows_sending_during_the_grace_period_only(engine):
-    org = new_org(engine)
+    org = tx(engine, sending_org)
     since = datetime.now(UTC) - timedelta(hours=1)
     tx(engine, lambda c: set_subscription(c, org, "past_due", since))
 
@@ -203,12 +168,12 @@ def test_past_due_allows_sending_during_the_grace_period_only(engine):
 
 
 def test_the_organizations_segment_price_decides_what_one_send_needs(engine):
-    org = new_org(engine, balance=4, price=5)
+    org = tx(engine, sending_org, balance=4, price=5)
     assert decide(engine, org).reasons == (INSUFFICIENT_BALANCE,)
     assert decide(engine, org).segment_price_cents == 5
     assert decide(engine, org, needed_cents=4).can_send
 
-    default_priced = new_org(engine, balance=1)
+    default_priced = tx(engine, sending_org, balance=1)
     assert decide(engine, default_priced).can_send
     assert decide(engine, default_priced).segment_price_cents == POLICY.default_segment_price_cents
 
@@ -219,7 +184,7 @@ def test_the_organizations_segment_price_decides_what_one_send_needs(engine):
 def test_a_lapsed_subscription_pauses_running_campaigns_and_suspends_the_subaccount_at_once(
     engine,
 ):
-    org = new_org(engine, campaigns=["spring", "summer", "autumn"])
+    org = tx(engine, sending_org, campaigns=["spring", "summer", "autumn"])
     user_pause(engine, org, "autumn")
 
     result = cancel(engine, org)
@@ -241,7 +206,7 @@ def test_a_lapsed_subscription_pauses_running_campaigns_and_suspends_the_subacco
 
 
 def test_the_pause_is_part_of_the_change_and_rolls_back_with_it(engine):
-    org = new_org(engine, campaigns=["spring"])
+    org = tx(engine, sending_org, campaigns=["spring"])
 
     class Boom(Exception):
         pass
@@ -260,7 +225,7 @@ def test_the_pause_is_part_of_the_change_and_rolls_back_with_it(engine):
 
 
 def test_a_cancellation_event_pauses_campaigns_in_the_handlers_unit_of_work(engine):
-    org = new_org(engine, campaigns=["spring"])
+    org = tx(engine, sending_org, campaigns=["spring"])
     payload = paypal_payloads.subscription_event("BILLING.SUBSCRIPTION.CANCELLED", f"I-{org}", org)
 
     def deliver(conn):
@@ -282,7 +247,7 @@ def test_a_cancellation_event_pauses_campaigns_in_the_handlers_unit_of_work(engi
 
 
 def test_running_out_of_money_pauses_and_a_payment_resumes_only_what_the_system_paused(engine):
-    org = new_org(engine, balance=2, campaigns=["spring", "summer", "autumn"])
+    org = tx(engine, sending_org, balance=2, campaigns=["spring", "summer", "autumn"])
     user_pause(engine, org, "autumn")
     first = change(engine, org, lambda c: wallet.hold(c, org, 2, "msg:last"))
     assert sorted(first.paused) == ["spring", "summer"]
@@ -299,7 +264,7 @@ def test_running_out_of_money_pauses_and_a_payment_resumes_only_what_the_system_
 
 
 def test_the_pause_reason_follows_the_reasons(engine):
-    org = new_org(engine, balance=0, campaigns=["spring"])
+    org = tx(engine, sending_org, balance=0, campaigns=["spring"])
     change(engine, org, lambda c: None)
     assert campaigns(engine, org)["spring"] == ("paused", "system", INSUFFICIENT_BALANCE)
 
@@ -318,7 +283,7 @@ def test_the_pause_reason_follows_the_reasons(engine):
 
 
 def test_a_campaign_created_while_sending_is_blocked_waits_paused_by_the_system(engine):
-    org = new_org(engine, balance=0)
+    org = tx(engine, sending_org, balance=0)
     created = tx(engine, lambda c: create_campaign(c, org, "winter", POLICY))
     assert (created.status, created.paused_by) == ("paused", "system")
 
@@ -327,7 +292,7 @@ def test_a_campaign_created_while_sending_is_blocked_waits_paused_by_the_system(
 
 
 def test_a_users_resume_is_refused_with_the_reasons_while_sending_is_blocked(engine):
-    org = new_org(engine, balance=0, campaigns=["spring"])
+    org = tx(engine, sending_org, balance=0, campaigns=["spring"])
     user_pause(engine, org, "spring")
     tx(engine, lambda c: wallet.freeze(c, org, "chargeback", actor="test"))
 
@@ -346,7 +311,7 @@ def test_a_users_resume_is_refused_with_the_reasons_while_sending_is_blocked(eng
 
 
 def test_a_reactivated_subscription_resumes_campaigns_only_once_twilio_has_confirmed(engine):
-    org = new_org(engine, campaigns=["spring"])
+    org = tx(engine, sending_org, campaigns=["spring"])
     cancel(engine, org)
     gateway = RecordingGateway()
     assert twilio_accounts.converge_one(engine, gateway, org, POLICY) == "changed"
@@ -367,7 +332,7 @@ def test_a_reactivated_subscription_resumes_campaigns_only_once_twilio_has_confi
 
 
 def test_convergence_records_nothing_twilio_did_not_confirm(engine):
-    org = new_org(engine, campaigns=["spring"])
+    org = tx(engine, sending_org, campaigns=["spring"])
     cancel(engine, org)
 
     gateway = RecordingGateway(AccountOutcome.RETRY, AccountOutcome.FAILED)
@@ -391,7 +356,7 @@ def queue_and_prepare(engine, org: str, body: str = "hello", campaign: str | Non
 
 
 def test_a_refused_send_is_blocked_with_every_reason_and_holds_nothing(engine):
-    org = new_org(engine, balance=0, campaigns=["spring"])
+    org = tx(engine, sending_org, balance=0, campaigns=["spring"])
     cancel(engine, org)
     tx(engine, lambda c: wallet.freeze(c, org, "chargeback", actor="test"))
 
@@ -407,7 +372,7 @@ def test_a_refused_send_is_blocked_with_every_reason_and_holds_nothing(engine):
 
 
 def test_a_send_of_a_user_paused_campaign_is_blocked(engine):
-    org = new_org(engine, balance=10, campaigns=["spring"])
+    org = tx(engine, sending_org, balance=10, campaigns=["spring"])
     user_pause(engine, org, "spring")
 
     message, plan = queue_and_prepare(engine, org, campaign="spring")
@@ -418,7 +383,7 @@ def test_a_send_of_a_user_paused_campaign_is_blocked(engine):
 
 
 @pytest.mark.parametrize(
-    "body, segments, encoding",
+    ("body", "segments", "encoding"),
     [
         ("a" * 160, 1, "GSM-7"),
         ("a" * 161, 2, "GSM-7"),
@@ -427,7 +392,7 @@ def test_a_send_of_a_user_paused_campaign_is_blocked(engine):
     ],
 )
 def test_a_send_holds_segments_times_the_organizations_price(engine, body, segments, encoding):
-    org = new_org(engine, balance=100, price=3)
+    org = tx(engine, sending_org, balance=100, price=3)
 
     message, plan = queue_and_prepare(engine, org, body=body)
 
@@ -439,7 +404,7 @@ def test_a_send_holds_segments_times_the_organizations_price(engine, body, segme
 
 
 def test_a_send_the_balance_cannot_cover_in_full_is_blocked(engine):
-    org = new_org(engine, balance=5, price=3)
+    org = tx(engine, sending_org, balance=5, price=3)
 
     message, plan = queue_and_prepare(engine, org, body="a" * 161)  # 2 segments, 6 cents
 

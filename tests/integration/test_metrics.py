@@ -10,9 +10,8 @@ import signal
 import socket
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -21,15 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from bus.publisher import Publisher
-from core import inbox, messages, orgs, sending, subscriptions, wallet
-from core.db import run_in_transaction
+from core import inbox, messages, sending, wallet
 from core.settings import Settings
-from tests.fakes import paypal_payloads as pp
-from tests.fakes import stripe_payloads as sp
 from tests.stack import free_port, start_beat, start_procfile_web, start_worker, wait_for
+from tests.support.db import tx
+from tests.support.factories import new_org
+from tests.support.payloads import paypal as pp
+from tests.support.payloads import stripe as sp
 from webhook_receiver.app import create_app
-
-pytestmark = pytest.mark.integration
 
 POLICY = sending.Policy()
 TOKEN = "metrics-test-token-0123456789"
@@ -66,10 +64,6 @@ def scrape(url: str, headers: dict[str, str] | None = None) -> Scrape:
     response = requests.get(f"{url}/metrics", headers=headers, timeout=10)
     assert response.status_code == 200, response.text
     return Scrape(response.text)
-
-
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
 
 
 @pytest.fixture
@@ -116,21 +110,6 @@ def post_stripe(client, event: dict, secret: str = sp.TEST_SECRET):
     )
 
 
-def new_org(engine, *, balance: int = 0, active: bool = False) -> str:
-    org = f"org-{uuid.uuid4().hex[:10]}"
-
-    def create(conn):
-        orgs.create(conn, org, twilio_subaccount_sid="AC" + uuid.uuid4().hex, sender="+15005550006")
-        if balance:
-            wallet.credit(conn, org, balance, f"seed:{org}")
-        if active:
-            at = datetime.now(UTC) - timedelta(days=1)
-            subscriptions.apply_status(conn, "paypal", f"I-{org}", org, "active", at)
-
-    tx(engine, create)
-    return org
-
-
 # --------------------------------------------------------------------------- web, in-process
 
 
@@ -173,7 +152,7 @@ def test_metrics_count_answers_and_show_the_state_of_the_database(
     assert post_stripe(client, event, secret="whsec_not_ours_0000000000000000").status_code == 400
     assert post_stripe(client, event).status_code == 200
 
-    frozen, held, tampered = (new_org(engine, balance=1000) for _ in range(3))
+    frozen, held, tampered = (tx(engine, new_org, balance=1000, twilio=True) for _ in range(3))
     tx(engine, lambda c: wallet.freeze(c, frozen, "chargeback", actor="test"))
     tx(engine, lambda c: wallet.hold(c, held, 300, "msg:test-hold"))
     with engine.begin() as conn:  # what `ledger verify` exists to catch: SQL beside the journal
@@ -240,7 +219,7 @@ def test_a_scrape_reads_the_last_verification_and_never_scans_the_journal(
     from sqlalchemy import event
 
     client = make_client()
-    tampered = new_org(engine, balance=1000)
+    tampered = tx(engine, new_org, balance=1000, twilio=True)
     with engine.begin() as conn:
         conn.execute(
             text("UPDATE wallets SET balance_cents = balance_cents + 7 WHERE org_id = :o"),
@@ -384,7 +363,7 @@ def test_three_gunicorn_workers_count_every_request_once_in_any_scrape(
 def listening_addresses(port: int) -> set[str]:
     """The IPv4 addresses something listens on at `port`, from /proc/net/tcp."""
     found = set()
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         local, state = line.split()[1], line.split()[3]
         address, hex_port = local.split(":")
         if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
@@ -417,7 +396,7 @@ def publish(env, task: str, args: list) -> None:
 def test_the_worker_serves_celery_exporter_metrics_summed_over_its_pool(
     worker_env, tmp_path, engine
 ):
-    org = new_org(engine, balance=100, active=True)
+    org = tx(engine, new_org, balance=100, active=True, twilio=True)
     payload = pp.capture_completed(org, pp.new_id(), value="25.00")
     stored, _ = tx(
         engine,

@@ -2,7 +2,7 @@
 least once to each endpoint that wants them, signed as the Standard Webhooks spec says, and
 retried from a schedule kept in PostgreSQL; a dead endpoint delays nothing else.
 
-Deliveries go to a real local HTTP endpoint (tests/fakes/hook_endpoint.py) that fails on
+Deliveries go to a real local HTTP endpoint (tests/support/fakes/hook_endpoint.py) that fails on
 command, through real Celery workers (the `events` process type) and beat.
 """
 
@@ -11,42 +11,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import text
 
-from core import campaigns, messages, orgs, outbound, sending, wallet
-from core.db import run_in_transaction
+from core import campaigns, messages, outbound, sending, wallet
 from core.webhook_signing import sign, verify
-from tests.fakes.fake_twilio import unused_port
-from tests.fakes.hook_endpoint import HookEndpoint
 from tests.stack import start_beat, start_worker, wait_for
+from tests.support.db import tx
 from tests.support.events import events_of
-
-pytestmark = [pytest.mark.integration]
+from tests.support.factories import new_org
+from tests.support.fakes.fake_twilio import unused_port
+from tests.support.fakes.hook_endpoint import HookEndpoint
 
 KEY = Fernet.generate_key().decode()
 POLICY = outbound.OutboundPolicy(secret_key=KEY, allow_private=True, retry_scale=0.01)
 OUTBOUND_Q = "payguard.outbound"
 MAIN_QS = "payguard.events,payguard.send,payguard.twilio,payguard.beat"
-
-
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
-
-
-def new_org(engine, *, balance: int = 0, low: int | None = None) -> str:
-    org = f"org-{uuid.uuid4().hex[:8]}"
-
-    def make(c):
-        orgs.create(c, org, billing="prepaid", low_balance_cents=low)
-        if balance:
-            wallet.credit(c, org, balance, f"seed:{org}")
-
-    tx(engine, make)
-    return org
 
 
 def add_endpoint(engine, url, events=None, org=None, policy=POLICY):
@@ -92,13 +74,13 @@ def test_signature_matches_the_standard_webhooks_test_vector():
 
 
 def test_event_is_recorded_with_the_change_and_never_for_a_rolled_back_one(engine):
-    org = new_org(engine)
-    with pytest.raises(RuntimeError):
+    org = tx(engine, new_org, billing="prepaid")
 
-        def credit_then_fail(c):
-            wallet.credit(c, org, 500, "rolled-back")
-            raise RuntimeError("the unit of work fails after the credit")
+    def credit_then_fail(c):
+        wallet.credit(c, org, 500, "rolled-back")
+        raise RuntimeError("the unit of work fails after the credit")
 
+    with pytest.raises(RuntimeError, match="fails after the credit"):
         tx(engine, credit_then_fail)
     assert events_of(engine, "wallet.credited") == []
     tx(engine, lambda c: wallet.credit(c, org, 700, "kept"))
@@ -111,7 +93,7 @@ def test_event_is_recorded_with_the_change_and_never_for_a_rolled_back_one(engin
 
 
 def test_sequence_grows_and_events_after_lists_what_came_later_per_organization(engine):
-    a, b = new_org(engine), new_org(engine)
+    a, b = tx(engine, new_org, billing="prepaid"), tx(engine, new_org, billing="prepaid")
     for n in range(3):
         tx(engine, lambda c, n=n: wallet.credit(c, a, 100, f"a{n}"))
         tx(engine, lambda c, n=n: wallet.credit(c, b, 100, f"b{n}"))
@@ -126,7 +108,7 @@ def test_sequence_grows_and_events_after_lists_what_came_later_per_organization(
 def test_catch_up_never_skips_an_event_whose_transaction_commits_later(engine):
     """A transaction that took sequence n and commits after one that took n+1: a host that
     read n+1 and asks for events after it would never see n. So n+1 waits for n."""
-    org = new_org(engine)
+    org = tx(engine, new_org, billing="prepaid")
     slow = engine.connect()
     slow_tx = slow.begin()
     try:
@@ -148,7 +130,7 @@ def test_catch_up_never_skips_an_event_whose_transaction_commits_later(engine):
 
 
 def test_endpoints_get_only_the_event_types_and_organizations_they_asked_for(engine):
-    a, b = new_org(engine), new_org(engine)
+    a, b = tx(engine, new_org, billing="prepaid"), tx(engine, new_org, billing="prepaid")
     credited_only, _ = add_endpoint(engine, "http://127.0.0.1:9/a", ["wallet.credited"])
     everything, _ = add_endpoint(engine, "http://127.0.0.1:9/b")
     only_b, _ = add_endpoint(engine, "http://127.0.0.1:9/c", None, b)
@@ -174,7 +156,7 @@ def test_endpoints_get_only_the_event_types_and_organizations_they_asked_for(eng
 
 
 def test_a_deleted_endpoint_gets_nothing_more(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org, billing="prepaid")
     ep, _ = add_endpoint(engine, "http://127.0.0.1:9/gone")
     tx(engine, lambda c: wallet.credit(c, org, 100, "before"))
     [claimed] = tx(engine, lambda c: outbound.claim_due(c, 10, POLICY))
@@ -188,7 +170,7 @@ def test_a_deleted_endpoint_gets_nothing_more(engine):
 
 
 def test_low_balance_fires_once_per_crossing(engine):
-    org = new_org(engine, balance=1000, low=500)
+    org = tx(engine, new_org, balance=1000, low=500, billing="prepaid")
     tx(engine, lambda c: wallet.debit(c, org, 600, "d1"))  # 400: below
     tx(engine, lambda c: wallet.debit(c, org, 100, "d2"))  # 300: still below, no new event
     tx(engine, lambda c: wallet.hold(c, org, 100, "h1"))  # 200 available: still below
@@ -203,7 +185,7 @@ def test_low_balance_fires_once_per_crossing(engine):
 
 
 def test_may_send_events_fire_only_when_the_answer_flips(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org, billing="prepaid")
     policy = sending.Policy()
     tx(engine, lambda c: wallet.credit(c, org, 100, "c"))
     tx(engine, lambda c: sending.reconcile(c, org, policy))
@@ -216,7 +198,7 @@ def test_may_send_events_fire_only_when_the_answer_flips(engine):
 
 
 def test_campaign_pause_and_resume_are_reported(engine):
-    org = new_org(engine, balance=100)
+    org = tx(engine, new_org, balance=100, billing="prepaid")
     policy = sending.Policy()
     tx(engine, lambda c: campaigns.create_campaign(c, org, "spring", policy))
     tx(engine, lambda c: campaigns.pause_campaign(c, org, "spring"))
@@ -229,7 +211,7 @@ def test_campaign_pause_and_resume_are_reported(engine):
 def test_a_campaign_paused_already_is_not_reported_paused_again(engine):
     """The host hears `campaign.paused` when a campaign stops running, not again when the
     system's reasons change or the user pauses what they paused already."""
-    org = new_org(engine, balance=1)
+    org = tx(engine, new_org, balance=1, billing="prepaid")
     policy = sending.Policy()
     tx(engine, lambda c: campaigns.create_campaign(c, org, "spring", policy))
     tx(engine, lambda c: campaigns.create_campaign(c, org, "summer", policy))
@@ -253,7 +235,7 @@ def test_a_campaign_paused_already_is_not_reported_paused_again(engine):
 
 @pytest.mark.slow
 def test_retries_after_500s_keep_the_id_and_body_and_sign_each_try_afresh(engine, env, tmp_path):
-    org = new_org(engine)
+    org = tx(engine, new_org, billing="prepaid")
     with HookEndpoint() as hook:
         ep, secret = add_endpoint(engine, hook.url, ["wallet.credited"])
         hook.script([500, 500])
@@ -288,9 +270,9 @@ def test_retries_after_500s_keep_the_id_and_body_and_sign_each_try_afresh(engine
 @pytest.mark.slow
 def test_a_worker_killed_mid_delivery_delivers_again(engine, env, tmp_path):
     env = {**env, "OUTBOUND_LEASE_SECONDS": "8"}
-    org = new_org(engine)
+    org = tx(engine, new_org, billing="prepaid")
     with HookEndpoint() as hook:
-        ep, secret = add_endpoint(engine, hook.url)
+        ep, _secret = add_endpoint(engine, hook.url)
         hook.script(["hang"])
         tx(engine, lambda c: wallet.credit(c, org, 250, "paid"))
         with start_worker(env, tmp_path, queues=MAIN_QS), start_beat(env, tmp_path):
@@ -313,7 +295,7 @@ def test_a_worker_killed_mid_delivery_delivers_again(engine, env, tmp_path):
 def test_many_events_to_a_dead_endpoint_delay_neither_sends_nor_other_endpoints(
     engine, env, tmp_path
 ):
-    busy = new_org(engine, balance=10_000)
+    busy = tx(engine, new_org, balance=10_000, billing="prepaid")
     dead, _ = add_endpoint(engine, f"http://127.0.0.1:{unused_port()}/dead", None, busy)
 
     def thousand(c):
@@ -321,26 +303,26 @@ def test_many_events_to_a_dead_endpoint_delay_neither_sends_nor_other_endpoints(
             outbound.record(c, "wallet.credited", busy, {"org_id": busy, "n": n})
 
     tx(engine, thousand)
-    with HookEndpoint() as hook:
-        with (
-            start_worker(env, tmp_path, queues=OUTBOUND_Q, concurrency=2),
-            start_worker(env, tmp_path, queues=MAIN_QS),
-            start_beat(env, tmp_path),
-        ):
-            wait_for(lambda: any(r.attempts for r in delivery_rows(engine, dead.endpoint_id)),
-                     60, what="the dead endpoint tried")  # fmt: skip
-            other = new_org(engine, balance=100)
-            live, _ = add_endpoint(engine, hook.url, ["wallet.credited"], other)
-            tx(engine, lambda c: wallet.credit(c, other, 5, "after-the-flood"))
-            msg = tx(engine, lambda c: messages.queue(c, busy, "+15005550010", "hi",
-                                                      sending.Policy()))  # fmt: skip
-            wait_for(lambda: hook.received(), 60, what="the live endpoint's event")
-            wait_for(
-                lambda: tx(engine, lambda c: messages.get(c, msg.message_id)).status
-                not in ("queued", "sending"),
-                60, what="the send settled",
-            )  # fmt: skip
-            pending = [r for r in delivery_rows(engine, dead.endpoint_id) if r.status == "pending"]
+    with (
+        HookEndpoint() as hook,
+        start_worker(env, tmp_path, queues=OUTBOUND_Q, concurrency=2),
+        start_worker(env, tmp_path, queues=MAIN_QS),
+        start_beat(env, tmp_path),
+    ):
+        wait_for(lambda: any(r.attempts for r in delivery_rows(engine, dead.endpoint_id)),
+                 60, what="the dead endpoint tried")  # fmt: skip
+        other = tx(engine, new_org, balance=100, billing="prepaid")
+        _live, _ = add_endpoint(engine, hook.url, ["wallet.credited"], other)
+        tx(engine, lambda c: wallet.credit(c, other, 5, "after-the-flood"))
+        msg = tx(engine, lambda c: messages.queue(c, busy, "+15005550010", "hi",
+                                                  sending.Policy()))  # fmt: skip
+        wait_for(lambda: hook.received(), 60, what="the live endpoint's event")
+        wait_for(
+            lambda: tx(engine, lambda c: messages.get(c, msg.message_id)).status
+            not in ("queued", "sending"),
+            60, what="the send settled",
+        )  # fmt: skip
+        pending = [r for r in delivery_rows(engine, dead.endpoint_id) if r.status == "pending"]
     assert len(pending) > 900  # the flood is still waiting; the others did not wait for it
     assert json.loads(hook.received()[0].body)["data"]["reference"] == "after-the-flood"
 
@@ -358,7 +340,7 @@ def _payguard(env, *args):
 
 @pytest.mark.slow
 def test_cli_manages_endpoints_and_redelivers_a_failed_delivery(engine, env):
-    org = new_org(engine)
+    org = tx(engine, new_org, billing="prepaid")
     code, created = _payguard(env, "endpoint", "create", "http://127.0.0.1:9/x",
                               "--events", "wallet.credited", "--actor", "ops")  # fmt: skip
     assert code == 0 and created["secret"].startswith("whsec_")
@@ -398,7 +380,7 @@ def _fail(engine, claim, policy=POLICY):
 
 
 def test_retries_follow_a_growing_schedule_kept_in_postgresql_for_over_a_day(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org, billing="prepaid")
     ep, _ = add_endpoint(engine, "http://127.0.0.1:9/x")
     tx(engine, lambda c: outbound.record(c, "wallet.frozen", org, {"org_id": org}))
     real = outbound.OutboundPolicy(secret_key=KEY, allow_private=True, circuit_threshold=100)
@@ -419,7 +401,7 @@ def test_retries_follow_a_growing_schedule_kept_in_postgresql_for_over_a_day(eng
 def test_the_circuit_of_a_failing_endpoint_opens_and_another_endpoint_still_gets_its_turn(
     engine,
 ):
-    org = new_org(engine)
+    org = tx(engine, new_org, billing="prepaid")
     dead, _ = add_endpoint(engine, "http://127.0.0.1:9/dead")
     tight = outbound.OutboundPolicy(secret_key=KEY, allow_private=True, circuit_threshold=2)
     for n in range(3):
@@ -450,8 +432,8 @@ def test_the_circuit_of_a_failing_endpoint_opens_and_another_endpoint_still_gets
 
 
 def test_delivered_events_are_pruned_after_the_retention_and_owed_ones_stay(engine):
-    org = new_org(engine)
-    ep, _ = add_endpoint(engine, "http://127.0.0.1:9/x")
+    org = tx(engine, new_org, billing="prepaid")
+    _ep, _ = add_endpoint(engine, "http://127.0.0.1:9/x")
     for n in range(2):
         tx(engine, lambda c, n=n: outbound.record(c, "wallet.frozen", org, {"n": n}))
     with engine.begin() as c:
@@ -492,7 +474,7 @@ def test_an_endpoint_that_trickles_its_answer_is_cut_off_at_the_timeout():
 
 
 def test_message_updates_are_reported_when_a_message_settles_even_by_beat(engine):
-    org = new_org(engine, balance=100)
+    org = tx(engine, new_org, balance=100, billing="prepaid")
     policy = sending.Policy()
     msg = tx(engine, lambda c: messages.queue(c, org, "+15005550010", "hi", policy))
     tx(engine, lambda c: messages.prepare(c, msg.message_id, policy))  # held, sending
@@ -527,7 +509,7 @@ def test_beat_prunes_old_delivered_events_in_batches_until_none_are_left(
     from worker import outbound_tasks
 
     monkeypatch.setattr(outbound_tasks, "PRUNE_BATCH", 7)
-    org = new_org(engine)
+    org = tx(engine, new_org, billing="prepaid")
 
     def fifty(c):
         for n in range(50):
@@ -544,9 +526,9 @@ def test_beat_publishes_one_delivery_per_endpoint_to_the_outbound_queue(engine, 
 
     from worker import outbound_tasks
 
-    org = new_org(engine)
-    a, _ = add_endpoint(engine, "http://127.0.0.1:9/a")
-    b, _ = add_endpoint(engine, "http://127.0.0.1:9/b")
+    org = tx(engine, new_org, billing="prepaid")
+    _a, _ = add_endpoint(engine, "http://127.0.0.1:9/a")
+    _b, _ = add_endpoint(engine, "http://127.0.0.1:9/b")
     for n in range(3):
         tx(engine, lambda c, n=n: outbound.record(c, "wallet.frozen", org, {"n": n}))
     assert outbound_tasks.dispatch_outbound() == 2

@@ -1,6 +1,6 @@
 """PayPal verification over real sockets on 127.0.0.1: certificate fetching and postback.
 
-No PostgreSQL or Redis needed; every server here is a local fake from tests.fakes.
+No PostgreSQL or Redis needed; every server here is a local fake from tests.support.fakes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from core.providers.paypal.verify import (
     PostbackVerifier,
     VerificationUnavailable,
 )
-from tests.fakes.paypal_api import CERTS_PATH, FakePayPal, LocalCA, make_signing_cert
+from tests.support.fakes.paypal_api import CERTS_PATH, FakePayPal, LocalCA, make_signing_cert
 
 WEBHOOK_ID = "WH-TEST-1"
 BODY = b'{"id":"WH-1","event_type":"PAYMENT.CAPTURE.COMPLETED"}'

@@ -19,10 +19,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from core import handlers, inbox, orgs, sending, wallet
-from core.db import make_engine, run_in_transaction
+from core import handlers, inbox, sending, wallet
+from core.db import make_engine
 from core.errors import NotYetApplicable, ParkEvent, Refused
-from tests.fakes import paypal_payloads as pp
+from tests.support.db import tx
+from tests.support.factories import new_org
+from tests.support.payloads import paypal as pp
 
 POLICY = sending.Policy()
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -60,18 +62,8 @@ def engine(pg_server, migrated_template):
             )
 
 
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
-
-
 def unique(prefix: str = "org") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
-
-
-def new_org(engine, org_id: str | None = None, currency: str = "USD") -> str:
-    org_id = org_id or unique()
-    tx(engine, lambda c: orgs.create(c, org_id, currency=currency))
-    return org_id
 
 
 def store(engine, payload: dict) -> inbox.StoredEvent:
@@ -145,7 +137,7 @@ def sub_event(event_type, sub_id, org_id, status=None, at=T0):
 
 
 def test_capture_completed_credits_the_custom_id_wallet_once(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     capture_id = pp.new_id()
 
     event = deliver(engine, pp.capture_completed(org, capture_id, value="25.00"))
@@ -158,7 +150,7 @@ def test_capture_completed_credits_the_custom_id_wallet_once(engine):
 
 
 def test_the_same_capture_in_another_event_credits_once(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     capture_id = pp.new_id()
 
     first = deliver(engine, pp.capture_completed(org, capture_id, value="25.00"))
@@ -171,7 +163,7 @@ def test_the_same_capture_in_another_event_credits_once(engine):
 
 
 def test_a_redelivered_event_is_stored_once_and_applied_once(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     payload = pp.capture_completed(org, pp.new_id(), value="25.00")
     body = json.dumps(payload).encode()
 
@@ -195,7 +187,7 @@ def test_a_redelivered_event_is_stored_once_and_applied_once(engine):
     ["PAYMENT.CAPTURE.PENDING", "PAYMENT.CAPTURE.DENIED", "PAYMENT.CAPTURE.DECLINED"],
 )
 def test_a_capture_not_completed_is_recorded_and_moves_no_money(engine, event_type):
-    org = new_org(engine)
+    org = tx(engine, new_org)
 
     event = deliver(engine, pp.capture_event(event_type, org, pp.new_id(), "25.00"))
 
@@ -210,7 +202,7 @@ def test_a_capture_not_completed_is_recorded_and_moves_no_money(engine, event_ty
     ("build", "kind"), [(pp.capture_refunded, "refund"), (pp.capture_reversed, "reversal")]
 )
 def test_refund_and_reversal_claw_back_from_the_captures_organization(engine, build, kind):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     capture_id, refund_id = pp.new_id(), pp.new_id()
     deliver(engine, pp.capture_completed(org, capture_id, value="25.00"))
 
@@ -227,7 +219,7 @@ def test_refund_and_reversal_claw_back_from_the_captures_organization(engine, bu
 
 
 def test_a_refund_is_taken_from_the_captures_organization_not_its_custom_id(engine):
-    payer, other = new_org(engine), new_org(engine)
+    payer, other = tx(engine, new_org), tx(engine, new_org)
     capture_id = pp.new_id()
     deliver(engine, pp.capture_completed(payer, capture_id, value="25.00"))
     deliver(engine, pp.capture_completed(other, pp.new_id(), value="25.00"))
@@ -239,7 +231,7 @@ def test_a_refund_is_taken_from_the_captures_organization_not_its_custom_id(engi
 
 @pytest.mark.parametrize("names_org", [False, True], ids=["no-custom-id", "custom-id"])
 def test_a_refund_of_an_unknown_capture_waits_then_parks_and_replays(engine, names_org):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     capture_id = pp.new_id()
     custom_id = org if names_org else None
     stored = store(engine, pp.capture_refunded(capture_id, pp.new_id(), "10.00", org_id=custom_id))
@@ -275,7 +267,7 @@ def test_a_refund_of_an_unknown_capture_waits_then_parks_and_replays(engine, nam
 def test_a_subscription_event_sets_the_status_its_resource_carries(
     engine, event_type, status, blocks
 ):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sub_id = f"I-{pp.new_id(12)}"
 
     event = deliver(engine, sub_event(event_type, sub_id, org, status))
@@ -287,7 +279,7 @@ def test_a_subscription_event_sets_the_status_its_resource_carries(
 
 
 def test_a_suspended_subscription_reactivated_allows_sending_again(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sub_id = f"I-{pp.new_id(12)}"
 
     deliver(engine, sub_event("BILLING.SUBSCRIPTION.SUSPENDED", sub_id, org, at=T0))
@@ -299,7 +291,7 @@ def test_a_suspended_subscription_reactivated_allows_sending_again(engine):
 
 
 def test_a_later_event_finds_the_organization_through_the_subscription(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sub_id = f"I-{pp.new_id(12)}"
     deliver(engine, sub_event("BILLING.SUBSCRIPTION.ACTIVATED", sub_id, org, at=T0))
 
@@ -311,7 +303,7 @@ def test_a_later_event_finds_the_organization_through_the_subscription(engine):
 
 
 def test_a_created_subscription_pending_approval_blocks_sending(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sub_id = f"I-{pp.new_id(12)}"
 
     event = deliver(engine, sub_event("BILLING.SUBSCRIPTION.CREATED", sub_id, org))
@@ -322,7 +314,7 @@ def test_a_created_subscription_pending_approval_blocks_sending(engine):
 
 @pytest.mark.parametrize(("status", "blocks"), [("ACTIVE", False), ("SUSPENDED", True)])
 def test_a_failed_subscription_payment_is_recorded_and_the_status_follows(engine, status, blocks):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sub_id = f"I-{pp.new_id(12)}"
 
     failed = pp.subscription_payment_failed(sub_id, org, "10.00", status=status, at=T0)
@@ -339,7 +331,7 @@ def test_a_failed_subscription_payment_is_recorded_and_the_status_follows(engine
 
 
 def test_a_completed_sale_is_recorded_against_its_subscription_without_credit(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sub_id, sale_id = f"I-{pp.new_id(12)}", pp.new_id()
 
     event = deliver(engine, pp.sale_completed(org, sale_id, sub_id, value="30.00"))
@@ -359,7 +351,7 @@ def test_a_completed_sale_is_recorded_against_its_subscription_without_credit(en
 
 
 def test_a_one_off_sale_is_recorded_without_credit(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sale_id = pp.new_id()
 
     event = deliver(engine, pp.sale_completed(org, sale_id, None, value="30.00"))
@@ -371,7 +363,7 @@ def test_a_one_off_sale_is_recorded_without_credit(engine):
 
 @pytest.mark.parametrize("names_org", [True, False], ids=["custom", "via-the-sale"])
 def test_a_reversed_sale_freezes_the_wallet_for_chargeback(engine, names_org):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     custom = org if names_org else None
     sub_id, sale_id = f"I-{pp.new_id(12)}", pp.new_id()
     deliver(engine, pp.sale_completed(org, sale_id, sub_id))
@@ -388,7 +380,7 @@ def test_a_reversed_sale_freezes_the_wallet_for_chargeback(engine, names_org):
 
 
 def test_a_dispute_freezes_while_open_and_its_resolution_lifts_only_its_own_freeze(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     capture_id, dispute_id = pp.new_id(), f"PP-D-{pp.new_id(5)}"
     deliver(engine, pp.capture_completed(org, capture_id, value="25.00"))
     tx(engine, lambda c: wallet.freeze(c, org, "manual", actor="ops"))
@@ -413,7 +405,7 @@ def test_a_dispute_freezes_while_open_and_its_resolution_lifts_only_its_own_free
     ["CHECKOUT.ORDER.VOIDED", "PAYMENT.AUTHORIZATION.CREATED", "BILLING.PLAN.CREATED"],
 )
 def test_a_type_payguard_does_not_act_on_is_ignored(engine, event_type):
-    org = new_org(engine)
+    org = tx(engine, new_org)
 
     event = deliver(engine, pp.unknown_event(event_type))
 
@@ -434,13 +426,13 @@ def test_a_capture_for_an_unknown_organization_parks_and_replays_once_it_exists(
     assert event.status == "parked" and not_yet in (event.last_error or "")
     assert count(engine, "journal", "org_id = :o", o=not_yet) == 0
     assert count(engine, "payments", "payment_id = :p", p=capture_id) == 0
-    new_org(engine, not_yet)
+    tx(engine, new_org, org_id=not_yet)
     assert replay(engine, event.id).status == "processed"
     assert balance(engine, not_yet) == 2500
 
 
 def test_a_capture_naming_no_organization_parks(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
 
     event = deliver(engine, pp.capture_completed(None, pp.new_id(), value="25.00"))
 
@@ -449,7 +441,7 @@ def test_a_capture_naming_no_organization_parks(engine):
 
 
 def test_a_capture_in_another_currency_parks(engine):
-    org = new_org(engine, currency="USD")
+    org = tx(engine, new_org, currency="USD")
 
     capture_id = pp.new_id()
     event = deliver(engine, pp.capture_completed(org, capture_id, "25.00", "EUR"))
@@ -460,7 +452,7 @@ def test_a_capture_in_another_currency_parks(engine):
 
 
 def test_a_refund_in_another_currency_parks(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     capture_id = pp.new_id()
     deliver(engine, pp.capture_completed(org, capture_id, value="25.00"))
 
@@ -479,7 +471,7 @@ def test_a_subscription_event_for_an_unknown_organization_parks(engine):
 
 
 def test_only_parked_or_failed_events_replay(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     event = deliver(engine, pp.capture_completed(org, pp.new_id()))
 
     with pytest.raises(Refused):
@@ -491,7 +483,7 @@ def test_only_parked_or_failed_events_replay(engine):
 
 
 def test_an_older_subscription_event_is_recorded_but_never_overwrites_a_newer_status(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sub_id = f"I-{pp.new_id(12)}"
 
     newer = deliver(engine, sub_event("BILLING.SUBSCRIPTION.SUSPENDED", sub_id, org, at=T0))
@@ -505,7 +497,7 @@ def test_an_older_subscription_event_is_recorded_but_never_overwrites_a_newer_st
 
 
 def test_an_older_event_without_a_usable_update_time_is_ordered_by_its_create_time(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sub_id = f"I-{pp.new_id(12)}"
     deliver(engine, sub_event("BILLING.SUBSCRIPTION.SUSPENDED", sub_id, org, at=T0))
 
@@ -522,7 +514,7 @@ def test_an_older_event_without_a_usable_update_time_is_ordered_by_its_create_ti
 
 
 def test_an_older_failed_payment_does_not_overwrite_a_newer_status(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sub_id = f"I-{pp.new_id(12)}"
     deliver(engine, sub_event("BILLING.SUBSCRIPTION.ACTIVATED", sub_id, org, at=T0))
 
@@ -539,7 +531,7 @@ def test_an_older_failed_payment_does_not_overwrite_a_newer_status(engine):
 
 def test_a_newer_failed_payment_suspends_even_if_the_failure_itself_is_older(engine):
     """Ordering is by the resource's update_time: the status it reports is as of then."""
-    org = new_org(engine)
+    org = tx(engine, new_org)
     sub_id = f"I-{pp.new_id(12)}"
     deliver(engine, sub_event("BILLING.SUBSCRIPTION.ACTIVATED", sub_id, org, at=T0))
 

@@ -23,9 +23,9 @@ from sqlalchemy import text
 from core import orgs, wallet
 from core.db import run_in_transaction
 from core.settings import Settings
-from tests.fakes import paypal_payloads as pp
-from tests.fakes.paypal_api import CERTS_PATH, FakePayPal, LocalCA, make_signing_cert
 from tests.stack import free_port, start_beat, start_web, start_worker, wait_for
+from tests.support.fakes.paypal_api import CERTS_PATH, FakePayPal, LocalCA, make_signing_cert
+from tests.support.payloads import paypal as pp
 from webhook_receiver.app import create_app
 from webhook_receiver.receiver import MAX_BODY
 

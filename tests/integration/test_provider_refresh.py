@@ -20,11 +20,9 @@ from core.db import run_in_transaction
 from core.providers.stripe.api import StripeApi
 from core.providers.twilio.accounts import converge_one
 from core.settings import Settings
-from tests.fakes.fake_stripe import STRIPE_KEY, FakeStripe
-from tests.fakes.paypal_api import FakePayPal
+from tests.support.fakes.fake_stripe import STRIPE_KEY, FakeStripe
+from tests.support.fakes.paypal_api import FakePayPal
 from worker.reconcile_providers import refresh_stale
-
-pytestmark = pytest.mark.integration
 
 POLICY = sending.Policy()
 
@@ -36,7 +34,7 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-# --- a tiny Stripe: tests/fakes/fake_stripe.py -------------------------------------------
+# --- a tiny Stripe: tests/support/fakes/fake_stripe.py -----------------------------------
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ from sqlalchemy import text
 from core import apikeys
 from core.db import run_in_transaction
 from tests.stack import start_web
-from tests.support.api import assert_problem, count, key_id, make_key, new_org
+from tests.support.api import api_org, assert_problem, count, key_id, make_key
+from tests.support.db import tx
 
 TO = "+15005550010"
 
@@ -51,7 +52,7 @@ def send(api, key, org, idem="k-1", body="hello"):
     ],
 )
 def test_missing_malformed_or_unknown_keys_answer_401(api, engine, authorization):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     headers = {} if authorization is None else {"Authorization": authorization}
 
     answer = api.get(f"/organizations/{org}/can-send", headers=headers)
@@ -61,7 +62,7 @@ def test_missing_malformed_or_unknown_keys_answer_401(api, engine, authorization
 
 
 def test_a_known_key_id_with_a_wrong_secret_answers_401(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     real = make_key(engine, "admin")
     forged = key_id(real) + "." + "B" * 43
 
@@ -78,7 +79,7 @@ def test_secrets_are_stored_only_as_hashes(engine):
 
 
 def test_a_revoked_key_is_refused_and_nothing_is_queued(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     assert send(api, key, org, "before").status == 202
     run_in_transaction(engine, lambda c: apikeys.revoke(c, key_id(key), actor="test"))
@@ -89,7 +90,7 @@ def test_a_revoked_key_is_refused_and_nothing_is_queued(api, engine):
 
 
 def test_revocation_takes_effect_within_a_second_in_every_web_process(app_env, engine, tmp_path):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "read")
     url = f"/v1/organizations/{org}/can-send"
     headers = {"Authorization": f"Bearer {key}"}
@@ -113,7 +114,7 @@ def test_revocation_takes_effect_within_a_second_in_every_web_process(app_env, e
 
 
 def test_scopes_nest_read_within_send_within_admin(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     read, send_key, admin = (make_key(engine, s) for s in ("read", "send", "admin"))
     campaign = {"campaign_id": "spring"}
 
@@ -134,7 +135,7 @@ def test_scopes_nest_read_within_send_within_admin(api, engine):
 
 
 def test_a_confined_key_sees_other_organizations_as_unknown(api, engine):
-    mine, theirs = new_org(engine, 100), new_org(engine, 100)
+    mine, theirs = tx(engine, api_org, balance=100), tx(engine, api_org, balance=100)
     key = make_key(engine, "admin", org=mine)
     admin = make_key(engine, "admin")
     api.post(f"/organizations/{theirs}/campaigns", admin, {"campaign_id": "c"})
@@ -161,7 +162,7 @@ def test_a_confined_key_sees_other_organizations_as_unknown(api, engine):
 
 
 def test_a_confined_key_may_not_use_routes_that_span_organizations(api, engine):
-    mine = new_org(engine, 100)
+    mine = tx(engine, api_org, balance=100)
     key = make_key(engine, "admin", org=mine)
 
     assert_problem(api.post("/organizations", key, {"org_id": "another"}), 403)
@@ -172,7 +173,7 @@ def test_a_confined_key_may_not_use_routes_that_span_organizations(api, engine):
 def test_every_write_names_its_key_in_the_audit_trail_and_every_request_in_the_log(
     api, engine, caplog
 ):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "admin")
     caplog.set_level(logging.INFO, logger="webhook_receiver.api.registry")
 
@@ -203,7 +204,7 @@ def test_every_write_names_its_key_in_the_audit_trail_and_every_request_in_the_l
 
 
 def test_an_idempotency_key_reused_with_another_body_is_refused_and_queues_nothing(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     first = send(api, key, org, "k", body="first")
 
@@ -219,7 +220,7 @@ def test_an_idempotency_key_reused_with_another_body_is_refused_and_queues_nothi
 
 def test_idempotency_keys_are_scoped_per_organization(api, engine):
     """Another tenant using the same key neither reads nor blocks the first one's answer."""
-    a, b = new_org(engine, 100), new_org(engine, 100)
+    a, b = tx(engine, api_org, balance=100), tx(engine, api_org, balance=100)
     key_a, key_b = make_key(engine, "send", org=a), make_key(engine, "send", org=b)
 
     first = send(api, key_a, a, "shared", body="for a")
@@ -232,7 +233,7 @@ def test_idempotency_keys_are_scoped_per_organization(api, engine):
 
 
 def test_a_batch_reusing_a_key_with_another_message_queues_nothing(api, engine):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     key = make_key(engine, "send")
     items = [{"to": TO, "body": f"m{i}", "idempotency_key": f"k{i}"} for i in range(3)]
     assert api.post("/messages/batch", key, {"org_id": org, "messages": items}).status == 202
@@ -265,7 +266,7 @@ def cli(database_url, monkeypatch, capsys):
 
 
 def test_apikey_create_shows_the_secret_once_list_never_and_revoke_is_audited(api, engine, cli):
-    org = new_org(engine, 100)
+    org = tx(engine, api_org, balance=100)
     status, created = cli("apikey", "create", "--name", "crm", "--scope", "send", "--org", org,
                           "--actor", "alice")  # fmt: skip
     assert status == 0
@@ -301,7 +302,7 @@ def test_apikey_create_refuses_an_unknown_organization_and_a_bad_scope(cli, engi
 def test_the_dev_stack_key_is_admin_and_each_start_revokes_the_previous_one(
     api, engine, database_url
 ):
-    from cli.devstack import dev_api_key
+    from devtools.devstack import dev_api_key
 
     first, second = dev_api_key(database_url), dev_api_key(database_url)
     time.sleep(0.6)

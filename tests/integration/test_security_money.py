@@ -49,13 +49,11 @@ import pytest
 
 from core import handlers, inbox, wallet
 from core.errors import NotYetApplicable
-from tests.fakes import paypal_payloads as pp
-from tests.fakes import stripe_payloads as sp
 from tests.integration import test_stripe_pipeline as stripe_pipeline
 from tests.integration.test_cli import run_payguard
 from tests.integration.test_stripe_pipeline import Pipeline, pay
-
-pytestmark = pytest.mark.integration
+from tests.support.payloads import paypal as pp
+from tests.support.payloads import stripe as sp
 
 # The Stripe pipeline's fixtures: a signed delivery through the receiver, then the worker's
 # unit of work, every balance verified against its journal at the end of each test.
@@ -248,7 +246,7 @@ def test_concurrent_failure_deliveries_give_back_once(stripe):
         barrier.wait()
         try:
             stripe.process(inbox_id)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in inbox_ids]

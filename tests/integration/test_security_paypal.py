@@ -3,7 +3,7 @@ that proves it fails.
 
 PayPal signs ``transmission_id|transmission_time|webhook_id|crc32(body)`` and sends the
 signature, the certificate URL and the signed fields as headers. CRC32 is not a hash: anyone
-can build another body with the same CRC (tests.fakes.crc_forge does it in milliseconds). So
+can build another body with the same CRC (tests.support.fakes.crc_forge does it in milliseconds). So
 one genuine transmission that leaks (a log line, a proxy, a misdirected delivery) is a
 signature for every body of its CRC. The attacker we defend against holds such a leaked
 transmission, can send any bytes to ``web``, and can run a server nowhere PayPal's
@@ -56,10 +56,10 @@ from core import orgs
 from core.db import run_in_transaction
 from core.providers.paypal.verify import CertificateFetcher, VerificationUnavailable
 from core.settings import Settings
-from tests.fakes import paypal_payloads as pp
-from tests.fakes.crc_forge import forge_same_crc
-from tests.fakes.paypal_api import CERTS_PATH
 from tests.stack import start_web
+from tests.support.fakes.crc_forge import forge_same_crc
+from tests.support.fakes.paypal_api import CERTS_PATH
+from tests.support.payloads import paypal as pp
 from webhook_receiver.app import create_app
 
 WEBHOOK_ID = "WH-TEST"
@@ -250,7 +250,7 @@ def test_racing_bodies_for_one_transmission_store_one_of_them(
 
 
 @pytest.mark.parametrize(
-    "age, status",
+    ("age", "status"),
     [
         (timedelta(days=3, hours=1), 200),  # PayPal's last retry of a 3-day schedule
         (timedelta(days=5), 400),

@@ -30,8 +30,9 @@ from sqlalchemy import text
 from core import top_up_capture, topups
 from core.db import run_in_transaction
 from core.settings import Settings
-from tests.fakes.paypal_api import make_signing_cert
-from tests.support.api import Client, assert_problem, count, make_key, new_org
+from tests.support.api import Client, api_org, assert_problem, count, make_key
+from tests.support.db import tx
+from tests.support.fakes.paypal_api import make_signing_cert
 from tests.support.topups import (
     balance,
     capture,
@@ -45,7 +46,6 @@ from tests.support.topups import (
 )
 from webhook_receiver.app import create_app
 
-pytestmark = pytest.mark.integration
 WEBHOOK_ID = "WH-TEST"
 
 
@@ -75,7 +75,7 @@ def test_a_forged_approval_webhook_approves_and_captures_nothing(
     signed_app, engine, fake_paypal, paypal_signer
 ):
     api = Client(signed_app.test_client())
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     top_up = create(api, key, org).body
     fake_paypal.approve(top_up["provider_reference"])
     raw = json.dumps(order_approved(top_up["provider_reference"], org)).encode()
@@ -102,7 +102,7 @@ def test_a_forged_approval_webhook_approves_and_captures_nothing(
 
 def test_an_approval_naming_another_organization_is_parked(signed_app, engine, fake_paypal):
     api = Client(signed_app.test_client())
-    key, victim, attacker = make_key(engine), new_org(engine), new_org(engine)
+    key, victim, attacker = make_key(engine), tx(engine, api_org), tx(engine, api_org)
     top_up = create(api, key, victim).body
     stored = deliver(engine, "paypal", order_approved(top_up["provider_reference"], attacker))
     assert stored.status == "parked"
@@ -111,7 +111,7 @@ def test_an_approval_naming_another_organization_is_parked(signed_app, engine, f
 
 
 def test_an_approval_of_an_order_that_is_no_top_up_captures_nothing(engine, fake_paypal):
-    org = new_org(engine)
+    org = tx(engine, api_org)
     assert deliver(engine, "paypal", order_approved("ORDNOTOURS", org)).status == "processed"
     assert count(engine, "outbox", "task = :t", t=topups.CAPTURE_TASK) == 0
 
@@ -120,7 +120,7 @@ def test_a_capture_answer_naming_another_organization_credits_nobody(
     signed_app, engine, fake_paypal
 ):
     api = Client(signed_app.test_client())
-    key, victim, attacker = make_key(engine), new_org(engine), new_org(engine)
+    key, victim, attacker = make_key(engine), tx(engine, api_org), tx(engine, api_org)
     top_up = create(api, key, attacker).body
     order_id = top_up["provider_reference"]
     fake_paypal.approve(order_id)
@@ -134,7 +134,7 @@ def test_a_capture_answer_naming_another_organization_credits_nobody(
 
 def test_a_replayed_capture_credits_once(signed_app, engine, fake_paypal):
     api = Client(signed_app.test_client())
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     top_up = create(api, key, org, amount=1500).body
     order_id, top_up_id = top_up["provider_reference"], top_up["top_up_id"]
     fake_paypal.approve(order_id)
@@ -155,7 +155,7 @@ def test_a_replayed_capture_credits_once(signed_app, engine, fake_paypal):
 
 def test_a_confined_key_cannot_top_up_or_read_another_organization(signed_app, engine, fake_paypal):
     api = Client(signed_app.test_client())
-    mine, theirs = new_org(engine), new_org(engine)
+    mine, theirs = tx(engine, api_org), tx(engine, api_org)
     confined = make_key(engine, "admin", org=mine)
     assert_problem(create(api, confined, theirs), 404)
     assert fake_paypal.create_requests == 0
@@ -169,7 +169,7 @@ def test_a_confined_key_cannot_top_up_or_read_another_organization(signed_app, e
 
 def test_paying_less_than_asked_credits_what_was_captured(signed_app, engine, fake_paypal):
     api = Client(signed_app.test_client())
-    key, org = make_key(engine), new_org(engine)
+    key, org = make_key(engine), tx(engine, api_org)
     top_up = create(api, key, org, amount=1500).body
     fake_paypal.approve(top_up["provider_reference"])
     fake_paypal.capture_amount = "5.00"

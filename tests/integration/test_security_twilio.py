@@ -25,20 +25,18 @@ Twilio does not send a status callback again. A failure is remembered for second
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
 
-from core import messages, orgs, subscriptions, wallet
-from core.db import run_in_transaction
+from core import messages, wallet
 from core.providers.twilio.gateway import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
-from tests.fakes.fake_twilio import signed_status_callback, status_callback_params
+from tests.support.db import tx
+from tests.support.factories import new_org, subaccount_of
+from tests.support.fakes.fake_twilio import signed_status_callback, status_callback_params
 from webhook_receiver.app import create_app
-
-pytestmark = pytest.mark.integration
 
 PARENT = "AC" + "1" * 32
 PARENT_TOKEN = "parent-token"
@@ -65,31 +63,14 @@ def client(app):
     return app.test_client()
 
 
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
-
-
 class Tenant:
     """An organization with a subaccount whose token only it (and Twilio) knows."""
 
     def __init__(self, engine, fake_twilio, *, balance: int = 10, price: int = 2):
-        self.org = f"org-{uuid.uuid4().hex[:10]}"
-        self.subaccount = "AC" + uuid.uuid4().hex
+        self.org = tx(engine, new_org, balance=balance, price=price, twilio=True, active=True)
+        self.subaccount = subaccount_of(self.org)
         self.token = uuid.uuid4().hex
         fake_twilio.set_auth_token(self.subaccount, self.token)
-
-        def setup(conn):
-            orgs.create(
-                conn, self.org, twilio_subaccount_sid=self.subaccount, sender="+15005550006",
-                segment_price_cents=price,
-            )  # fmt: skip
-            wallet.credit(conn, self.org, balance, f"seed:{self.org}")
-            subscriptions.apply_status(
-                conn, "paypal", f"I-{self.org}", self.org, "active",
-                datetime.now(UTC) - timedelta(days=1),
-            )  # fmt: skip
-
-        tx(engine, setup)
 
     def sending(self, engine) -> str:
         """A message held and marked `sending`: the worker is in its Twilio call."""

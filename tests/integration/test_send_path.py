@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from functools import partial
 
 import pytest
 from sqlalchemy import text
 
 from bus.publisher import Publisher
 from core import inbox, messages, orgs, outbox, sending, subscriptions, wallet
-from core.campaigns import create_campaign, list_campaigns, pause_campaign
-from core.db import run_in_transaction
+from core.campaigns import list_campaigns, pause_campaign
 from core.sending import INSUFFICIENT_BALANCE, SUBSCRIPTION_INACTIVE, TWILIO_SUSPENDED, Policy
-from tests.fakes import paypal_payloads
-from tests.fakes.fake_twilio import Reply, unused_port
 from tests.stack import free_port, start_worker, wait_for
+from tests.support.db import tx
+from tests.support.factories import new_org, subaccount_of
+from tests.support.fakes.fake_twilio import Reply, unused_port
+from tests.support.payloads import paypal as paypal_payloads
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 PARENT = "AC" + "1" * 32
 TOKEN = "parent-auth-token"
@@ -53,27 +54,7 @@ def env(stack_env, fake_twilio):
     return env
 
 
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
-
-
-def new_org(engine, balance: int, *, price: int = 1, campaigns=()) -> tuple[str, str]:
-    """An organization with an active subscription: (org_id, subaccount sid)."""
-    org = f"org-{uuid.uuid4().hex[:10]}"
-    sub = "AC" + uuid.uuid4().hex
-
-    def create(conn):
-        orgs.create(conn, org, twilio_subaccount_sid=sub, sender=SENDER, segment_price_cents=price)
-        if balance:
-            wallet.credit(conn, org, balance, f"seed:{org}")
-        subscriptions.apply_status(
-            conn, "paypal", f"I-{org}", org, "active", datetime.now(UTC) - timedelta(days=1)
-        )
-        for campaign in campaigns:
-            create_campaign(conn, org, campaign, POLICY)
-
-    tx(engine, create)
-    return org, sub
+sending_org = partial(new_org, price=1, twilio=True, active=True)
 
 
 def queue(engine, org: str, n: int = 1, campaign_of=lambda i: None) -> list[str]:
@@ -174,7 +155,8 @@ def twilio_status(engine, org: str) -> tuple[str, str]:
 
 
 def test_two_hundred_sends_for_a_wallet_that_pays_for_fifty(engine, env, fake_twilio, tmp_path):
-    org, sub = new_org(engine, 150, price=3, campaigns=["spring", "summer", "autumn"])
+    org = tx(engine, sending_org, balance=150, price=3, campaigns=["spring", "summer", "autumn"])
+    sub = subaccount_of(org)
     tx(engine, lambda c: pause_campaign(c, org, "autumn"))
     ids = queue(engine, org, 200, lambda i: ("spring", "summer", None)[i % 3])
 
@@ -230,7 +212,8 @@ def test_a_send_that_may_have_gone_out_is_unknown_charged_once_and_never_repeate
 ):
     fake_twilio.hang_seconds = GATEWAY_READ_TIMEOUT + 10  # longer than the worker waits
     fake_twilio.script("messages", behaviours)  # one per message, in order (one worker)
-    org, sub = new_org(engine, 10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
+    sub = subaccount_of(org)
     ids = queue(engine, org, len(behaviours))
 
     with start_worker(env, tmp_path) as worker:
@@ -249,7 +232,8 @@ def test_a_send_that_may_have_gone_out_is_unknown_charged_once_and_never_repeate
 
 def test_a_refused_send_gives_the_hold_back(engine, env, fake_twilio, tmp_path):
     fake_twilio.script("messages", [Reply(400, code=21211, message="bad To")])
-    org, sub = new_org(engine, 10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
+    sub = subaccount_of(org)
     [mid] = queue(engine, org)
 
     with start_worker(env, tmp_path):
@@ -266,7 +250,8 @@ def test_a_refused_send_gives_the_hold_back(engine, env, fake_twilio, tmp_path):
 
 def test_a_rate_limited_send_is_retried_and_charged_once(engine, env, fake_twilio, tmp_path):
     fake_twilio.script("messages", [429, 429, 201])
-    org, sub = new_org(engine, 10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
+    sub = subaccount_of(org)
     [mid] = queue(engine, org)
 
     with start_worker(env, tmp_path):
@@ -288,7 +273,7 @@ def test_twilio_unreachable_is_retried_then_given_up_with_the_hold_released(
     engine, env, fake_twilio, tmp_path
 ):
     env["TWILIO_API_BASE"] = f"http://127.0.0.1:{unused_port()}"  # connection refused
-    org, _ = new_org(engine, 10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
     [mid] = queue(engine, org)
 
     with start_worker(env, tmp_path) as worker:
@@ -306,7 +291,8 @@ def test_twilio_unreachable_is_retried_then_given_up_with_the_hold_released(
 def test_a_retry_after_the_subscription_lapsed_does_not_send(engine, env, fake_twilio, tmp_path):
     # Twilio takes a while to answer 429; meanwhile the subscription is cancelled.
     fake_twilio.script("messages", [Reply(429, delay=2.0)])
-    org, sub = new_org(engine, 10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
+    sub = subaccount_of(org)
     [mid] = queue(engine, org)
 
     with start_worker(env, tmp_path):
@@ -343,7 +329,8 @@ def test_a_worker_killed_during_the_twilio_call_leaves_the_message_unknown_and_c
     env["SEND_LEASE_SECONDS"] = "20"
     fake_twilio.hang_seconds = 60
     fake_twilio.script("messages", ["timeout"])
-    org, sub = new_org(engine, 10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
+    sub = subaccount_of(org)
     [mid] = queue(engine, org)
 
     worker = start_worker(env, tmp_path)
@@ -376,7 +363,8 @@ def test_a_duplicate_delivery_during_the_call_leaves_the_send_to_its_owner(
     engine, env, fake_twilio, tmp_path
 ):
     fake_twilio.script("messages", [Reply(201, delay=2.0)])
-    org, sub = new_org(engine, 10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
+    sub = subaccount_of(org)
     [mid] = queue(engine, org)
 
     with start_worker(env, tmp_path, concurrency=2):
@@ -401,7 +389,8 @@ def test_a_cancelled_subscription_blocks_sending_before_twilio_suspends_the_suba
 ):
     # Twilio is slow to answer, and then rate limits the first suspension.
     fake_twilio.script("account", [Reply(429, delay=4.0), 200])
-    org, sub = new_org(engine, 10, price=2, campaigns=["spring"])
+    org = tx(engine, sending_org, balance=10, price=2, campaigns=["spring"])
+    sub = subaccount_of(org)
 
     with start_worker(env, tmp_path, concurrency=2):
         deliver_paypal_event(
@@ -443,7 +432,8 @@ def test_the_subaccount_is_suspended_through_errors_and_reactivated_but_never_cl
     engine, env, fake_twilio, tmp_path
 ):
     fake_twilio.script("account", [429, 503, "drop", 200])
-    org, sub = new_org(engine, 10, price=2, campaigns=["spring"])
+    org = tx(engine, sending_org, balance=10, price=2, campaigns=["spring"])
+    sub = subaccount_of(org)
 
     def change(status: str) -> None:
         def unit(conn):

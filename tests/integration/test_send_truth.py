@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from sqlalchemy import text
 
 from bus.publisher import Publisher
-from core import messages, orgs, subscriptions, wallet
-from core.db import run_in_transaction
+from core import messages, wallet
 from core.providers.twilio.gateway import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
-from tests.fakes.fake_twilio import Reply, signed_status_callback, status_callback_params
 from tests.stack import free_port, start_worker, wait_for
+from tests.support.db import tx
+from tests.support.factories import new_org, subaccount_of
+from tests.support.fakes.fake_twilio import Reply, signed_status_callback, status_callback_params
 from webhook_receiver.app import create_app
-
-pytestmark = pytest.mark.integration
 
 PARENT = "AC" + "1" * 32
 TOKEN = "parent-auth-token"
@@ -40,23 +39,7 @@ TO = "+15005550010"
 POLICY = Policy()
 
 
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
-
-
-def new_org(engine, balance: int = 10, price: int = 2) -> tuple[str, str]:
-    org = f"org-{uuid.uuid4().hex[:10]}"
-    sub = "AC" + uuid.uuid4().hex
-
-    def create(conn):
-        orgs.create(conn, org, twilio_subaccount_sid=sub, sender=SENDER, segment_price_cents=price)
-        wallet.credit(conn, org, balance, f"seed:{org}")
-        subscriptions.apply_status(
-            conn, "paypal", f"I-{org}", org, "active", datetime.now(UTC) - timedelta(days=1)
-        )
-
-    tx(engine, create)
-    return org, sub
+sending_org = partial(new_org, balance=10, price=2, twilio=True, active=True)
 
 
 def queue(engine, org: str) -> str:
@@ -124,7 +107,7 @@ def callback(client, message_id: str, sid: str, status: str):
 
 
 def test_a_copy_of_the_task_leaves_a_send_under_a_live_lease_alone(engine):
-    org, _ = new_org(engine)
+    org = tx(engine, sending_org)
     mid = queue(engine, org)
     assert isinstance(tx(engine, lambda c: messages.prepare(c, mid, POLICY)), messages.Plan)
 
@@ -136,7 +119,7 @@ def test_a_copy_of_the_task_leaves_a_send_under_a_live_lease_alone(engine):
 
 
 def test_only_a_lease_that_expired_with_no_sid_and_no_callback_is_unknown(engine):
-    org, _ = new_org(engine)
+    org = tx(engine, sending_org)
     mid = queue(engine, org)
     assert isinstance(tx(engine, lambda c: messages.prepare(c, mid, POLICY)), messages.Plan)
     expire_lease(engine, mid)
@@ -149,7 +132,7 @@ def test_only_a_lease_that_expired_with_no_sid_and_no_callback_is_unknown(engine
 
 
 def test_a_callback_settles_a_message_whose_sid_was_never_recorded(client, engine):
-    org, _ = new_org(engine)
+    org = tx(engine, sending_org)
     mid = queue(engine, org)
     assert isinstance(tx(engine, lambda c: messages.prepare(c, mid, POLICY)), messages.Plan)
     sid = "SM" + uuid.uuid4().hex
@@ -166,7 +149,7 @@ def test_a_callback_settles_a_message_whose_sid_was_never_recorded(client, engin
 
 
 def test_a_callback_corrects_a_message_given_up_as_unknown(client, engine):
-    org, _ = new_org(engine)
+    org = tx(engine, sending_org)
     mid = queue(engine, org)
     assert isinstance(tx(engine, lambda c: messages.prepare(c, mid, POLICY)), messages.Plan)
     expire_lease(engine, mid)
@@ -182,7 +165,7 @@ def test_a_callback_corrects_a_message_given_up_as_unknown(client, engine):
 
 
 def test_a_late_answer_corrects_a_message_given_up_as_unknown(engine):
-    org, _ = new_org(engine)
+    org = tx(engine, sending_org)
     mid = queue(engine, org)
     assert isinstance(tx(engine, lambda c: messages.prepare(c, mid, POLICY)), messages.Plan)
     expire_lease(engine, mid)
@@ -198,7 +181,7 @@ def test_a_late_answer_corrects_a_message_given_up_as_unknown(engine):
 
 
 def test_a_late_refusal_gives_back_what_unknown_charged(engine):
-    org, _ = new_org(engine)
+    org = tx(engine, sending_org)
     mid = queue(engine, org)
     assert isinstance(tx(engine, lambda c: messages.prepare(c, mid, POLICY)), messages.Plan)
     expire_lease(engine, mid)
@@ -258,7 +241,8 @@ CREATE TRIGGER fail_first_recording BEFORE UPDATE ON messages
 def test_a_recording_that_fails_after_twilio_accepted_is_retried_to_the_truth(
     engine, env, fake_twilio, tmp_path
 ):
-    org, sub = new_org(engine)
+    org = tx(engine, sending_org)
+    sub = subaccount_of(org)
     mid = queue(engine, org)
     with engine.begin() as c:
         c.exec_driver_sql(FAIL_FIRST_RECORDING)
@@ -287,7 +271,8 @@ def test_a_relayed_copy_with_the_same_task_id_leaves_a_live_send_to_its_owner(
     engine, env, fake_twilio, tmp_path
 ):
     fake_twilio.script("messages", [Reply(201, delay=4.0)])  # Twilio is slow to answer
-    org, sub = new_org(engine)
+    org = tx(engine, sending_org)
+    sub = subaccount_of(org)
     mid = queue(engine, org)
 
     with start_worker(env, tmp_path, concurrency=2) as worker:

@@ -15,14 +15,12 @@ import pytest
 from sqlalchemy import text
 
 from core import campaigns, messages, orgs, subscriptions, wallet
-from core.db import run_in_transaction
 from core.providers.twilio.gateway import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
-from tests.fakes.fake_twilio import signed_status_callback, status_callback_params
+from tests.support.db import tx
+from tests.support.fakes.fake_twilio import signed_status_callback, status_callback_params
 from webhook_receiver.app import create_app
-
-pytestmark = pytest.mark.integration
 
 PARENT = "AC" + "1" * 32
 TOKEN = "parent-auth-token"
@@ -54,10 +52,6 @@ def app(database_url):
 @pytest.fixture
 def client(app):
     return app.test_client()
-
-
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
 
 
 def accepted_message(engine, *, balance: int = 10, price: int = 2, campaign: str | None = None):

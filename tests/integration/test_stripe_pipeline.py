@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,17 +18,16 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
-from core import campaigns, handlers, inbox, orgs, sending, wallet
+from core import campaigns, handlers, inbox, sending, wallet
 from core.db import run_in_transaction
 from core.errors import NotYetApplicable, ParkEvent
 from core.providers.events import PaymentCaptured
 from core.settings import Settings
-from tests.fakes import paypal_payloads as pp
-from tests.fakes import stripe_payloads as sp
 from tests.stack import wait_for
+from tests.support.factories import new_org
+from tests.support.payloads import paypal as pp
+from tests.support.payloads import stripe as sp
 from webhook_receiver.app import create_app
-
-pytestmark = pytest.mark.integration
 
 GRACE = timedelta(hours=72)
 POLICY = sending.Policy(past_due_grace=GRACE)
@@ -90,16 +88,12 @@ class Pipeline:
     def new_org(
         self, *, campaign: bool = False, currency: str = "USD", billing: str = "prepaid"
     ) -> str:
-        org_id = f"org-{uuid.uuid4().hex[:10]}"
-
-        def create(conn):
-            orgs.create(conn, org_id, currency=currency, billing=billing)
-            if campaign:
-                # Created before any money: Payguard pauses it, and must resume it itself.
-                campaigns.create_campaign(conn, org_id, "spring", POLICY)
-
-        self.tx(create)
-        return org_id
+        # A campaign is created before any money: Payguard pauses it, and must resume it itself.
+        return self.tx(
+            lambda c: new_org(
+                c, currency=currency, billing=billing, campaigns=["spring"] if campaign else ()
+            )
+        )
 
     def wallet(self, org_id: str) -> wallet.WalletState:
         return self.tx(lambda c: wallet.show(c, org_id))

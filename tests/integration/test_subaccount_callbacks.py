@@ -13,8 +13,7 @@ from core.db import run_in_transaction
 from core.providers.twilio.gateway import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
-from tests.fakes.fake_twilio import signed_status_callback, status_callback_params
-from webhook_receiver.app import create_app
+from tests.support.fakes.fake_twilio import signed_status_callback, status_callback_params
 
 PARENT = "AC" + "1" * 32
 PUBLIC = "https://payguard.example.com"
@@ -23,13 +22,13 @@ SUBACCOUNT_TOKEN = "0" * 32  # what the fake answers for any subaccount
 
 
 @pytest.fixture
-def client(database_url, fake_twilio):
+def client(database_url, fake_twilio, make_app):
     settings = Settings(
         DATABASE_URL=database_url, REDIS_URL="redis://127.0.0.1:1/0",
         TWILIO_ACCOUNT_SID=PARENT, TWILIO_AUTH_TOKEN="parent-token",
         TWILIO_API_BASE=fake_twilio.base_url, PUBLIC_BASE_URL=PUBLIC, LOG_FORMAT="text",
     )  # fmt: skip
-    return create_app(settings).test_client()
+    return make_app(settings).test_client()
 
 
 def _accepted(engine, subaccount: str) -> str:

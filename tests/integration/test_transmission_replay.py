@@ -12,27 +12,26 @@ from sqlalchemy import text
 from core import orgs, wallet
 from core.db import run_in_transaction
 from core.settings import Settings
-from tests.fakes import paypal_payloads as pp
-from tests.fakes.crc_forge import forge_same_crc
-from webhook_receiver.app import create_app
+from tests.support.fakes.crc_forge import forge_same_crc
+from tests.support.payloads import paypal as pp
 
 
-def _client(database_url, redis_url, fake_paypal):
+def _client(make_app, database_url, redis_url, fake_paypal):
     settings = Settings(
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         PAYPAL_WEBHOOK_ID="WH-TEST",
         PAYPAL_CERT_URL_PREFIXES=fake_paypal.cert_prefix,
     )
-    return create_app(settings).test_client()
+    return make_app(settings).test_client()
 
 
 def test_forged_body_with_the_crc_of_a_used_transmission_is_refused(
-    engine, database_url, redis_clean, fake_paypal, paypal_signer
+    make_app, engine, database_url, redis_clean, fake_paypal, paypal_signer
 ):
     run_in_transaction(engine, lambda c: orgs.create(c, "victim"))
     run_in_transaction(engine, lambda c: orgs.create(c, "attacker"))
-    client = _client(database_url, redis_clean, fake_paypal)
+    client = _client(make_app, database_url, redis_clean, fake_paypal)
     genuine_event = pp.capture_completed("victim", pp.new_id(), value="10.00")
     genuine = json.dumps(genuine_event).encode()
     headers = paypal_signer.sign("WH-TEST", genuine, fake_paypal.signing_cert_url)
@@ -53,9 +52,9 @@ def test_forged_body_with_the_crc_of_a_used_transmission_is_refused(
 
 
 def test_a_genuine_retry_of_the_same_transmission_is_a_duplicate(
-    engine, database_url, redis_clean, fake_paypal, paypal_signer
+    make_app, engine, database_url, redis_clean, fake_paypal, paypal_signer
 ):
-    client = _client(database_url, redis_clean, fake_paypal)
+    client = _client(make_app, database_url, redis_clean, fake_paypal)
     body = json.dumps(pp.capture_completed("anyone", pp.new_id())).encode()
     headers = paypal_signer.sign("WH-TEST", body, fake_paypal.signing_cert_url)
 

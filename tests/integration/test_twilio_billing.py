@@ -15,23 +15,22 @@ import json
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from core import messages, orgs, subscriptions, wallet
-from core.db import run_in_transaction
+from core import messages, wallet
 from core.providers.twilio.gateway import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
-from tests.fakes.fake_twilio import signed_status_callback, status_callback_params
+from tests.support.db import tx
+from tests.support.factories import new_org
+from tests.support.fakes.fake_twilio import signed_status_callback, status_callback_params
 from webhook_receiver.app import create_app
-
-pytestmark = pytest.mark.integration
 
 PARENT = "AC" + "1" * 32
 TOKEN = "parent-auth-token"
@@ -41,10 +40,6 @@ METRICS_TOKEN = "metrics-token-0123456789"
 POLICY = Policy()
 _SCRIPT = Path(sys.executable).with_name("payguard")
 PAYGUARD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli.main"]
-
-
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
 
 
 @pytest.fixture
@@ -59,21 +54,7 @@ def client(database_url):
     app.extensions["payguard"].engine.dispose()
 
 
-def new_org(engine, balance: int, price: int = 2) -> str:
-    org = f"org-{uuid.uuid4().hex[:10]}"
-
-    def create(conn):
-        orgs.create(
-            conn, org, twilio_subaccount_sid="AC" + uuid.uuid4().hex, sender="+15005550006",
-            segment_price_cents=price,
-        )  # fmt: skip
-        wallet.credit(conn, org, balance, f"seed:{org}")
-        subscriptions.apply_status(
-            conn, "paypal", f"I-{org}", org, "active", datetime.now(UTC) - timedelta(days=1)
-        )
-
-    tx(engine, create)
-    return org
+sending_org = partial(new_org, price=2, twilio=True, active=True)
 
 
 def sent(engine, org: str, result: SendResult) -> str:
@@ -123,7 +104,7 @@ def billing_of(engine, mid: str) -> tuple:
 
 
 def test_twilios_price_and_segments_from_its_answer_are_recorded(engine):
-    org = new_org(engine, balance=10)
+    org = tx(engine, sending_org, balance=10)
 
     mid = sent(engine, org, accepted(price=Decimal("-0.0079"), price_unit="USD", num_segments=1))
 
@@ -132,7 +113,7 @@ def test_twilios_price_and_segments_from_its_answer_are_recorded(engine):
 
 
 def test_segments_billed_beyond_the_hold_are_charged_once(client, engine):
-    org = new_org(engine, balance=10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
     sid = "SM" + uuid.uuid4().hex
 
     mid = sent(engine, org, accepted(sid, num_segments=3))
@@ -146,7 +127,7 @@ def test_segments_billed_beyond_the_hold_are_charged_once(client, engine):
 
 
 def test_segments_reported_only_by_a_callback_are_charged(client, engine):
-    org = new_org(engine, balance=10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
     sid = "SM" + uuid.uuid4().hex
     mid = sent(engine, org, accepted(sid))
 
@@ -157,7 +138,7 @@ def test_segments_reported_only_by_a_callback_are_charged(client, engine):
 
 
 def test_extra_segments_a_short_wallet_cannot_pay_become_debt(engine):
-    org = new_org(engine, balance=2, price=2)  # exactly the one segment held
+    org = tx(engine, sending_org, balance=2, price=2)  # exactly the one segment held
 
     mid = sent(engine, org, accepted(num_segments=2))
 
@@ -168,7 +149,7 @@ def test_extra_segments_a_short_wallet_cannot_pay_become_debt(engine):
 
 
 def test_a_failed_message_is_refunded_its_extra_segments_too(client, engine):
-    org = new_org(engine, balance=10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
     sid = "SM" + uuid.uuid4().hex
     sent(engine, org, accepted(sid, num_segments=2))
 
@@ -179,7 +160,7 @@ def test_a_failed_message_is_refunded_its_extra_segments_too(client, engine):
 
 def _mismatched(engine) -> str:
     """A message Twilio billed 3 segments for while 1 was charged (as before this check)."""
-    org = new_org(engine, balance=10, price=2)
+    org = tx(engine, sending_org, balance=10, price=2)
     mid = sent(engine, org, accepted())
     with engine.begin() as c:
         c.execute(

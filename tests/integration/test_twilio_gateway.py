@@ -1,9 +1,10 @@
-"""The Twilio gateway against a real local HTTP server faking Twilio (tests/fakes/fake_twilio).
+"""The Twilio gateway against a real local HTTP server faking Twilio (tests/support/fakes/fake_twilio).
 
 The point of these tests is the send outcome: only what certainly never reached Twilio may
 be retried; anything that may have created a message is UNKNOWN.
 """
 
+import contextlib
 import logging
 import re
 import socket
@@ -26,7 +27,7 @@ from core.providers.twilio.gateway import (
     validate_status_callback,
 )
 from core.settings import Settings
-from tests.fakes.fake_twilio import (
+from tests.support.fakes.fake_twilio import (
     FakeTwilio,
     Reply,
     signed_status_callback,
@@ -159,10 +160,8 @@ def full_backlog_port():
     for _ in range(3):
         s = socket.socket()
         s.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
         fillers.append(s)
     time.sleep(0.05)
     yield port
@@ -221,7 +220,7 @@ def test_an_unreadable_success_answer_is_unknown(gateway, fake, monkeypatch):
         self.end_headers()
         self.wfile.write(data)
 
-    monkeypatch.setattr("tests.fakes.fake_twilio._Handler.send_json", garbage)
+    monkeypatch.setattr("tests.support.fakes.fake_twilio._Handler.send_json", garbage)
     assert send(gateway).outcome is SendOutcome.UNKNOWN
 
 
@@ -332,9 +331,10 @@ def test_reactivating_a_closed_subaccount_fails(gateway, fake):
 
 @pytest.mark.parametrize("status", ["closed", "Suspended", ""])
 def test_closing_or_unknown_status_is_refused_locally(gateway, fake, status):
-    with pytest.raises(ValueError):
+    refused = "never closes" if status == "closed" else "must be 'suspended' or 'active'"
+    with pytest.raises(ValueError, match=refused):
         gateway.set_account_status(SUB, status)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=refused):
         ConsoleGateway().set_account_status(SUB, status)
     assert fake.requests() == []
 
@@ -385,7 +385,7 @@ def test_console_gateway_only_logs(caplog):
     assert result.num_segments == 1
     assert result.sid in caplog.text and TO in caplog.text
     assert gw.set_account_status(SUB, "suspended").outcome is AccountOutcome.OK
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"not an E\.164 phone number"):
         gw.send_message(SUB, FROM, "nope", "hi")
 
 

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import random
 import threading
-import uuid
 from collections import Counter
 
 import pytest
 from sqlalchemy import text
 
-from core import orgs, wallet
+from core import wallet
 from core.db import make_engine, run_in_transaction
 from core.errors import Conflict, Refused
+from tests.support.db import tx
+from tests.support.factories import new_org
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -29,17 +30,6 @@ def pool(database_url):
     eng = make_engine(database_url, pool_size=40, max_overflow=10)
     yield eng
     eng.dispose()
-
-
-def new_org(engine, balance: int) -> str:
-    org = f"org-{uuid.uuid4().hex[:10]}"
-
-    def create(conn):
-        orgs.create(conn, org)
-        wallet.credit(conn, org, balance, "seed")
-
-    run_in_transaction(engine, create)
-    return org
 
 
 def race(pool, n: int, op) -> tuple[list, int]:
@@ -116,7 +106,7 @@ THREADS, DEBITS_EACH, START = 32, 200, 1_500_000
 
 
 def test_concurrent_debits_never_overdraw_and_refuse_only_what_did_not_fit(pool):
-    org = new_org(pool, START)
+    org = tx(pool, new_org, balance=START)
     rng = random.Random(20261126)
     plans = [
         [(f"t{t}-d{i}", rng.randint(1, 1000)) for i in range(DEBITS_EACH)] for t in range(THREADS)
@@ -165,7 +155,7 @@ def test_credit_delivered_50_times_at_once_credits_once(pool):
     # The overlap is real but its timing is not: race again (fresh wallet) until a thread
     # lost it, so the assertions below judge a race and not a sequence.
     for _ in range(5):
-        org = new_org(pool, 1000)
+        org = tx(pool, new_org, balance=1000)
         results, retries = race(
             pool, 50, lambda c, i, org=org: wallet.credit(c, org, 700, "paypal:CAPTURE-1")
         )
@@ -175,7 +165,7 @@ def test_credit_delivered_50_times_at_once_credits_once(pool):
     assert not [r for r in results if isinstance(r, Exception)], results
     assert len({r.id for r in results}) == 1
     assert sum(not r.duplicate for r in results) == 1
-    assert [r.reference for r in journal(pool, org)] == ["seed", "paypal:CAPTURE-1"]
+    assert [r.reference for r in journal(pool, org)] == [f"seed:{org}", "paypal:CAPTURE-1"]
     assert show(pool, org).balance_cents == 1700
     assert_consistent(pool, org)
 
@@ -184,7 +174,7 @@ def test_charge_delivered_50_times_at_once_charges_once(pool):
     # The overlap is real but its timing is not: race again (fresh wallet) until a thread
     # lost it, so the assertions below judge a race and not a sequence.
     for _ in range(5):
-        org = new_org(pool, 1000)
+        org = tx(pool, new_org, balance=1000)
         results, retries = race(pool, 50, lambda c, i, org=org: wallet.debit(c, org, 300, "msg:42"))
         if retries:
             break
@@ -200,7 +190,7 @@ def test_clawback_delivered_50_times_at_once_takes_back_once(pool):
     # The overlap is real but its timing is not: race again (fresh wallet) until a thread
     # lost it, so the assertions below judge a race and not a sequence.
     for _ in range(5):
-        org = new_org(pool, 1000)
+        org = tx(pool, new_org, balance=1000)
         results, retries = race(
             pool, 50, lambda c, i, org=org: wallet.clawback(c, org, 1300, "dispute-1")
         )
@@ -215,7 +205,7 @@ def test_clawback_delivered_50_times_at_once_takes_back_once(pool):
 
 
 def test_concurrent_equal_holds_fit_exactly_as_many_as_the_balance_allows(pool):
-    org = new_org(pool, 10_000)
+    org = tx(pool, new_org, balance=10_000)
 
     results, _ = race(pool, 40, lambda c, i: wallet.hold(c, org, 700, f"sms-{i}"))
 
@@ -229,7 +219,7 @@ def test_concurrent_equal_holds_fit_exactly_as_many_as_the_balance_allows(pool):
 
 
 def test_concurrent_holds_of_random_amounts_never_exceed_the_balance(pool):
-    org = new_org(pool, 20_000)
+    org = tx(pool, new_org, balance=20_000)
     rng = random.Random(7)
     amounts = [rng.randint(1, 2_000) for _ in range(40)]
 
@@ -247,7 +237,7 @@ def test_concurrent_holds_of_random_amounts_never_exceed_the_balance(pool):
 
 
 def test_concurrent_capture_and_release_of_one_hold_settle_it_once(pool):
-    org = new_org(pool, 100_000)
+    org = tx(pool, new_org, balance=100_000)
     captured_total = 0
     for n in range(20):
         ref = f"sms-{n}"
@@ -280,7 +270,7 @@ def test_concurrent_capture_and_release_of_one_hold_settle_it_once(pool):
 
 
 def test_concurrent_freezes_of_one_reason_count_once(pool):
-    org = new_org(pool, 1000)
+    org = tx(pool, new_org, balance=1000)
 
     results, _ = race(pool, 30, lambda c, i: wallet.freeze(c, org, "fraud", actor=f"op{i}"))
 
@@ -294,7 +284,7 @@ def test_unit_of_work_that_loses_a_deadlock_is_run_again(pool):
     # Two units of work debit the same two wallets in opposite orders, so PostgreSQL aborts
     # one of them as a deadlock (SQLSTATE 40P01), which run_in_transaction promises to run
     # again. Both must land, each debit once.
-    a, b = new_org(pool, 1000), new_org(pool, 1000)
+    a, b = tx(pool, new_org, balance=1000), tx(pool, new_org, balance=1000)
     orders = [(a, b), (b, a)]
     both_hold_one = threading.Barrier(2)
     attempts = Counter()
@@ -322,7 +312,7 @@ def test_debt_freeze_is_not_lifted_by_hand_while_a_clawback_brings_debt(pool):
     # leaves debt is committing. If unfreeze reads the debt without waiting for the wallet's
     # row lock it sees 0, then lifts the freeze once the clawback has committed: a wallet in
     # debt that is not frozen.
-    org = new_org(pool, 100)
+    org = tx(pool, new_org, balance=100)
     run_in_transaction(pool, lambda c: wallet.freeze(c, org, wallet.DEBT_FREEZE, actor="ann"))
     outcome: list = []
 

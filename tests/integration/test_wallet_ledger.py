@@ -7,35 +7,16 @@ refusal and records something else would), so a refusal that wrote anything woul
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from core import orgs, wallet
-from core.db import run_in_transaction
+from core import wallet
 from core.errors import Conflict, InvalidInput, NotFound, PayguardError, Refused
-
-pytestmark = pytest.mark.integration
+from tests.support.db import tx
+from tests.support.factories import new_org
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def new_org(engine, balance: int = 0, currency: str = "USD") -> str:
-    org = f"org-{uuid.uuid4().hex[:10]}"
-
-    def create(conn):
-        orgs.create(conn, org, currency=currency)
-        if balance:
-            wallet.credit(conn, org, balance, f"seed:{org}")
-
-    run_in_transaction(engine, create)
-    return org
-
-
-def tx(engine, fn):
-    return run_in_transaction(engine, fn)
 
 
 def show(engine, org: str) -> wallet.WalletState:
@@ -82,7 +63,7 @@ def refused_and_nothing_written(engine, error: type[PayguardError], op) -> Paygu
 
 
 def test_credit_delivered_twice_credits_once_and_returns_the_first_entry(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     first = tx(engine, lambda c: wallet.credit(c, org, 500, "paypal:CAP-1"))
     again = tx(engine, lambda c: wallet.credit(c, org, 500, "paypal:CAP-1"))
 
@@ -93,7 +74,7 @@ def test_credit_delivered_twice_credits_once_and_returns_the_first_entry(engine)
 
 
 def test_credit_reference_reused_with_another_amount_is_a_conflict(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     tx(engine, lambda c: wallet.credit(c, org, 500, "paypal:CAP-1"))
 
     refused_and_nothing_written(
@@ -103,14 +84,14 @@ def test_credit_reference_reused_with_another_amount_is_a_conflict(engine):
 
 
 def test_reference_reused_by_another_kind_of_operation_is_a_conflict(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.credit(c, org, 500, "ref-1"))
 
     refused_and_nothing_written(engine, Conflict, lambda c: wallet.debit(c, org, 500, "ref-1"))
 
 
 def test_debit_delivered_twice_charges_once(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     first = tx(engine, lambda c: wallet.debit(c, org, 300, "msg:1"))
     again = tx(engine, lambda c: wallet.debit(c, org, 300, "msg:1"))
 
@@ -122,7 +103,7 @@ def test_debit_delivered_twice_charges_once(engine):
 def test_adjustment_reference_reused_with_the_opposite_sign_is_a_conflict(engine):
     # +500 and -500 under one reference are different requests; replaying the second must
     # not be answered with the first as if the money had moved.
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(
         engine,
         lambda c: wallet.adjust(c, org, 500, reason="goodwill", actor="ann", reference="ticket-9"),
@@ -139,7 +120,7 @@ def test_adjustment_reference_reused_with_the_opposite_sign_is_a_conflict(engine
 
 
 def test_debit_of_exactly_the_available_amount_succeeds(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.hold(c, org, 400, "h1"))
 
     entry = tx(engine, lambda c: wallet.debit(c, org, 600, "d1"))
@@ -150,7 +131,7 @@ def test_debit_of_exactly_the_available_amount_succeeds(engine):
 
 
 def test_debit_refused_when_short_writes_nothing(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
 
     err = refused_and_nothing_written(engine, Refused, lambda c: wallet.debit(c, org, 1001, "d1"))
     assert "insufficient" in str(err)
@@ -158,14 +139,14 @@ def test_debit_refused_when_short_writes_nothing(engine):
 
 
 def test_debit_refused_when_held_money_makes_it_short(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.hold(c, org, 600, "h1"))
 
     refused_and_nothing_written(engine, Refused, lambda c: wallet.debit(c, org, 401, "d1"))
 
 
 def test_debit_refused_when_frozen_writes_nothing(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.freeze(c, org, "fraud-review", actor="ops"))
 
     err = refused_and_nothing_written(engine, Refused, lambda c: wallet.debit(c, org, 1, "d1"))
@@ -177,7 +158,7 @@ def test_debit_refused_when_frozen_writes_nothing(engine):
 
 
 def test_partial_capture_charges_that_part_and_releases_the_rest(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     held = tx(engine, lambda c: wallet.hold(c, org, 300, "sms-1"))
     assert (held.status, held.amount_cents) == ("open", 300)
     assert show(engine, org).available_cents == 700
@@ -192,7 +173,7 @@ def test_partial_capture_charges_that_part_and_releases_the_rest(engine):
 
 
 def test_capture_twice_returns_the_first_capture_and_charges_once(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.hold(c, org, 300, "sms-1"))
     first = tx(engine, lambda c: wallet.capture(c, org, "sms-1"))
     before = everything(engine)
@@ -205,7 +186,7 @@ def test_capture_twice_returns_the_first_capture_and_charges_once(engine):
 
 
 def test_release_gives_the_hold_back_once(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.hold(c, org, 300, "sms-1"))
 
     released = tx(engine, lambda c: wallet.release(c, org, "sms-1"))
@@ -220,7 +201,7 @@ def test_release_gives_the_hold_back_once(engine):
 
 
 def test_capture_after_release_is_a_conflict(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.hold(c, org, 300, "sms-1"))
     tx(engine, lambda c: wallet.release(c, org, "sms-1"))
 
@@ -229,7 +210,7 @@ def test_capture_after_release_is_a_conflict(engine):
 
 
 def test_release_after_capture_is_a_conflict(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.hold(c, org, 300, "sms-1"))
     tx(engine, lambda c: wallet.capture(c, org, "sms-1"))
 
@@ -237,7 +218,7 @@ def test_release_after_capture_is_a_conflict(engine):
 
 
 def test_capture_of_more_than_was_held_is_refused(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.hold(c, org, 300, "sms-1"))
 
     refused_and_nothing_written(
@@ -246,7 +227,7 @@ def test_capture_of_more_than_was_held_is_refused(engine):
 
 
 def test_hold_refused_when_short_or_frozen(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.hold(c, org, 700, "sms-1"))
     refused_and_nothing_written(engine, Refused, lambda c: wallet.hold(c, org, 301, "sms-2"))
 
@@ -255,7 +236,7 @@ def test_hold_refused_when_short_or_frozen(engine):
 
 
 def test_hold_placed_twice_holds_once(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     first = tx(engine, lambda c: wallet.hold(c, org, 300, "sms-1"))
     again = tx(engine, lambda c: wallet.hold(c, org, 300, "sms-1"))
 
@@ -268,7 +249,7 @@ def test_hold_placed_twice_holds_once(engine):
 
 
 def test_freeze_reasons_stack_and_lift_one_at_a_time(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     assert tx(engine, lambda c: wallet.freeze(c, org, "fraud", actor="ann"))
     assert tx(engine, lambda c: wallet.freeze(c, org, "kyc", actor="bob"))
     assert not tx(engine, lambda c: wallet.freeze(c, org, "kyc", actor="bob"))  # already on
@@ -291,7 +272,7 @@ def test_freeze_reasons_stack_and_lift_one_at_a_time(engine):
 
 
 def test_clawback_takes_what_is_available_and_records_the_rest_as_debt(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.hold(c, org, 200, "sms-1"))
 
     entry = tx(engine, lambda c: wallet.clawback(c, org, 1500, "refund-1"))
@@ -305,7 +286,7 @@ def test_clawback_takes_what_is_available_and_records_the_rest_as_debt(engine):
 
 
 def test_credit_pays_debt_first_and_lifts_only_the_debt_freeze(engine):
-    org = new_org(engine, balance=100)
+    org = tx(engine, new_org, balance=100)
     tx(engine, lambda c: wallet.clawback(c, org, 800, "chargeback-1"))  # debt 700
     tx(engine, lambda c: wallet.freeze(c, org, "fraud", actor="ann"))
 
@@ -325,7 +306,7 @@ def test_credit_pays_debt_first_and_lifts_only_the_debt_freeze(engine):
 
 
 def test_credit_that_clears_debt_unfreezes_the_wallet(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     tx(engine, lambda c: wallet.clawback(c, org, 250, "chargeback-1"))
     assert show(engine, org).frozen
 
@@ -338,7 +319,7 @@ def test_credit_that_clears_debt_unfreezes_the_wallet(engine):
 
 
 def test_debt_freeze_cannot_be_lifted_by_hand_while_debt_is_owed(engine):
-    org = new_org(engine, balance=100)
+    org = tx(engine, new_org, balance=100)
     tx(engine, lambda c: wallet.clawback(c, org, 300, "chargeback-1"))
 
     refused_and_nothing_written(
@@ -351,7 +332,7 @@ def test_debt_freeze_cannot_be_lifted_by_hand_while_debt_is_owed(engine):
 
 
 def test_adjustment_is_journaled_with_actor_and_reason(engine):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
 
     up = tx(engine, lambda c: wallet.adjust(c, org, 250, reason="goodwill", actor="ann"))
     down = tx(engine, lambda c: wallet.adjust(c, org, -150, reason="double credit", actor="bob"))
@@ -365,7 +346,7 @@ def test_adjustment_is_journaled_with_actor_and_reason(engine):
 
 
 def test_adjustment_below_zero_is_refused(engine):
-    org = new_org(engine, balance=300)
+    org = tx(engine, new_org, balance=300)
     tx(engine, lambda c: wallet.hold(c, org, 100, "sms-1"))
 
     refused_and_nothing_written(
@@ -376,7 +357,7 @@ def test_adjustment_below_zero_is_refused(engine):
 
 
 def test_negative_adjustment_works_on_a_frozen_wallet(engine):
-    org = new_org(engine, balance=300)
+    org = tx(engine, new_org, balance=300)
     tx(engine, lambda c: wallet.freeze(c, org, "fraud", actor="ann"))
 
     tx(engine, lambda c: wallet.adjust(c, org, -300, reason="reversal", actor="ann"))
@@ -384,9 +365,9 @@ def test_negative_adjustment_works_on_a_frozen_wallet(engine):
     assert show(engine, org).balance_cents == 0
 
 
-@pytest.mark.parametrize("reason, actor", [("", "ann"), ("why", ""), (None, "ann")])
+@pytest.mark.parametrize(("reason", "actor"), [("", "ann"), ("why", ""), (None, "ann")])
 def test_adjustment_without_reason_or_actor_is_refused(engine, reason, actor):
-    org = new_org(engine, balance=300)
+    org = tx(engine, new_org, balance=300)
     refused_and_nothing_written(
         engine, InvalidInput, lambda c: wallet.adjust(c, org, 100, reason=reason, actor=actor)
     )
@@ -409,7 +390,7 @@ OPS_WITH_AMOUNT = {
 def test_bad_amount_is_refused_and_writes_nothing(engine, op, amount):
     if op == "adjust" and amount == -5:
         pytest.skip("a negative adjustment is a valid debit")
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     refused_and_nothing_written(engine, InvalidInput, lambda c: OPS_WITH_AMOUNT[op](c, org, amount))
 
 
@@ -445,13 +426,13 @@ def test_bad_amount_is_refused_and_writes_nothing(engine, op, amount):
     ],
 )
 def test_unknown_organization_is_not_found_and_writes_nothing(engine, op):
-    new_org(engine, balance=1000)
+    tx(engine, new_org, balance=1000)
     refused_and_nothing_written(engine, NotFound, op)
 
 
 @pytest.mark.parametrize("op", ["credit", "clawback"])
 def test_currency_other_than_the_wallets_is_refused(engine, op):
-    org = new_org(engine, balance=1000, currency="USD")
+    org = tx(engine, new_org, balance=1000, currency="USD")
     fn = getattr(wallet, op)
     refused_and_nothing_written(
         engine, InvalidInput, lambda c: fn(c, org, 100, "r1", currency="EUR")
@@ -463,13 +444,13 @@ def test_currency_other_than_the_wallets_is_refused(engine, op):
 @pytest.mark.parametrize("op", ["credit", "debit", "hold", "clawback"])
 @pytest.mark.parametrize("reference", ["x" * 201, "", "   ", None, 42])
 def test_bad_reference_is_refused_and_writes_nothing(engine, op, reference):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     fn = getattr(wallet, op)
     refused_and_nothing_written(engine, InvalidInput, lambda c: fn(c, org, 100, reference))
 
 
 def test_reference_of_exactly_200_characters_is_accepted(engine):
-    org = new_org(engine)
+    org = tx(engine, new_org)
     tx(engine, lambda c: wallet.credit(c, org, 100, "x" * 200))
     assert len(journal(engine, org, "x" * 200)) == 1
 
@@ -478,8 +459,8 @@ def test_reference_of_exactly_200_characters_is_accepted(engine):
 
 
 def test_verify_finds_nothing_on_a_consistent_ledger(engine):
-    org = new_org(engine, balance=1000)
-    other = new_org(engine, balance=50)
+    org = tx(engine, new_org, balance=1000)
+    other = tx(engine, new_org, balance=50)
     tx(engine, lambda c: wallet.hold(c, org, 300, "sms-1"))
     tx(engine, lambda c: wallet.capture(c, org, "sms-1", 100))
     tx(engine, lambda c: wallet.clawback(c, other, 80, "cb-1"))
@@ -490,7 +471,7 @@ def test_verify_finds_nothing_on_a_consistent_ledger(engine):
 
 
 @pytest.mark.parametrize(
-    "field, tamper",
+    ("field", "tamper"),
     [
         ("balance_cents", "balance_cents = balance_cents + 7"),
         ("held_cents", "held_cents = held_cents + 7"),
@@ -499,8 +480,8 @@ def test_verify_finds_nothing_on_a_consistent_ledger(engine):
     ],
 )
 def test_verify_reports_a_wallet_tampered_with_by_sql(engine, field, tamper):
-    org = new_org(engine, balance=1000)
-    honest = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
+    honest = tx(engine, new_org, balance=1000)
     tx(engine, lambda c: wallet.hold(c, org, 300, "sms-1"))
     stored_before = getattr(
         tx(
@@ -534,7 +515,7 @@ def test_verify_reports_a_wallet_tampered_with_by_sql(engine, field, tamper):
     ],
 )
 def test_database_refuses_to_rewrite_the_journal(engine, statement):
-    org = new_org(engine, balance=1000)
+    org = tx(engine, new_org, balance=1000)
     before = journal(engine, org)
 
     with pytest.raises(DBAPIError) as raised, engine.begin() as c:

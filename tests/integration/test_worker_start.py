@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
-
 from tests.stack import BIN, start_worker
-
-pytestmark = pytest.mark.integration
 
 
 def worker_argv() -> list[str]:

@@ -4,15 +4,16 @@ that speaks JSON with a bearer key, in-process (Flask's test client) or over HTT
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import text
 
-from core import apikeys, orgs, subscriptions, wallet
+from core import apikeys
 from core.db import run_in_transaction
 from core.settings import Settings
+from tests.support.factories import new_org
 
 PROBLEM = "application/problem+json"
 
@@ -39,25 +40,9 @@ def key_id(secret: str) -> str:
     return secret.split(".", 1)[0]
 
 
-def new_org(engine, balance: int = 0, *, billing: str = "prepaid", price: int | None = None) -> str:
-    """An organization with a sender and `balance` cents; `subscription` billing gets an
-    active subscription."""
-    org = f"org-{uuid.uuid4().hex[:10]}"
-
-    def create(conn):
-        orgs.create(
-            conn, org, billing=billing, sender="+15005550006", segment_price_cents=price,
-            twilio_subaccount_sid="AC" + uuid.uuid4().hex,
-        )  # fmt: skip
-        if balance:
-            wallet.credit(conn, org, balance, f"test:seed:{org}", kind="payment")
-        if billing == "subscription":
-            from datetime import UTC, datetime
-
-            subscriptions.apply_status(conn, "paypal", f"I-{org}", org, "active", datetime.now(UTC))
-
-    run_in_transaction(engine, create)
-    return org
+# The organizations API tests start from: prepaid, with a subaccount and a sender, and money
+# (when given) credited as a payment. Pass billing="subscription", active=True for the other kind.
+api_org = partial(new_org, billing="prepaid", twilio=True, seed_kind="payment")
 
 
 def count(engine, table: str, where: str = "true", **params: Any) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 from core import handlers, inbox, sending, top_up_capture, topups, wallet
 from core.db import run_in_transaction
 from core.errors import ParkEvent
-from tests.fakes import paypal_payloads as pp
+from tests.support.payloads import paypal as pp
 
 POLICY = sending.Policy()
 RETURN = {"return_url": "https://host.example/paid", "cancel_url": "https://host.example/cancel"}

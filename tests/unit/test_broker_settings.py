@@ -23,7 +23,7 @@ def test_the_broker_is_rabbitmq_only_when_broker_url_says_so():
     empty = Settings(_env_file=None, REDIS_URL="redis://127.0.0.1:6379/0", BROKER_URL="")
     assert empty.broker_url == "redis://127.0.0.1:6379/0"  # empty is unset
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be an amqp://"):
         Settings(_env_file=None, BROKER_URL="http://mq:15672/")
 
 

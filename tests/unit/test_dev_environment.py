@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli.devstack import dev_environment
+from devtools.devstack import dev_environment
 
 
 def _env(monkeypatch, tmp_path: Path, **given: str) -> dict[str, str]:
@@ -31,3 +31,19 @@ def test_the_dev_stack_runs_the_worker_on_the_console_backend_without_twilio(mon
     assert _env(monkeypatch, tmp_path)["TWILIO_CONSOLE"] == "1"
     with_twilio = _env(monkeypatch, tmp_path, TWILIO_ACCOUNT_SID="AC" + "1" * 32)
     assert "TWILIO_CONSOLE" not in with_twilio
+
+
+def test_the_dev_harness_is_not_a_package_of_the_wheel():
+    """devtools/ (embedded servers, the dev stack) stays in the checkout: pyproject.toml's
+    package list, which decides what the wheel holds, does not take it in."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[2]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = find_packages(str(root), include=include)
+
+    assert "cli" in packages and "core" in packages
+    assert not [p for p in packages if p.split(".")[0] in ("devtools", "tests", "bench")]

@@ -21,7 +21,7 @@ from core.providers.events import (
     SubscriptionPayment,
 )
 from core.providers.paypal.events import event_meta, normalize, parse_time
-from tests.fakes import paypal_payloads as pp
+from tests.support.payloads import paypal as pp
 
 AT = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
 
@@ -400,7 +400,7 @@ def test_subscription_builder_keeps_a_time_string_as_given():
 
 
 def test_subscription_builder_needs_a_status_for_an_event_it_does_not_know():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no default status"):
         pp.subscription_event("BILLING.SUBSCRIPTION.SOMETHING", "I-SUB1", "org-1")
 
 
@@ -573,7 +573,7 @@ EVERY_BUILDER = [
 @pytest.mark.parametrize("build", EVERY_BUILDER)
 def test_every_builder_makes_a_fresh_paypal_shaped_event(build):
     first, second = build(), build()
-    event_id, event_type = event_meta(first)
+    event_id, _event_type = event_meta(first)
     assert event_id.startswith("WH-") and event_id != second["id"]
     assert parse_time(first["create_time"]) is not None
     assert first["links"][0]["href"].endswith(f"/webhooks-events/{event_id}")
@@ -593,7 +593,7 @@ def test_builders_leave_the_published_samples_untouched():
 
 
 def test_capture_builder_refuses_an_event_type_that_is_not_about_a_capture():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a capture event"):
         pp.capture_event("PAYMENT.CAPTURE.REFUNDED", "org-1", "CAP1")
 
 

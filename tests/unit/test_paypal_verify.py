@@ -30,7 +30,7 @@ from core.providers.paypal.verify import (
     verify_signature,
 )
 from core.settings import ConfigError, Settings
-from tests.fakes.paypal_api import make_signing_cert, sign_transmission
+from tests.support.fakes.paypal_api import make_signing_cert, sign_transmission
 
 PAYPAL_PREFIXES = (
     "https://api.paypal.com/v1/notifications/certs/",
@@ -188,7 +188,7 @@ def test_transmission_time_that_is_not_an_rfc3339_utc_time_is_refused(value):
 
 
 @pytest.mark.parametrize(
-    "delay, accepted",
+    ("delay", "accepted"),
     [
         (timedelta(0), True),
         (timedelta(days=3, hours=12), True),  # PayPal's last retry: 25 tries over 3 days
@@ -371,7 +371,7 @@ def test_garbage_certificate_is_refused(signer):
 
 def test_naive_clock_is_a_programming_error(signer):
     body = b"{}"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="aware"):
         verify_signature(
             signer.cert_pem,
             signer.sign("WH", body, CERT_URL),
@@ -467,7 +467,7 @@ def test_a_prefix_without_trailing_slash_is_still_a_directory():
     ["ftp://h.test/certs/", "https:///certs/", "https://u@h.test/certs/", "https://h.test/c?x"],
 )
 def test_malformed_prefix_is_a_configuration_error(prefix):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="certificate URL prefix must be"):
         CertificateFetcher([prefix])
 
 
@@ -538,7 +538,7 @@ def test_build_verifier_postback():
 
 
 @pytest.mark.parametrize(
-    "values, missing",
+    ("values", "missing"),
     [
         ({}, "PAYPAL_WEBHOOK_ID"),
         ({"PAYPAL_WEBHOOK_ID": "WH", "PAYPAL_VERIFY": "postback"}, "PAYPAL_CLIENT_ID"),

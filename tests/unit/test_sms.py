@@ -75,7 +75,7 @@ def test_one_character_outside_gsm7_makes_the_whole_body_ucs2(char):
 
 
 def test_empty_body_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="empty message body"):
         count_segments("")
 
 
@@ -100,7 +100,7 @@ def test_e164_numbers_are_returned_unchanged(number):
     ],
 )
 def test_malformed_numbers_are_refused(number):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"not an E\.164 phone number"):
         validate_e164(number)
 
 

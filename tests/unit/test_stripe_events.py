@@ -19,7 +19,7 @@ from core.providers.events import (
     SubscriptionPayment,
 )
 from core.providers.stripe.events import HANDLED_TYPES, normalize
-from tests.fakes import stripe_payloads as sp
+from tests.support.payloads import stripe as sp
 
 CREATED = 1_760_000_000
 AT = datetime.fromtimestamp(CREATED, tz=UTC)

@@ -8,7 +8,7 @@ import pytest
 import stripe
 
 from core.providers.stripe.verify import InvalidStripeWebhook, verify_stripe
-from tests.fakes import stripe_payloads as sp
+from tests.support.payloads import stripe as sp
 
 NOW = 1_760_000_000
 SECRETS = [sp.TEST_SECRET]
@@ -216,5 +216,5 @@ def test_error_names_its_cause():
 
     assert error.cause == "timestamp"
     assert "900s" in str(error)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown cause"):
         InvalidStripeWebhook("other", "x")

@@ -65,7 +65,7 @@ def signer(
     form: Mapping[str, Any],
     signature: str | None,
     token_of: Callable[[str], str | None],
-) -> str | None | bool:
+) -> str | bool | None:
     """Who signed this callback: None for the parent account, a subaccount SID for that
     subaccount's own token, False for nobody we know. `url` is the public one Twilio
     called, query (`?m=`) included; `token_of` is `subaccount_token`, bound."""

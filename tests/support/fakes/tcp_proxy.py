@@ -10,6 +10,7 @@ the broker (the machine's RabbitMQ is shared; it is never stopped or reconfigure
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import struct
@@ -45,10 +46,8 @@ class TcpProxy:
         """Stop listening and reset every connection, as a broker that went away."""
         listener, self._listener = self._listener, None
         if listener is not None:
-            try:
+            with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-            except OSError:
-                pass
             _close(listener)
         with self._lock:
             pairs, self._pairs = self._pairs, set()
@@ -147,12 +146,8 @@ class TcpProxy:
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         # SO_LINGER 0: a reset, not a polite FIN, like a broker that died.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass

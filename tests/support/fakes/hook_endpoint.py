@@ -39,7 +39,7 @@ class HookEndpoint:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with hook._lock:
                     what = hook._script.popleft() if hook._script else hook.default

@@ -23,8 +23,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-# tests/fakes/paypal_payloads.py -> tests/ is parents[1].
-FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "paypal" / "events"
+# tests/support/payloads/paypal.py -> tests/ is parents[2].
+FIXTURES_DIR = Path(__file__).resolve().parents[2] / "fixtures" / "paypal" / "events"
 
 _API = "https://api.paypal.com"
 _ID_ALPHABET = string.ascii_uppercase + string.digits

@@ -64,7 +64,7 @@ def serve_certificate(directory: Path) -> tuple[str, str]:
     _, cert_pem = ensure_signer(directory)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             ok = self.path == CERT_PATH
             self.send_response(200 if ok else 404)
             self.send_header("Content-Type", "application/x-pem-file")

@@ -614,7 +614,7 @@ def _run_dev(
     if "PAYPAL_WEBHOOK_ID" not in os.environ:
         # Trust only the dev stack's own signing certificate, served on 127.0.0.1, so that
         # `payguard sample paypal …` goes through the real verification path.
-        from cli import devpaypal
+        from devtools import devpaypal
 
         cert_url, prefix = devpaypal.serve_certificate(data_dir / "paypal")
         env.update(PAYPAL_WEBHOOK_ID=devpaypal.WEBHOOK_ID, PAYPAL_CERT_URL_PREFIXES=prefix)
@@ -632,7 +632,7 @@ def _run_dev(
                 "METRICS_TOKEN",
                 "PAYGUARD_SECRET_KEY",
                 "OUTBOUND_ALLOW_PRIVATE",
-            )  # fmt: skip
+            )
             if env.get(k)
         )
         + f"PAYGUARD_API_KEY={shlex.quote(api_key)}\n"
