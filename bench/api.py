@@ -198,7 +198,8 @@ def main() -> int:
         )
         auth = {"Authorization": f"Bearer {secret}"}
         can_send = f"/v1/organizations/{ORG}/can-send"
-        with start_web(env, tmp / "logs", workers=args.web_workers) as web:
+        # A busy machine (other people's test runs) can take a minute to boot the workers.
+        with start_web(env, tmp / "logs", workers=args.web_workers, ready_timeout=120) as web:
 
             def measured(path: str, headers: dict, clients: int) -> dict:
                 before = cpu_seconds(web.pid, database_url, redis_pid)
