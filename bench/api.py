@@ -13,7 +13,10 @@ each one), as the webhook benchmark does. The rate limit (2,000 per second, abov
 clients send) is checked on every request as in production: a process claims requests from
 Redis in chunks of limit / 50, so a busy key asks Redis once in 40 requests here.
 
-healthz and can-send alternate `--rounds` times per client count; figures are medians.
+healthz and can-send alternate `--rounds` times per client count; figures are medians. Beside
+each rate, the CPU time one request cost (gunicorn, this database's PostgreSQL backends, the
+embedded Redis when there is one, and the clients in this process): rates move with whatever
+else the machine runs, CPU per request much less, so its ratio is the steadier comparison.
 Goals: can-send >= 0.5x the healthz rate; can-send p99 < 20 ms at 4 clients and <= 2x the
 healthz p99 at 16; batch >= 5,000 messages/s. With --json the last line is one JSON object
 (rates end in `_per_s`, ratios start with `ratio_`, times in ms end in `_ms`).
@@ -39,6 +42,7 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.ingest import cpu_seconds  # noqa: E402
 from bench.scratch import prepare_database  # noqa: E402
 from core import apikeys, orgs, wallet  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
@@ -93,11 +97,30 @@ def load(url: str, path: str, headers: dict, clients: int, seconds: float) -> di
             future.result()
     wall = time.perf_counter() - started
     return {
+        "count": len(latencies) + sum(failures.values()),
         "rate": len(latencies) / wall,
         "p50": pct(latencies, 50),
         "p99": pct(latencies, 99),
         "failures": failures,
     }
+
+
+def settle(web_pid: int, timeout: float = 120.0) -> None:
+    """Wait until gunicorn is idle: only one worker has to answer for start_web to return,
+    while the others may still be importing the app (seconds of CPU on a busy machine)."""
+    import psutil
+
+    def used() -> float:
+        procs = [psutil.Process(web_pid), *psutil.Process(web_pid).children(recursive=True)]
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = used()
+        time.sleep(0.5)
+        if used() - before < 0.02:
+            return
+    raise AssertionError(f"gunicorn still busy after {timeout:.0f}s")
 
 
 def batches(url: str, secret: str, count: int, size: int) -> dict:
@@ -143,8 +166,10 @@ def main() -> int:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         database_url, where = prepare_database(os.environ.get("BENCH_DATABASE_URL"), tmp, stack)
         redis_url = os.environ.get("BENCH_REDIS_URL")
+        redis_pid = None  # a shared Redis's CPU is other people's too: counted only when ours
         if not redis_url:
-            redis_url = stack.enter_context(start_redis(tmp / "redis")).url
+            embedded_redis = stack.enter_context(start_redis(tmp / "redis"))
+            redis_url, redis_pid = embedded_redis.url, embedded_redis.pid
         engine = make_engine(database_url)
         stack.callback(engine.dispose)
 
@@ -173,25 +198,51 @@ def main() -> int:
         )
         auth = {"Authorization": f"Bearer {secret}"}
         can_send = f"/v1/organizations/{ORG}/can-send"
-        with start_web(env, tmp / "logs", workers=args.web_workers) as web:
+        # A busy machine (other people's test runs) can take a minute to boot the workers.
+        with start_web(env, tmp / "logs", workers=args.web_workers, ready_timeout=120) as web:
+
+            def measured(path: str, headers: dict, clients: int) -> dict:
+                before = cpu_seconds(web.pid, database_url, redis_pid)
+                result = load(web.url, path, headers, clients, args.seconds)
+                after = cpu_seconds(web.pid, database_url, redis_pid)
+                result["cpu"] = {k: (after[k] - before[k]) / max(result["count"], 1) for k in after}
+                return result
+
+            settle(web.pid)  # every worker booted: an importing worker's CPU is not a request's
             load(web.url, can_send, auth, 4, 1.0)  # warm: connections, caches
             for clients in [int(c) for c in args.clients.split(",")]:
                 runs: dict[str, list[dict]] = {"healthz": [], "can_send": []}
                 for _ in range(args.rounds):
-                    runs["healthz"].append(load(web.url, "/healthz", {}, clients, args.seconds))
-                    runs["can_send"].append(load(web.url, can_send, auth, clients, args.seconds))
+                    runs["healthz"].append(measured("/healthz", {}, clients))
+                    runs["can_send"].append(measured(can_send, auth, clients))
                 for name, results in runs.items():
                     rate = statistics.median(r["rate"] for r in results)
                     p50 = statistics.median(r["p50"] for r in results) * 1000
                     p99 = statistics.median(r["p99"] for r in results) * 1000
+                    cpu = {
+                        k: statistics.median(r["cpu"][k] for r in results) * 1000
+                        for k in results[0]["cpu"]
+                    }
                     failures = [r["failures"] for r in results if r["failures"]]
                     figures[f"{name}_{clients}_per_s"] = round(rate, 1)
                     figures[f"{name}_{clients}_p50_ms"] = round(p50, 2)
                     figures[f"{name}_{clients}_p99_ms"] = round(p99, 2)
+                    figures[f"{name}_{clients}_cpu_ms"] = round(sum(cpu.values()), 3)
+                    for part, value in cpu.items():
+                        figures[f"{name}_{clients}_cpu_{part}_ms"] = round(value, 3)
                     print(
                         f"[{clients:2d} clients] {name:8s} {rate:7.0f} req/s  p50 {p50:6.1f} ms"
-                        f"  p99 {p99:6.1f} ms" + (f"  failures {failures}" if failures else "")
+                        f"  p99 {p99:6.1f} ms  CPU {sum(cpu.values()):.3f} ms/request ("
+                        + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
+                        + ")"
+                        + (f"  failures {failures}" if failures else "")
                     )
+                # CPU per request is steadier than rates on a shared machine: this ratio is
+                # what the rate ratio tends to when the CPUs are the limit.
+                figures[f"ratio_can_send_vs_healthz_cpu_{clients}"] = round(
+                    figures[f"can_send_{clients}_cpu_ms"] / figures[f"healthz_{clients}_cpu_ms"],
+                    3,  # type: ignore[operator]
+                )
                 figures[f"ratio_can_send_vs_healthz_rate_{clients}"] = round(
                     figures[f"can_send_{clients}_per_s"] / figures[f"healthz_{clients}_per_s"],
                     3,  # type: ignore[operator]

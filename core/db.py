@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+import psycopg
+from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.exc import DBAPIError
 
@@ -68,6 +70,32 @@ def transaction(engine: Engine) -> Iterator[Connection]:
     """One unit of work: committed when the block ends normally, rolled back otherwise."""
     with engine.begin() as conn:
         yield conn
+
+
+@contextmanager
+def driver_autocommit(engine: Engine) -> Iterator[psycopg.Connection]:
+    """A connection of the engine's pool as psycopg's own, in autocommit, for a hot read of
+    one statement: no BEGIN and no ROLLBACK round trips around it, and none of SQLAlchemy's
+    work around a statement (compiling, result metadata), which costs more CPU than the
+    statement itself. It goes back to the pool as it came (autocommit off). One that broke
+    (psycopg's OperationalError, e.g. after a database restart) fails its one request and is
+    discarded with those opened before it, as SQLAlchemy does with its own connections."""
+    pooled = engine.raw_connection()
+    driver = pooled.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    try:
+        driver.autocommit = True
+        yield driver
+    finally:
+        if driver.info.transaction_status == TransactionStatus.IDLE:
+            driver.autocommit = False
+            pooled.close()
+        elif driver.closed:
+            # What SQLAlchemy does on a disconnect of its own connections: this one is
+            # discarded, and every one opened before it is replaced at its next checkout.
+            engine.pool._invalidate(pooled)
+        else:  # a statement left running: not fit for another checkout
+            pooled.invalidate()
 
 
 def _is_retryable(exc: BaseException) -> bool:

@@ -203,11 +203,15 @@ def start_web(
     )
     proc.port = port
     proc.start()
-    wait_for(
-        lambda: not proc.alive() or requests.get(f"{proc.url}/healthz", timeout=1).ok,
-        ready_timeout,
-        what="web ready",
-    )
+    try:
+        wait_for(
+            lambda: not proc.alive() or requests.get(f"{proc.url}/healthz", timeout=1).ok,
+            ready_timeout,
+            what="web ready",
+        )
+    except BaseException:  # not ready in time: nobody gets the process to stop it later
+        proc.stop()
+        raise
     if not proc.alive():
         raise AssertionError(f"web died at start:\n{proc.log()}")
     return proc
@@ -234,11 +238,15 @@ def start_procfile_web(
     proc = Web("web", ["/bin/sh", "-c", f"exec {procfile_command('web')}"], env, log_dir)
     proc.port = port
     proc.start()
-    wait_for(
-        lambda: not proc.alive() or requests.get(f"{proc.url}/healthz", timeout=1).ok,
-        ready_timeout,
-        what="web ready",
-    )
+    try:
+        wait_for(
+            lambda: not proc.alive() or requests.get(f"{proc.url}/healthz", timeout=1).ok,
+            ready_timeout,
+            what="web ready",
+        )
+    except BaseException:  # not ready in time: nobody gets the process to stop it later
+        proc.stop()
+        raise
     if not proc.alive():
         raise AssertionError(f"web died at start:\n{proc.log()}")
     return proc

@@ -58,6 +58,31 @@ def test_can_send_wallet_and_campaigns_answer_as_the_cli_does(api, engine, cli):
     ]  # fmt: skip
 
 
+def test_can_send_on_a_connection_the_database_dropped_answers_503_then_recovers(
+    api_app, api, engine, database_url
+):
+    import psycopg
+
+    from webhook_receiver.api.access import KeyCache
+
+    org = tx(engine, api_org, balance=100)
+    key = make_key(engine, "read")
+    # The key stays cached, so the dropped connection meets can-send's own read, not the key's.
+    api_app.extensions["payguard_api"].keys = KeyCache(api_app.extensions["payguard"].engine, 3600)
+    assert api.get(f"/organizations/{org}/can-send", key).status == 200
+    with psycopg.connect(database_url, autocommit=True) as admin:  # as a database restart would
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+    dropped = api.get(f"/organizations/{org}/can-send", key)
+
+    assert_problem(dropped, 503)
+    assert dropped.headers["Retry-After"] == "1"
+    assert api.get(f"/organizations/{org}/can-send", key).body["can_send"] is True
+
+
 # ---------------------------------------------------------------- organizations
 
 

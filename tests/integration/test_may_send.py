@@ -19,7 +19,8 @@ from sqlalchemy import text
 
 from core import handlers, inbox, messages, orgs, sending, subscriptions, wallet
 from core.campaigns import create_campaign, list_campaigns, pause_campaign, resume_campaign
-from core.errors import Refused
+from core.db import driver_autocommit
+from core.errors import NotFound, Refused
 from core.providers.twilio import accounts as twilio_accounts
 from core.providers.twilio.gateway import AccountOutcome
 from core.sending import (
@@ -64,7 +65,11 @@ def cancel(engine, org: str) -> sending.Reconciled:
 
 
 def decide(engine, org: str, **kw) -> sending.Decision:
-    return tx(engine, lambda c: sending.decide(c, org, POLICY, **kw))
+    decision = tx(engine, lambda c: sending.decide(c, org, POLICY, **kw))
+    if not kw:  # /v1's can-send decides on the driver's own connection: the same answer
+        with driver_autocommit(engine) as conn:
+            assert sending.decide_on_driver(conn, org, POLICY) == decision
+    return decision
 
 
 def campaigns(engine, org: str) -> dict[str, tuple]:
@@ -102,6 +107,13 @@ def test_an_organization_in_good_standing_may_send(engine):
     assert decision.reasons == ()
     assert decision.as_dict()["reasons"] == []
     assert decision.available_cents == 5
+
+
+def test_an_unknown_organization_is_not_found_on_either_connection(engine):
+    with pytest.raises(NotFound):
+        tx(engine, lambda c: sending.decide(c, "nobody", POLICY))
+    with pytest.raises(NotFound), driver_autocommit(engine) as conn:
+        sending.decide_on_driver(conn, "nobody", POLICY)
 
 
 def test_every_reason_is_given_at_once(engine):

@@ -133,7 +133,9 @@ def patch_organization(call: Call, org_id: str) -> Reply:
 )  # fmt: skip
 def can_send(call: Call, org_id: str) -> Reply:
     org_id = call.org(org_id)
-    return 200, call.read_one(lambda conn: sending.decide(conn, org_id, call.policy).as_dict())
+    return 200, call.read_on_driver(
+        lambda conn: sending.decide_on_driver(conn, org_id, call.policy).as_dict()
+    )
 
 
 # ---------------------------------------------------------------- wallet

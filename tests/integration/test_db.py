@@ -1,0 +1,63 @@
+"""core.db.driver_autocommit: a pooled connection lent as psycopg's own, in autocommit, for
+one hot read. It must go back to the pool exactly as it came, and a broken one must not."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from core.db import driver_autocommit
+from core.errors import NotFound
+
+pytestmark = pytest.mark.integration
+
+
+def backend_pid(engine) -> tuple[int, bool]:
+    """(backend pid, autocommit) of the connection a unit of work would get now."""
+    with engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        return driver.info.backend_pid, driver.autocommit
+
+
+def test_a_read_needs_no_transaction_and_the_connection_goes_back_as_it_came(engine):
+    with driver_autocommit(engine) as conn:
+        lent = conn.info.backend_pid
+        assert conn.autocommit is True
+        assert conn.execute("SELECT now() = statement_timestamp()").fetchone() == (True,)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+    assert backend_pid(engine) == (lent, False)  # the same connection, autocommit off again
+    with engine.begin() as conn:  # and a unit of work on it still commits as one
+        assert conn.execute(text("SELECT now() = statement_timestamp()")).scalar() is False
+
+
+def test_an_error_raised_after_the_read_returns_a_healthy_connection(engine):
+    with pytest.raises(NotFound), driver_autocommit(engine) as conn:  # noqa: PT012 (the raise is what is tested)
+        lent = conn.info.backend_pid
+        conn.execute("SELECT 1").fetchone()
+        raise NotFound("unknown organization")
+
+    assert backend_pid(engine) == (lent, False)
+
+
+def test_after_the_database_dropped_its_connections_one_read_fails_and_none_after(
+    engine, database_url
+):
+    with driver_autocommit(engine) as first, driver_autocommit(engine) as second:
+        pooled = {first.info.backend_pid, second.info.backend_pid}
+    with psycopg.connect(database_url, autocommit=True) as admin:  # as a database restart would
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+    with pytest.raises(psycopg.OperationalError), driver_autocommit(engine) as conn:
+        conn.execute("SELECT 1")
+    # The other dropped connection is not handed out again: the pool discarded both.
+    for _ in range(3):
+        with driver_autocommit(engine) as conn:
+            assert conn.info.backend_pid not in pooled
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        pid, autocommit = backend_pid(engine)
+        assert pid not in pooled and autocommit is False
