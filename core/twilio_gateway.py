@@ -291,6 +291,7 @@ class TwilioGateway:
         auth_token: str,
         api_base: str = DEFAULT_API_BASE,
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+        pool_maxsize: int = 32,
     ):
         base = api_base.rstrip("/")
         parts = urlsplit(base)
@@ -299,7 +300,9 @@ class TwilioGateway:
         # Against real Twilio each domain keeps its own host; any other base (a fake, a
         # proxy) receives every domain's requests.
         rebase = None if base == DEFAULT_API_BASE else base
-        self.http_client = RequestsHttpClient(timeout=timeout, base_url=rebase)
+        self.http_client = RequestsHttpClient(
+            timeout=timeout, base_url=rebase, pool_maxsize=pool_maxsize
+        )
         # A non-empty environment keeps the library from reading TWILIO_EDGE / TWILIO_REGION
         # (or anything else) from os.environ: settings are read once, by core.settings.
         self.client = Client(
@@ -436,7 +439,7 @@ class ConsoleGateway:
 
 
 def build_gateway(
-    settings: Settings, timeout: tuple[float, float] = DEFAULT_TIMEOUT
+    settings: Settings, timeout: tuple[float, float] = DEFAULT_TIMEOUT, pool_maxsize: int = 32
 ) -> TwilioGateway | ConsoleGateway:
     """The real gateway when Twilio is configured, else the console one."""
     if not settings.twilio_configured:
@@ -448,6 +451,7 @@ def build_gateway(
         settings.TWILIO_AUTH_TOKEN,
         api_base=settings.TWILIO_API_BASE,
         timeout=timeout,
+        pool_maxsize=pool_maxsize,
     )
 
 

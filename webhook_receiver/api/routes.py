@@ -13,6 +13,7 @@ from flask import Response
 from core import audit, idempotency, inbox, messages, outbound, overview, sending, topups, wallet
 from core.errors import InvalidInput
 from core.idempotency import KeysConflict, Stored
+from core.send_batch import SEND_BATCH_TASK
 from core.settings import ConfigError
 from core.topup_api import ProviderRefused, ProviderUnavailable
 from webhook_receiver.api import openapi
@@ -264,32 +265,20 @@ def _campaign_id(campaign_id: str) -> str:
 # ---------------------------------------------------------------- messages
 
 
-FAN_OUT_TASK = "payguard.fan_out_sends"
-
-
-def _publish(call: Call, queued: list[messages.Queued]) -> None:
-    """Publish the send tasks after commit; what fails here the outbox relay publishes.
-
-    A batch goes out as one task that a worker fans out (one publish is about a millisecond:
-    a thousand would be most of the request's time)."""
-    pairs = [(q.message_id, q.outbox_id) for q in queued if q.outbox_id is not None]
-    if not pairs:
+def _publish(call: Call, org_id: str, queued: list[messages.Queued]) -> None:
+    """Publish after commit one task that sends the organization's queued messages in
+    batches (core/send_batch.py), however many this request queued; what fails here the
+    outbox relay publishes, message by message, through the single send task."""
+    outbox_ids = [q.outbox_id for q in queued if q.outbox_id is not None]
+    if not outbox_ids:
         return
     try:
-        if len(pairs) == 1:
-            [(message_id, outbox_id)] = pairs
-            call.receiver.publisher.publish(
-                messages.SEND_TASK, [message_id], task_id=f"outbox-{outbox_id}"
-            )
-        else:
-            call.receiver.publisher.publish(FAN_OUT_TASK, [[list(p) for p in pairs]])
+        call.receiver.publisher.publish(SEND_BATCH_TASK, [org_id])
     except Exception as exc:
         log.warning("publish deferred to the relay", extra={"error": str(exc)[:200]})
         return
     try:
-        call.transaction(
-            lambda conn: inbox.mark_published(conn, [o for _, o in pairs], durable=False)
-        )
+        call.transaction(lambda conn: inbox.mark_published(conn, outbox_ids, durable=False))
     except Exception:
         pass  # the relay publishes them again; a send task settles a message once
 
@@ -321,7 +310,7 @@ def send_message(call: Call) -> Reply:
         return Stored(202, answer), queued
 
     stored, queued = call.transaction(work)
-    _publish(call, queued)
+    _publish(call, org_id, queued)
     return stored.status_code, stored.response, ({} if queued else REPLAYED)
 
 
@@ -379,7 +368,7 @@ def send_batch(call: Call) -> Reply:
         return replies, queued
 
     replies, queued = call.transaction(work)
-    _publish(call, queued)
+    _publish(call, org_id, queued)
     return 202, {"messages": replies}, ({} if queued else REPLAYED)
 
 
