@@ -58,7 +58,7 @@ SELECT m.message_id, m.org_id, m.campaign_id, m.to_number, m.body, m.status, m.p
        m.send_tries
 FROM messages m
 WHERE m.org_id = :o AND m.status IN ('queued', 'retrying')
-ORDER BY m.created_at, m.queue_seq NULLS FIRST, m.message_id
+ORDER BY m.created_at, m.queue_seq
 LIMIT :n
 FOR UPDATE SKIP LOCKED
 """)

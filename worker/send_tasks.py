@@ -10,8 +10,10 @@ until its tries run out, then `not_sent` with the hold released), nothing that m
 out is sent again (`unknown`, charged), and answers whose recording failed are carried by the
 retried task and recorded, never sent again.
 
-A run claims at most MAX_CLAIMS batches, then publishes a fresh run behind the other
-organizations' tasks: one organization's backlog never holds a worker process for long.
+A run sends one batch. When it claimed a full one it first publishes the next run for the
+organization, which another worker process takes while this one waits on Twilio: a backlog
+spreads over every process, one batch per task, between other organizations' tasks, and one
+organization's backlog never holds a worker process for long.
 """
 
 from __future__ import annotations
@@ -86,37 +88,48 @@ def send_org_batch(
         carried = [send_batch.Answer(m, SendResult.from_dict(a)) for m, a in answers]
         _record(self, org_id, carried, record_tries, {})
     _, _, limits = _resources()
-    sent = 0
-    come_back = 0.0
-    drained = False
-    for _ in range(MAX_CLAIMS):
+    come_back, sent = 0.0, 0
+    for _ in range(MAX_CLAIMS):  # claims that blocked every message they took go on
         account = _account(engine, org_id)
         wait = limits.backoff_left(account) if account else 0.0
         if wait > 0:
-            come_back = max(come_back, wait + 0.1)
+            come_back = wait + 0.1
             break
         claim = run_in_transaction(
             engine, lambda c: send_batch.claim(c, org_id, s.SEND_BATCH_SIZE, policy, owner)
         )
         claimed_at = time.monotonic()
         if claim.owner_lease_left > 0:
-            come_back = max(come_back, claim.owner_lease_left + 1)
+            come_back = claim.owner_lease_left + 1
         if not claim.plans:
-            if not claim.blocked:
-                drained = True
-                break
-            continue
+            if claim.blocked:
+                continue
+            break  # drained
+        if len(claim.plans) + claim.blocked >= s.SEND_BATCH_SIZE:
+            # More may be queued: the next batch goes to another worker process now, while
+            # this one waits on Twilio. A backlog spreads over every process this way, one
+            # batch per task, between other organizations' tasks.
+            _publish_next(org_id)
         results = _send_all(claim.plans, claimed_at + policy.send_lease.total_seconds())
         statuses = _record(self, org_id, results, 0, claim.send_tries)
-        sent += len(results)
+        sent = len(results)
         if any(status == "retrying" for status in statuses.values()):
             come_back = max(come_back, backoff(self.request.retries))
-            break
+        break
+    else:
+        _publish_next(org_id)  # only blocked messages so far: the rest in a task of its own
     if come_back > 0:
         raise self.retry(args=[org_id], kwargs={}, countdown=come_back)
-    if not drained:
-        send_org_batch.apply_async(args=[org_id], queue="payguard.send")
     return f"sent {sent}"
+
+
+def _publish_next(org_id: str) -> None:
+    """Another drain of the organization; if the publish fails, the messages stay `queued`
+    and the outbox relay sends them (the single task) after EVENT_REDELIVER_SECONDS."""
+    try:
+        send_org_batch.apply_async(args=[org_id], queue="payguard.send")
+    except Exception as exc:
+        log.warning("next batch not published", extra={"org_id": org_id, "error": repr(exc)})
 
 
 def _account(engine, org_id: str) -> str | None:

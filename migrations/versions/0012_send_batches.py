@@ -4,8 +4,9 @@ messages still to send, per organization, in the order they were queued.
 `send_tries` counts the claims that marked a message `sending`: the batch path gives a message
 up (`not_sent`, hold released) once the tries that reached nothing at Twilio run out, as the
 single send task does with its own retry count. `messages_to_send` is what one batch claims
-(`queued` or `retrying`, oldest first, for one organization) and what a batch looks at for
-messages it left `sending`; settled messages, the great majority, stay out of it.
+(`queued` or `retrying`, oldest first, for one organization), `messages_sending` finds the
+messages a run (its task id, `send_attempt`) left `sending`; settled messages, the great
+majority, stay out of both.
 `queue_seq` orders the messages one transaction queued (they share `created_at`).
 
 Revision ID: 0012
@@ -32,7 +33,8 @@ def upgrade() -> None:
         ALTER TABLE messages ALTER COLUMN queue_seq SET DEFAULT nextval('messages_queue_seq');
         ALTER SEQUENCE messages_queue_seq OWNED BY messages.queue_seq;
         CREATE INDEX messages_to_send ON messages (org_id, created_at, queue_seq)
-            WHERE status IN ('queued', 'retrying', 'sending');
+            WHERE status IN ('queued', 'retrying');
+        CREATE INDEX messages_sending ON messages (send_attempt) WHERE status = 'sending';
         """
     )
 
@@ -40,6 +42,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute(
         """
+        DROP INDEX IF EXISTS messages_sending;
         DROP INDEX IF EXISTS messages_to_send;
         ALTER TABLE messages DROP COLUMN IF EXISTS queue_seq;
         ALTER TABLE messages DROP COLUMN IF EXISTS send_tries;

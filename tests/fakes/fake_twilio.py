@@ -162,6 +162,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY the second waits for the
+    # client's delayed ACK of the first (40 ms) on a kept-alive connection.
+    disable_nagle_algorithm = True
     server: _Server
     timeout = 30  # a stuck client must not hold a thread forever
 
