@@ -6,6 +6,12 @@ production path, `core.db.run_in_transaction(engine, wallet.debit)`; `raw` execu
 statement wallet.debit runs (wallet._DEBIT) with psycopg.connect, autocommit off, one
 transaction per debit, one connection per thread. The ratio core/raw is the cost of the API.
 
+`batch` is the batched hold path of the send queue on the hot wallet: one organization's
+queued messages claimed SEND_BATCH_SIZE at a time by `core.send_batch.claim` (lock, decide,
+one guarded statement holding every price, the messages marked `sending`), one transaction per
+claim; its rate counts messages held per second, beside raw single debits of the same cell.
+The messages are queued before the clock starts (`--batch-messages` per cell).
+
 The benchmark creates a scratch database on the server of --database-url, migrates it with
 migrations.upgrade, and drops it at the end.
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import itertools
+import json
 import os
 import pstats
 import re
@@ -34,11 +41,12 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 import migrations  # noqa: E402
-from core import orgs, wallet  # noqa: E402
+from core import messages, orgs, send_batch, wallet  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
 from devtools.devstack import database_url as url_for  # noqa: E402
 
 SPREAD = 1_000
+BATCH_ORG = "batch-hot"
 START_BALANCE = 10**12
 
 # The statement wallet.debit executes, with psycopg's placeholders instead of SQLAlchemy's.
@@ -47,6 +55,63 @@ RAW_DEBIT = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", wallet._DEBIT.element.text)
 
 def org_ids(layout: str) -> list[str]:
     return ["hot"] if layout == "hot" else [f"org-{i:04d}" for i in range(SPREAD)]
+
+
+def queue_for_batches(url: str, n: int) -> None:
+    """n queued messages for the batch cells' organization (before the clock)."""
+    from core.sending import Policy
+
+    engine = make_engine(url)
+    for start in range(0, n, 1000):
+        items = [("+15005550010", f"m{i}") for i in range(start, min(n, start + 1000))]
+        run_in_transaction(
+            engine, lambda c, it=items: messages.queue_batch(c, BATCH_ORG, it, Policy())
+        )
+    engine.dispose()
+
+
+def run_batch_cell(url: str, threads: int, seconds: float, size: int) -> float:
+    """Messages held per second by claims of `size` on one hot wallet."""
+    from core.sending import Policy
+
+    engine = make_engine(url, pool_size=threads, max_overflow=0)
+    barrier = threading.Barrier(threads + 1)
+    stop = threading.Event()
+    counts = [0] * threads
+    errors: list[BaseException] = []
+    policy = Policy()
+
+    def work(t: int) -> None:
+        try:
+            warm = engine.connect()
+            barrier.wait(timeout=60)
+            warm.close()
+            while not stop.is_set():
+                claim = run_in_transaction(
+                    engine,
+                    lambda c: send_batch.claim(c, BATCH_ORG, size, policy, f"bench-{t}"),
+                )
+                if not claim.plans:
+                    raise RuntimeError("the queued messages ran out: raise --batch-messages")
+                counts[t] += len(claim.plans)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    barrier.wait(timeout=60)
+    started = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for th in pool:
+        th.join()
+    elapsed = time.perf_counter() - started
+    engine.dispose()
+    if errors:
+        raise RuntimeError(f"batch x{threads} failed") from errors[0]
+    return sum(counts) / elapsed
 
 
 def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> float:  # noqa: C901 (one cell: setup, threads, teardown)
@@ -124,6 +189,8 @@ def setup(url: str) -> None:
         for org in org_ids("hot") + org_ids("spread"):
             orgs.create(conn, org)
             wallet.credit(conn, org, START_BALANCE, "seed")
+        orgs.create(conn, BATCH_ORG, billing="prepaid")
+        wallet.credit(conn, BATCH_ORG, START_BALANCE, "seed")
 
     run_in_transaction(engine, create)
     engine.dispose()
@@ -170,6 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         "client-side cost the ratio is about (default on, the server's durable setting)",
     )
     parser.add_argument("--profile", action="store_true", help="also cProfile the core path")
+    parser.add_argument(
+        "--batch-size", type=int, default=100, help="messages per claim (0: no batch cells)"
+    )
+    parser.add_argument(
+        "--batch-messages",
+        type=int,
+        default=60_000,
+        help="messages queued before each batch cell (default 60,000)",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args(argv)
     if not args.database_url:
         parser.error("--database-url (or DATABASE_URL / TEST_DATABASE_URL) is required")
@@ -185,19 +262,42 @@ def main(argv: list[str] | None = None) -> int:
         header = (
             f"{'layout':<8} {'threads':>7} {'core ops/s':>11} {'raw ops/s':>10} {'core/raw':>9}"
         )
-        print(header)
-        print("-" * len(header))
+        say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+        say(header)
+        say("-" * len(header))
+        result: dict[str, float] = {}
         for layout in args.layouts.split(","):
             for threads in (int(n) for n in args.threads.split(",")):
-                raws, cores = [], []
+                raws, cores, batches = [], [], []
                 for _ in range(args.rounds):
                     raws.append(run_cell("raw", bench_url, layout, threads, args.seconds))
                     cores.append(run_cell("core", bench_url, layout, threads, args.seconds))
+                    if layout == "hot" and args.batch_size:
+                        queue_for_batches(url, args.batch_messages)
+                        batches.append(
+                            run_batch_cell(bench_url, threads, args.seconds, args.batch_size)
+                        )
                 raw, core = statistics.median(raws), statistics.median(cores)
-                print(
+                say(
                     f"{layout:<8} {threads:>7} {core:>11.0f} {raw:>10.0f} {core / raw:>8.2f}x",
                     flush=True,
                 )
+                cell = f"{layout}_{threads}"
+                result[f"core_debits_{cell}_per_s"] = round(core, 1)
+                result[f"raw_debits_{cell}_per_s"] = round(raw, 1)
+                result[f"ratio_core_to_raw_{cell}"] = round(core / raw, 3)
+                if batches:
+                    batch = statistics.median(batches)
+                    say(
+                        f"{'batch':<8} {threads:>7} {batch:>11.0f} {raw:>10.0f} "
+                        f"{batch / raw:>8.2f}x  (messages held/s in claims of "
+                        f"{args.batch_size}, beside raw single debits)",
+                        flush=True,
+                    )
+                    result[f"batch_held_{cell}_per_s"] = round(batch, 1)
+                    result[f"ratio_batch_held_to_raw_{cell}"] = round(batch / raw, 2)
+        if args.json:
+            print(json.dumps(result))
         if args.profile:
             profile_core(bench_url, args.seconds)
     finally:

@@ -32,6 +32,7 @@ ROUTES = {
     "payguard.process_event": "payguard.events",
     "payguard.send_message": "payguard.send",
     "payguard.fan_out_sends": "payguard.send",
+    "payguard.send_batch": "payguard.send",
     "payguard.sync_twilio_account": "payguard.twilio",
     "payguard.deliver_event": "payguard.outbound",
 }

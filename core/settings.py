@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     # A recording of Twilio's answer that failed (the database was away) is tried again after
     # this long, with the answer carried in the retried task.
     RECORD_RESULT_RETRY_SECONDS: float = Field(default=30.0, gt=0)
+    # The batch send path (core/send_batch.py, worker/send_tasks.py): messages one claim takes,
+    # and how many of them a worker process has in flight to Twilio at once (its threads).
+    SEND_BATCH_SIZE: int = Field(default=100, ge=1, le=1000)
+    SEND_BATCH_THREADS: int = Field(default=100, ge=1, le=1000)
+    # Concurrent requests to Twilio per account, shared by every worker through REDIS_URL.
+    TWILIO_MAX_CONCURRENCY: int = Field(default=100, ge=1)
     HOLD_MAX_AGE_SECONDS: int = 3600
     SUBSCRIPTION_STALE_SECONDS: int = 86400
     LOG_FORMAT: Literal["json", "text"] = "json"

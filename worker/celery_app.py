@@ -43,7 +43,10 @@ def _config() -> dict:
     }
 
 
-app = Celery("payguard", include=["worker.tasks", "worker.beat_jobs", "worker.outbound_tasks"])
+app = Celery(
+    "payguard",
+    include=["worker.tasks", "worker.send_tasks", "worker.beat_jobs", "worker.outbound_tasks"],
+)
 app.add_defaults(_config)
 
 

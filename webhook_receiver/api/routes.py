@@ -25,6 +25,7 @@ from core import (
 from core.errors import InvalidInput
 from core.idempotency import KeysConflict, Stored
 from core.providers.ports import ProviderRefused, ProviderUnavailable
+from core.send_batch import SEND_BATCH_TASK
 from core.settings import ConfigError
 from webhook_receiver.api import openapi
 from webhook_receiver.api import schemas as s
@@ -277,23 +278,14 @@ def _campaign_id(campaign_id: str) -> str:
 # ---------------------------------------------------------------- messages
 
 
-FAN_OUT_TASK = "payguard.fan_out_sends"
-
-
-def _publish(call: Call, queued: list[messages.Queued]) -> None:
-    """Publish the send tasks after commit; what fails here the outbox relay publishes.
-
-    A batch goes out as one task that a worker fans out (one publish is about a millisecond:
-    a thousand would be most of the request's time)."""
-    pairs = [(q.message_id, q.outbox_id) for q in queued if q.outbox_id is not None]
-    if not pairs:
+def _publish(call: Call, org_id: str, queued: list[messages.Queued]) -> None:
+    """Publish after commit one task that sends the organization's queued messages in
+    batches (core/send_batch.py), however many this request queued; what fails here the
+    outbox relay publishes, message by message, through the single send task."""
+    outbox_ids = [q.outbox_id for q in queued if q.outbox_id is not None]
+    if not outbox_ids:
         return
-    if len(pairs) == 1:
-        [(message_id, outbox_id)] = pairs
-        pending = [outbox.Pending.of_row(messages.SEND_TASK, [message_id], outbox_id)]
-    else:
-        covered = tuple(o for _, o in pairs)
-        pending = [outbox.Pending(FAN_OUT_TASK, [[list(p) for p in pairs]], covered)]
+    pending = [outbox.Pending(SEND_BATCH_TASK, [org_id], tuple(outbox_ids))]
     outbox.publish_after_commit(call.transaction, call.receiver.publisher, pending)
 
 
@@ -324,7 +316,7 @@ def send_message(call: Call) -> Reply:
         return Stored(202, answer), queued
 
     stored, queued = call.transaction(work)
-    _publish(call, queued)
+    _publish(call, org_id, queued)
     return stored.status_code, stored.response, ({} if queued else REPLAYED)
 
 
@@ -382,7 +374,7 @@ def send_batch(call: Call) -> Reply:
         return replies, queued
 
     replies, queued = call.transaction(work)
-    _publish(call, queued)
+    _publish(call, org_id, queued)
     return 202, {"messages": replies}, ({} if queued else REPLAYED)
 
 

@@ -36,6 +36,11 @@ Like Twilio, a message sent on a subaccount this fake has seen suspended is refu
 (401, code 10001 "Account is not active"), and invalid sends get Twilio's 400 codes
 (21604 no To, 21603 no sender, 21602 no Body, 21211 To not E.164). With ``credentials=``
 set, a request with other basic-auth credentials is answered 401, code 20003.
+
+Concurrency: ``peak_concurrency(account_sid)`` is the most Messages.create requests one
+account had in flight at once; with ``concurrency_limit=N`` a create beyond N in flight for
+its account is answered 429 (code 20429), as Twilio does. ``keep_alive=True`` keeps
+connections open between requests (a pooled client's case; the default closes each one).
 """
 
 from __future__ import annotations
@@ -157,6 +162,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY the second waits for the
+    # client's delayed ACK of the first (40 ms) on a kept-alive connection.
+    disable_nagle_algorithm = True
     server: _Server
     timeout = 30  # a stuck client must not hold a thread forever
 
@@ -171,12 +179,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_json(self, status: int, payload: Mapping[str, Any]) -> None:
         data = json.dumps(payload).encode()
-        self.close_connection = True
+        self.server.fake._answered(self)  # before the client can read it and call again
+        keep = self.server.fake.keep_alive and not self.server.fake._stopping.is_set()
+        self.close_connection = not keep
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
-            self.send_header("Connection", "close")
+            self.send_header("Connection", "keep-alive" if keep else "close")
             self.send_header("Twilio-Request-Id", "RQ" + secrets.token_hex(16))
             self.end_headers()
             self.wfile.write(data)
@@ -198,9 +208,15 @@ class FakeTwilio:
         credentials: tuple[str, str] | None = None,
         hang_seconds: float = 5.0,
         host: str = "127.0.0.1",
+        concurrency_limit: int | None = None,
+        keep_alive: bool = False,
     ):
         self.credentials = credentials
         self.hang_seconds = hang_seconds
+        self.concurrency_limit = concurrency_limit
+        self.keep_alive = keep_alive
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._peak: collections.Counter[str] = collections.Counter()
         self._host = host
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -289,6 +305,7 @@ class FakeTwilio:
             self._messages.clear()
             self._account_status.clear()
             self._auth_tokens.clear()
+            self._peak.clear()
 
     # --- inspection ---------------------------------------------------------------------
 
@@ -318,6 +335,11 @@ class FakeTwilio:
                 if account_sid is None or m["account_sid"] == account_sid
             ]
 
+    def peak_concurrency(self, account_sid: str) -> int:
+        """The most Messages.create requests this account had in flight at once."""
+        with self._lock:
+            return self._peak[account_sid]
+
     def account_status(self, account_sid: str) -> str:
         """The subaccount's status as this fake knows it (``active`` until changed)."""
         with self._lock:
@@ -338,6 +360,34 @@ class FakeTwilio:
 
     def _handle(self, handler: _Handler, method: str) -> None:
         path = urlsplit(handler.path).path
+        m = _MESSAGES_PATH.fullmatch(path)
+        if method != "POST" or m is None:
+            return self._answer(handler, method, path)
+        account = m.group(1)
+        handler.in_flight_account = account  # type: ignore[attr-defined]
+        with self._lock:
+            self._in_flight[account] += 1
+            over = (
+                self.concurrency_limit is not None
+                and self._in_flight[account] > self.concurrency_limit
+            )
+            self._peak[account] = max(self._peak[account], self._in_flight[account])
+        try:
+            return self._answer(handler, method, path, over_limit=over)
+        finally:
+            self._answered(handler)
+
+    def _answered(self, handler: _Handler) -> None:
+        """The request of `handler` is no longer in flight (counted once)."""
+        account = getattr(handler, "in_flight_account", None)
+        if account is not None:
+            handler.in_flight_account = None  # type: ignore[attr-defined]
+            with self._lock:
+                self._in_flight[account] -= 1
+
+    def _answer(  # noqa: C901 (one fake endpoint table, read top to bottom)
+        self, handler: _Handler, method: str, path: str, *, over_limit: bool = False
+    ) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length).decode("utf-8", "replace") if length else ""
         params = {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
@@ -355,6 +405,8 @@ class FakeTwilio:
                 behaviour: Behaviour = 401  # a refused request consumes no scripted behaviour
             elif route is None:
                 behaviour = 404
+            elif over_limit:
+                behaviour = 429  # too many in flight: consumes no scripted behaviour
             else:
                 behaviour = self._next_behaviour(route, account_sid)
             self._requests.append(
