@@ -1,11 +1,13 @@
 """The Flask receiver: verify, store durably, enqueue, answer. Nothing else.
 
 200 means the event is committed to the inbox with its outbox row; publishing to the broker
-is attempted after the commit and a failure there is left to the outbox relay.
+is attempted after the commit and a failure there is left to the outbox relay. The row is
+marked published off the request path (core/publish_marks.py): one commit per webhook.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import hmac
 import json
@@ -23,6 +25,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from core import inbox
 from core.db import make_engine, run_in_transaction
 from core.errors import InvalidInput
+from core.publish_marks import PublishMarks
 from core.settings import Settings, load_settings_or_exit
 from worker.publisher import Publisher
 
@@ -40,6 +43,7 @@ class Receiver:
     publisher: Publisher
     paypal_verifier: Any | None
     metrics: Any
+    publish_marks: PublishMarks
     _subaccount_tokens: dict[str, tuple[str | None, float]] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
 
@@ -115,7 +119,9 @@ def create_app(settings: Settings | None = None, *, paypal_clock: Callable | Non
         publisher=Publisher.from_settings(settings),
         paypal_verifier=paypal_verifier,
         metrics=metrics.ReceiverMetrics(engine),  # counters + database gauges per scrape
+        publish_marks=PublishMarks(engine),
     )
+    atexit.register(receiver.publish_marks.close)
     app.extensions["payguard"] = receiver
 
     from webhook_receiver import routes
@@ -195,12 +201,7 @@ def publish_now(receiver: Receiver, outbox_id: int, inbox_id: int) -> None:
             "publish deferred to the relay", extra={"inbox_id": inbox_id, "error": str(exc)[:200]}
         )
         return
-    try:
-        run_in_transaction(
-            receiver.engine, lambda conn: inbox.mark_published(conn, [outbox_id], durable=False)
-        )
-    except SQLAlchemyError:
-        pass  # the relay will publish it again; processing is idempotent
+    receiver.publish_marks.add([outbox_id])
 
 
 def readiness(receiver: Receiver) -> tuple[bool, dict[str, str]]:

@@ -10,7 +10,7 @@ import re
 
 from flask import Response
 
-from core import audit, idempotency, inbox, messages, outbound, overview, sending, topups, wallet
+from core import audit, idempotency, messages, outbound, overview, sending, topups, wallet
 from core.errors import InvalidInput
 from core.idempotency import KeysConflict, Stored
 from core.settings import ConfigError
@@ -286,12 +286,7 @@ def _publish(call: Call, queued: list[messages.Queued]) -> None:
     except Exception as exc:
         log.warning("publish deferred to the relay", extra={"error": str(exc)[:200]})
         return
-    try:
-        call.transaction(
-            lambda conn: inbox.mark_published(conn, [o for _, o in pairs], durable=False)
-        )
-    except Exception:
-        pass  # the relay publishes them again; a send task settles a message once
+    call.receiver.publish_marks.add([o for _, o in pairs])
 
 
 @endpoint(
