@@ -3,6 +3,7 @@ capture takes from POST to a committed wallet credit with one Celery worker.
 
     .venv/bin/python bench/ingest.py [--seconds 10] [--web-workers 4] [--clients 16]
                                      [--credits 200] [--breakdown 300]
+                                     [--servers gunicorn,granian] [--phases ...] [--json]
 
 Everything runs on this machine: its own scratch database (on BENCH_DATABASE_URL's server,
 an admin URL that may CREATE DATABASE, else an embedded PostgreSQL with default durability),
@@ -12,18 +13,24 @@ gunicorn and the worker as subprocesses. Distinct event ids, each signed like Pa
 (RSA-2048 over id|time|webhook_id|crc32), pre-signed before the clock starts.
 
 Phases, each bounded:
+  0. yardstick GET /healthz through gunicorn with sync workers (the Procfile's server), same
+               workers and clients: the HTTP stack's own rate, which ingest is measured against
   1. ingest    a thread pool posts signed captures for --seconds: webhooks/s, p50/p99 latency
-               (only gunicorn runs: no Celery worker competes for the CPU)
+               (only the web server runs: no Celery worker competes for the CPU), once per
+               server in --servers (gunicorn sync workers; granian's WSGI interface, if the
+               `bench` extra is installed), alternating with the yardstick --rounds times
   2. credit    with one worker (concurrency 1), captures one at a time: POST start to the
                commit of the journal row (a LISTEN on a trigger added to the scratch database)
   3. breakdown the receiver's stages timed in-process: verify, store+commit, publish, mark
-Goals: 800 webhooks/s with p99 < 100 ms; credit p50 < 25 ms and p99 < 100 ms.
+Goals: ingest >= 0.5x the yardstick's rate with p99 < 50 ms at 16 clients; credit p50 < 25 ms
+and p99 < 100 ms. --json prints one JSON object on the last line.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import logging
 import os
@@ -33,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -42,12 +50,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import psycopg  # noqa: E402
+import requests  # noqa: E402
 
 from bench.scratch import prepare_database  # noqa: E402
-from core import orgs, outbox  # noqa: E402
+from core import orgs  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
 from devtools.devstack import start_redis  # noqa: E402
-from tests.stack import start_web, start_worker, wait_for  # noqa: E402
+from tests.stack import (  # noqa: E402
+    Web,
+    free_port,
+    start_procfile_web,
+    start_worker,
+    wait_for,
+)
 from tests.support.fakes.paypal_api import FakePayPal, SigningCert, make_signing_cert  # noqa: E402
 from tests.support.payloads import paypal as pp  # noqa: E402
 
@@ -96,11 +111,19 @@ def presign(signer: SigningCert, cert_url: str, count: int) -> list[tuple[str, b
         return list(pool.map(_sign, jobs, chunksize=64))
 
 
-def post(host: str, port: int, body: bytes, headers: dict[str, str]) -> tuple[int, float]:
+def post(
+    host: str,
+    port: int,
+    body: bytes | None,
+    headers: dict[str, str],
+    path: str = "/webhooks/paypal",
+) -> tuple[int, float]:
+    """One request on a fresh connection, as a provider's delivery arrives: POST with a body,
+    GET without one."""
     started = time.perf_counter()
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
-        conn.request("POST", "/webhooks/paypal", body=body, headers=headers)
+        conn.request("POST" if body is not None else "GET", path, body=body, headers=headers)
         response = conn.getresponse()
         response.read()
         return response.status, time.perf_counter() - started
@@ -111,7 +134,9 @@ def post(host: str, port: int, body: bytes, headers: dict[str, str]) -> tuple[in
 # --------------------------------------------------------------------------- phases
 
 
-def ingest(web_url: str, signed: list, clients: int, seconds: float) -> dict:
+def ingest(
+    web_url: str, signed: Iterable, clients: int, seconds: float, path: str = "/webhooks/paypal"
+) -> dict:
     parts = urlsplit(web_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     latencies: list[float] = []
@@ -127,7 +152,7 @@ def ingest(web_url: str, signed: list, clients: int, seconds: float) -> dict:
             if job is None:
                 return
             _, body, headers = job
-            status, elapsed = post(host, port, body, headers)
+            status, elapsed = post(host, port, body, headers, path)
             with lock:
                 if status == 200:
                     latencies.append(elapsed)
@@ -193,11 +218,16 @@ def credit_latency(web_url: str, database_url: str, signed: list, gap: float) ->
     }
 
 
+def yardstick(web_url: str, clients: int, seconds: float) -> dict:
+    """GET /healthz as fast as the clients go: the HTTP stack's own rate, nothing verified."""
+    return ingest(web_url, itertools.repeat(("", None, {})), clients, seconds, "/healthz")
+
+
 def breakdown(
     database_url: str, redis_url: str, broker_url: str | None, fake: FakePayPal, signed: list
 ) -> dict:
     """Where a request's time goes, stage by stage, in this process (no HTTP, no gunicorn)."""
-    from core import inbox
+    from core import inbox, outbox
     from core.settings import Settings
     from webhook_receiver.app import create_app
 
@@ -251,6 +281,50 @@ def breakdown(
     return result
 
 
+# --------------------------------------------------------------------------- servers
+
+SERVERS = ("gunicorn", "granian")
+BIN = Path(sys.executable).parent
+
+
+def start_server(kind: str, env: dict[str, str], logs: Path, workers: int) -> Web:
+    """`web` on a free port: gunicorn as the Procfile runs it (its config, sync workers, the
+    access log), or granian's WSGI interface with as many workers, one blocking thread each
+    (a sync worker's concurrency) and its access log, so the two do the same work."""
+    if kind == "gunicorn":
+        return start_procfile_web(env, logs, workers=workers)
+    port = free_port()
+    metrics_dir = Path(tempfile.mkdtemp(prefix="payguard-bench-granian-", dir=logs.parent))
+    proc = Web(
+        "granian",
+        [
+            str(BIN / "granian"),
+            "--interface", "wsgi", "--factory", "--workers", str(workers),
+            "--blocking-threads", "1", "--host", "127.0.0.1", "--port", str(port),
+            "--access-log", "--no-ws", "webhook_receiver.app:create_app",
+        ],
+        {**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+        logs,
+    )  # fmt: skip
+    proc.port = port
+    proc.start()
+    wait_for(lambda: not proc.alive() or _healthy(proc.url), 60, interval=0.2, what="granian ready")
+    if not proc.alive():
+        raise RuntimeError(f"granian died at start:\n{proc.log()}")
+    return proc
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/healthz", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+def _median_figures(results: list[dict]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in results) for k in ("rate", "p50", "p99")}
+
+
 # --------------------------------------------------------------------------- setup
 
 
@@ -270,7 +344,7 @@ CREATE TRIGGER bench_notify_credit AFTER INSERT ON journal
     return url, where
 
 
-def main() -> int:
+def main() -> int:  # noqa: C901 (the phases in order, each bounded and printed)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="ingest phase length")
     parser.add_argument("--web-workers", type=int, default=2 * (os.cpu_count() or 1))
@@ -283,7 +357,22 @@ def main() -> int:
     parser.add_argument(
         "--synchronous-commit", choices=("on", "off"), default="on", help="for the scratch DB"
     )
+    parser.add_argument(
+        "--servers",
+        default="gunicorn",
+        help="comma-separated: gunicorn (the Procfile's web line), granian (the bench extra)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="alternations of every server")
+    parser.add_argument(
+        "--phases", default="credit,breakdown", help="after ingest: credit, breakdown, or none"
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args()
+    unknown = set(args.servers.split(",")) - set(SERVERS)
+    if unknown:
+        parser.error(f"unknown server(s) {', '.join(sorted(unknown))}: choose from {SERVERS}")
+    if "granian" in args.servers and shutil.which("granian", path=str(BIN)) is None:
+        parser.error("granian is not installed: uv sync --extra bench (or pip install granian)")
 
     tmp = Path(tempfile.mkdtemp(prefix="payguard-bench-"))
     with ExitStack() as stack:
@@ -334,7 +423,9 @@ def main() -> int:
 
         sizes = {
             "warm": args.web_workers * 8,
-            "ingest": int(args.rate_cap * args.seconds),
+            "ingest": int(args.rate_cap * args.seconds)
+            * args.rounds
+            * len(args.servers.split(",")),
             "credit": args.credits,
             "breakdown": args.breakdown,
         }
@@ -348,38 +439,84 @@ def main() -> int:
         credit_set, breakdown_set = sets["credit"], sets["breakdown"]
 
         logs = tmp / "logs"
-        with start_web(env, logs, workers=args.web_workers) as web:
-            # Warm every gunicorn worker's certificate cache and pools before timing.
-            ingest(web.url, warm_set, 4, 30)
-            cpu_before = cpu_seconds(web.pid, database_url, redis_pid)
-            result = ingest(web.url, ingest_set, args.clients, args.seconds)
-            cpu = {
-                k: (v - cpu_before[k]) / max(result["accepted"], 1)
-                for k, v in cpu_seconds(web.pid, database_url, redis_pid).items()
-            }
+        servers = [name.strip() for name in args.servers.split(",") if name.strip()]
+        phases = {name.strip() for name in args.phases.split(",")}
+        figures: dict[str, object] = {"web_workers": args.web_workers, "clients": args.clients}
+        rounds: dict[str, list[dict]] = {name: [] for name in ["healthz", *servers]}
+        cpu: dict[str, float] = {}
+        per_round = max(1, len(ingest_set) // (args.rounds * len(servers)))
+        chunks = iter(range(0, len(ingest_set), per_round))
+        for round_no in range(args.rounds):
+            for name in ["healthz", *servers]:
+                # The yardstick is always gunicorn with sync workers, the Procfile's server.
+                with start_server(
+                    "gunicorn" if name == "healthz" else name, env, logs, args.web_workers
+                ) as web:
+                    # Warm every worker's certificate cache and pools before timing.
+                    ingest(web.url, warm_set, 4, 30)
+                    if name == "healthz":
+                        rounds[name].append(yardstick(web.url, args.clients, args.seconds))
+                        continue
+                    start = next(chunks)
+                    chunk = ingest_set[start : start + per_round]
+                    before = cpu_seconds(web.pid, database_url, redis_pid)
+                    result = ingest(web.url, chunk, args.clients, args.seconds)
+                    rounds[name].append(result)
+                    if round_no == 0:
+                        cpu_per = {
+                            k: (v - before[k]) / max(result["accepted"], 1)
+                            for k, v in cpu_seconds(web.pid, database_url, redis_pid).items()
+                        }
+                        cpu[name] = cpu_per["web"]
+                        print(
+                            f"         CPU per accepted webhook ({name}): "
+                            + ", ".join(f"{k} {ms(v).strip()}" for k, v in cpu_per.items())
+                            + f" = {ms(sum(cpu_per.values())).strip()}"
+                        )
+                r = rounds[name][-1]
+                print(
+                    f"[{name}] round {round_no + 1}: {r['rate']:.0f}/s, p50 {ms(r['p50'])}, "
+                    f"p99 {ms(r['p99'])}, failures {r['failures'] or 'none'}"
+                    + ("; ran out of pre-signed payloads" if r["exhausted"] else "")
+                )
+        healthz = _median_figures(rounds["healthz"])
+        figures["healthz_per_s"] = healthz["rate"]
+        figures["healthz_p99_ms"] = healthz["p99"] * 1000
+        print(
+            f"\n[yardstick] GET /healthz, gunicorn {args.web_workers} sync workers, "
+            f"{args.clients} clients: {healthz['rate']:.0f} req/s, p99 {ms(healthz['p99'])}"
+        )
+        for name in servers:
+            median = _median_figures(rounds[name])
+            figures[f"{name}_webhooks_per_s"] = median["rate"]
+            figures[f"{name}_p50_ms"] = median["p50"] * 1000
+            figures[f"{name}_p99_ms"] = median["p99"] * 1000
+            figures[f"{name}_web_cpu_ms"] = cpu[name] * 1000
+            figures[f"ratio_{name}_healthz"] = median["rate"] / healthz["rate"]
             print(
-                f"\n[ingest] gunicorn {args.web_workers} sync workers, {args.clients} client "
-                f"threads, {result['wall']:.1f}s: {result['accepted']} accepted "
-                f"({result['rate']:.0f} webhooks/s), failures {result['failures'] or 'none'}"
-                + ("; ran out of pre-signed payloads" if result["exhausted"] else "")
+                f"[ingest] {name}, {args.web_workers} workers, {args.clients} clients "
+                f"(median of {args.rounds}): {median['rate']:.0f} verified webhooks/s "
+                f"= {median['rate'] / healthz['rate']:.2f}x the yardstick; "
+                f"p50 {ms(median['p50'])}, p99 {ms(median['p99'])}; "
+                f"web CPU {ms(cpu[name]).strip()} per webhook"
             )
-            print(f"         request latency p50 {ms(result['p50'])}  p99 {ms(result['p99'])}")
-            print("         goal: 800 webhooks/s with p99 < 100 ms")
-            print(
-                "         CPU per accepted webhook: "
-                + ", ".join(f"{k} {ms(v).strip()}" for k, v in cpu.items())
-                + f" = {ms(sum(cpu.values())).strip()}; {cpus} CPUs give at most "
-                f"{(cpus or 1) / max(sum(cpu.values()), 1e-9):.0f}/s at that cost"
-            )
+        print("         goal: >= 0.5x the yardstick, p99 < 50 ms at 16 clients")
 
-            with start_worker(env, logs, concurrency=1):
-                # The ingest phase queued thousands of events: time the worker on them for a
-                # few seconds, then drop the rest so the credit phase starts from an empty queue.
-                before, t0 = _backlog(database_url), time.perf_counter()
-                time.sleep(args.drain)
-                drained = (before - _backlog(database_url)) / (time.perf_counter() - t0)
-                _purge(database_url, redis_url, broker_url)
-                credit = credit_latency(web.url, database_url, credit_set, args.gap)
+        if "credit" in phases:
+            with start_server(servers[0], env, logs, args.web_workers) as web:
+                ingest(web.url, warm_set, 4, 30)
+                with start_worker(env, logs, concurrency=1):
+                    # The ingest phase queued thousands of events: time the worker on them for
+                    # a few seconds, then drop the rest so the credit phase starts from an
+                    # empty queue.
+                    before, t0 = _backlog(database_url), time.perf_counter()
+                    time.sleep(args.drain)
+                    drained = (before - _backlog(database_url)) / (time.perf_counter() - t0)
+                    _purge(database_url, redis_url, broker_url)
+                    credit = credit_latency(web.url, database_url, credit_set, args.gap)
+            figures["worker_captures_per_s"] = drained
+            figures["credit_p50_ms"] = credit["p50"] * 1000
+            figures["credit_p99_ms"] = credit["p99"] * 1000
             print(f"\n[worker] one worker (concurrency 1) applied {drained:.0f} captures/s")
             print(
                 f"[credit] one worker (concurrency 1), {credit['count']} captures one at a "
@@ -388,18 +525,22 @@ def main() -> int:
             print(f"         (their POSTs alone: p50 {ms(credit['post_p50'])})")
             print("         goal: credit p50 < 25 ms, p99 < 100 ms")
 
-        stages = breakdown(database_url, redis_url, broker_url, fake, breakdown_set)
-        print(f"\n[breakdown] receiver stages in-process, mean of {len(breakdown_set) // 2}:")
-        for name, value in stages.items():
-            print(f"         {name:<28} {ms(value)}")
-        print(
-            f"\nload average at the end: {os.getloadavg()[0]:.1f} (other processes share the CPUs)"
-        )
+        if "breakdown" in phases:
+            stages = breakdown(database_url, redis_url, broker_url, fake, breakdown_set)
+            print(f"\n[breakdown] receiver stages in-process, mean of {len(breakdown_set) // 2}:")
+            for name, value in stages.items():
+                print(f"         {name:<28} {ms(value)}")
+                figures[f"stage_{name.split()[0]}_ms"] = value * 1000
+        load = os.getloadavg()[0]
+        figures["load_average"] = load
+        print(f"\nload average at the end: {load:.1f} (other processes share the CPUs)")
+        if args.json:
+            print(json.dumps(figures, sort_keys=True))
     return 0
 
 
 def cpu_seconds(web_pid: int, database_url: str, redis_pid: int | None) -> dict[str, float]:
-    """CPU seconds used so far by gunicorn (master and workers), this database's PostgreSQL
+    """CPU seconds used so far by the web server (master and workers), this database's PostgreSQL
     backends, the embedded Redis, and this process (the clients)."""
     import psutil
 
@@ -423,7 +564,7 @@ def cpu_seconds(web_pid: int, database_url: str, redis_pid: int | None) -> dict[
             )
         ]
     figures = {
-        "gunicorn": used([web_pid, *(c.pid for c in web.children(recursive=True))]),
+        "web": used([web_pid, *(c.pid for c in web.children(recursive=True))]),
         "postgres": used(backends),
         "clients": used([os.getpid()]),
     }

@@ -64,6 +64,22 @@ def mark_published(conn: Connection, outbox_ids: list[int], *, durable: bool = T
         )
 
 
+def mark_published_at(conn: Connection, marks: list[tuple[int, float]]) -> None:
+    """Record publishes that happened at the given times (epoch seconds), in one statement and
+    without the WAL flush wait, like `mark_published(durable=False)`."""
+    if not marks:
+        return
+    conn.execute(text("SET LOCAL synchronous_commit = off"))
+    conn.execute(
+        text(
+            "UPDATE outbox SET published_at = to_timestamp(m.at), attempts = attempts + 1 "
+            "FROM unnest(CAST(:ids AS bigint[]), CAST(:ats AS float8[])) AS m(id, at) "
+            "WHERE outbox.id = m.id"
+        ),
+        {"ids": [i for i, _ in marks], "ats": [at for _, at in marks]},
+    )
+
+
 def mark_task_published(conn: Connection, task: str, args: list) -> None:
     """Mark the unpublished outbox rows of this task and arguments published."""
     conn.execute(
@@ -181,6 +197,12 @@ class Pending:
         return cls(task, args, (outbox_id,), task_id=task_id_of(outbox_id))
 
 
+class Marks(Protocol):
+    """Where published rows go to be marked later (core/publish_marks.py)."""
+
+    def add(self, outbox_ids: list[int]) -> None: ...
+
+
 def task_id_of(outbox_id: int) -> str:
     """One task id per outbox row, whoever publishes it: a second publish is the same task."""
     return f"outbox-{outbox_id}"
@@ -190,8 +212,12 @@ def publish_after_commit(
     transaction: Callable[[Callable[[Connection], object]], object],
     publisher: Publisher,
     pending: Sequence[Pending],
+    marks: Marks | None = None,
 ) -> int:
     """Publish `pending` in order and mark each published; how many went out.
+
+    With `marks` (a long-lived process: core/publish_marks.py), rows are handed to it and
+    marked in a batch off the caller's path, instead of one transaction each here.
 
     Call it after the commit that recorded the rows. A broker that fails stops the rest
     (logged): the rows stay unpublished and the relay publishes them. A mark that fails is
@@ -207,6 +233,9 @@ def publish_after_commit(
             )
             break
         published += 1
+        if marks is not None and item.outbox_ids:
+            marks.add(list(item.outbox_ids))
+            continue
         try:
             transaction(partial(_mark, item))
         except Exception as exc:  # the relay publishes it again; every task tolerates that

@@ -5,7 +5,7 @@
 # shellcheck shell=bash
 
 UV_VERSION="0.13.9"
-EXTRAS=(embedded test)
+EXTRAS=(embedded test bench)
 STAMP=".venv/.payguard-install"
 
 find_python() {

@@ -5,12 +5,14 @@ start, then the webhook routes (webhook_receiver/routes.py) and the host API
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 
 from flask import Flask
 
 from bus.publisher import Publisher
 from core.db import make_engine
+from core.publish_marks import PublishMarks
 from core.settings import Settings, load_settings_or_exit
 from webhook_receiver.receiver import MAX_BODY, Receiver
 
@@ -45,7 +47,11 @@ def create_app(settings: Settings | None = None, *, paypal_clock: Callable | Non
         publisher=Publisher.from_settings(settings),
         paypal_verifier=paypal_verifier,
         metrics=metrics.ReceiverMetrics(engine),  # counters + database gauges per scrape
+        # Published outbox rows are marked in batches off the request path: one commit per
+        # webhook. A mark lost in a crash only lets the relay publish again.
+        publish_marks=PublishMarks(engine),
     )
+    atexit.register(receiver.publish_marks.close)
     app.extensions["payguard"] = receiver
 
     from webhook_receiver import routes

@@ -25,6 +25,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from core import inbox, outbox
 from core.db import run_in_transaction
 from core.errors import InvalidInput
+from core.publish_marks import PublishMarks
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Receiver:
     publisher: outbox.Publisher
     paypal_verifier: Any | None
     metrics: Any
+    publish_marks: PublishMarks
     # subaccount SID → (its token or None, until when that answer holds)
     _subaccount_tokens: dict[str, tuple[str | None, float]] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
@@ -124,6 +126,7 @@ def accept(
             receiver.transaction,
             receiver.publisher,
             [outbox.Pending.of_row(outbox.PROCESS_EVENT_TASK, [stored.id], outbox_id)],
+            receiver.publish_marks,
         )
     return answer(200, status=status, event_id=event_id, id=stored.id)
 

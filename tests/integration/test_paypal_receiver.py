@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,10 +19,12 @@ import psycopg
 import pytest
 import redis
 import requests
+import sqlalchemy
 from sqlalchemy import text
 
 from core import orgs, wallet
 from core.db import run_in_transaction
+from core.publish_marks import PublishMarks
 from core.settings import Settings
 from tests.stack import free_port, start_beat, start_web, start_worker, wait_for
 from tests.support.fakes.paypal_api import CERTS_PATH, FakePayPal, LocalCA, make_signing_cert
@@ -117,6 +120,15 @@ def event_row(engine, event_id: str):
         ).one()
 
 
+def wait_for_publish_mark(engine, event_id: str) -> None:
+    """The receiver marks what it published in a batch, a moment after its answer."""
+    wait_for(
+        lambda: event_row(engine, event_id).published_at is not None,
+        10,
+        what=f"the outbox row of {event_id} marked published",
+    )
+
+
 def balance(engine, org_id: str) -> int:
     return run_in_transaction(engine, lambda c: wallet.show(c, org_id)).balance_cents
 
@@ -141,11 +153,40 @@ def test_a_signed_capture_is_stored_with_its_outbox_row_and_queued(
     assert response.get_json()["event_id"] == payload["id"]
     row = event_row(engine, payload["id"])
     assert row.status == "received" and bytes(row.body) == body
-    assert row.published_at is not None
     assert queue.llen(EVENTS_QUEUE) == 1
     message = json.loads(queue.lindex(EVENTS_QUEUE, 0))
     assert message["headers"]["task"] == "payguard.process_event"
     assert message["headers"]["id"] == f"outbox-{row.outbox_id}"
+    wait_for_publish_mark(engine, payload["id"])
+
+
+def test_a_webhook_commits_once_in_its_request_and_its_publish_is_marked_after(
+    app, client, engine, paypal_signer, fake_paypal, org
+):
+    """The request's only commit stores the event and its outbox row; the mark that tells the
+    relay "published" is written later, in a batch, off the request path."""
+    receiver = app.extensions["payguard"]
+    receiver.publish_marks = PublishMarks(receiver.engine, interval=3600)  # only flush() marks
+    request_thread, commits = threading.current_thread(), []
+
+    def count_commit(conn) -> None:
+        if threading.current_thread() is request_thread:
+            commits.append(conn)
+
+    sqlalchemy.event.listen(receiver.engine, "commit", count_commit)
+    try:
+        bodies = [body_of(pp.capture_completed(org, pp.new_id())) for _ in range(3)]
+        for body in bodies:
+            response = post(client, body, signed(paypal_signer, body, fake_paypal.signing_cert_url))
+            assert response.status_code == 200
+        assert len(commits) == 3
+        ids = [json.loads(b)["id"] for b in bodies]
+        assert all(event_row(engine, i).published_at is None for i in ids)
+
+        assert receiver.publish_marks.flush() == 3  # one statement for the three
+    finally:
+        sqlalchemy.event.remove(receiver.engine, "commit", count_commit)
+    assert all(event_row(engine, i).published_at is not None for i in ids)
 
 
 def test_the_same_event_again_is_a_duplicate_and_is_neither_stored_nor_queued_twice(
@@ -484,7 +525,8 @@ def test_with_the_broker_down_or_hung_the_answer_is_200_within_a_second(
     try:
         # Warm the certificate cache and both pools, so the broker is the only thing timed.
         _, warm, warm_id = _timed_post(client, paypal_signer, fake_paypal, org)
-        assert warm.status_code == 200 and event_row(engine, warm_id).published_at is not None
+        assert warm.status_code == 200
+        wait_for_publish_mark(engine, warm_id)
 
         if outage == "stopped":
             own_redis.stop()
@@ -506,7 +548,7 @@ def test_with_the_broker_down_or_hung_the_answer_is_200_within_a_second(
         # The broker is back: the next webhook is published by the receiver itself again.
         _, after, after_id = _timed_post(client, paypal_signer, fake_paypal, org)
         assert after.status_code == 200
-        assert event_row(engine, after_id).published_at is not None
+        wait_for_publish_mark(engine, after_id)
     finally:
         close_app(app)
 

@@ -286,7 +286,9 @@ def _publish(call: Call, org_id: str, queued: list[messages.Queued]) -> None:
     if not outbox_ids:
         return
     pending = [outbox.Pending(SEND_BATCH_TASK, [org_id], tuple(outbox_ids))]
-    outbox.publish_after_commit(call.transaction, call.receiver.publisher, pending)
+    outbox.publish_after_commit(
+        call.transaction, call.receiver.publisher, pending, call.receiver.publish_marks
+    )
 
 
 @endpoint(
