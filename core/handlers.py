@@ -357,11 +357,12 @@ def close_dispute(conn: Connection, ev: DisputeClosed) -> str:
             payment=(ev.provider, paid.payment_id),
         )
     reason, note = f"dispute:{ev.dispute_id}", "dispute lost" if ev.lost else "dispute closed"
-    if not wallet.unfreeze(conn, org_id, reason, actor=ev.provider, note=note):
-        if not wallet.ever_lifted(conn, org_id, reason):
-            wallet.record_lifted(
-                conn, org_id, reason, actor=ev.provider, note=f"{note} before it was opened"
-            )
+    if not wallet.unfreeze(conn, org_id, reason, actor=ev.provider, note=note) and (
+        not wallet.ever_lifted(conn, org_id, reason)
+    ):
+        wallet.record_lifted(
+            conn, org_id, reason, actor=ev.provider, note=f"{note} before it was opened"
+        )
     return org_id
 
 

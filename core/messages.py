@@ -519,10 +519,14 @@ def apply_status_callback(
             raise WrongSigner(f"{signer} did not send {message_id}")
     _lock_sid(conn, sid)
     row = _lock_message(conn, sid=sid)
-    if row is None and named is not None and named.twilio_sid is None:
-        if named.status in ("sending", "unknown"):
-            _adopt_sid(conn, named, sid)
-            row = _lock_message(conn, sid=sid)
+    if (
+        row is None
+        and named is not None
+        and named.twilio_sid is None
+        and named.status in ("sending", "unknown")
+    ):
+        _adopt_sid(conn, named, sid)
+        row = _lock_message(conn, sid=sid)
     if row is None:
         # The worker has not recorded this SID yet (or never will): keep the callback;
         # record_result applies it when the SID arrives, if its signer may speak for the

@@ -46,7 +46,7 @@ def minor_unit_exponent(currency: str) -> int:
 
 def to_minor_units(value: object, currency: str) -> int:
     """'57.00' USD -> 5700; refuses floats, fractions of a minor unit and garbage."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         raise MalformedEvent(f"amount must be a decimal string, not {type(value).__name__}")
     try:
         amount = Decimal(str(value).strip())

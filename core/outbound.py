@@ -13,6 +13,7 @@ rotate a secret, list events after a sequence, list and redeliver deliveries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -478,10 +479,9 @@ def start_delivery(
             "(was it changed?)"
         ) from None
     if row.previous_secret_enc and row.previous_valid:
-        try:
+        # Rotated after a key change: the new secret alone signs.
+        with contextlib.suppress(InvalidToken):
             secrets_.append(fernet.decrypt(row.previous_secret_enc.encode()).decode())
-        except InvalidToken:  # rotated after a key change: the new secret alone signs
-            pass
     return Delivery(delivery_id, row.event_id, row.url, row.body.encode(), secrets_)
 
 

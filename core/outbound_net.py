@@ -8,6 +8,7 @@ cannot point a delivery at the internal network). Redirects are never followed."
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import socket
@@ -189,7 +190,5 @@ def post(
 def _cut(conn: http.client.HTTPConnection) -> None:
     sock = conn.sock
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass

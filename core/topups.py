@@ -195,7 +195,7 @@ def finish(
             "cc": credited_cents,
             "id": top_up_id,
             "allowed": list(allowed),
-        },  # fmt: skip
+        },
     ).first()
     if changed is not None:
         completed = status == "completed"
@@ -222,7 +222,7 @@ def finish(
                 "org_id": changed.org_id,
                 "status": status,
                 "reason": reason,
-            },  # fmt: skip
+            },
         )
     return changed is not None
 
