@@ -274,8 +274,7 @@ def breakdown(
             for name, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 stages[name].append(value)
     finally:
-        receiver.engine.dispose()
-        receiver.publisher.close()
+        receiver.close()
     result = {name: statistics.mean(values) for name, values in stages.items()}
     result["whole request (test client)"] = statistics.mean(full)
     return result

@@ -219,9 +219,7 @@ def make_app():  # -> Callable[[Settings], flask.Flask]
 
     yield make
     for app in apps:
-        receiver = app.extensions["payguard"]
-        receiver.engine.dispose()
-        receiver.publisher.close()
+        app.extensions["payguard"].close()
 
 
 @pytest.fixture

@@ -49,6 +49,16 @@ class Receiver:
     def transaction(self, fn: Callable[[Connection], T]) -> T:
         return run_in_transaction(self.engine, fn)
 
+    def close(self) -> None:
+        """Mark what was published, then let go of the database and the broker. The marks
+        go first: their thread may hold a pooled connection, which a disposed engine would
+        leave unclosed."""
+        self.publish_marks.close()
+        self.engine.dispose()
+        close = getattr(self.publisher, "close", None)
+        if close is not None:
+            close()
+
     def subaccount_token(self, subaccount_sid: str) -> str | None:
         """A subaccount's auth token, cached per process (core/providers/twilio/callbacks.py)."""
         from core.providers.twilio import callbacks  # imports Twilio's SDK: only when needed

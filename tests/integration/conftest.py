@@ -104,7 +104,7 @@ def api_app(database_url: str, redis_clean: str):
 
     app = create_app(api_settings(database_url, redis_clean))
     yield app
-    app.extensions["payguard"].engine.dispose()
+    app.extensions["payguard"].close()
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def topup_app(database_url: str, redis_clean: str, topup_paypal: FakePayPal, top
         )
     )  # fmt: skip
     yield app
-    app.extensions["payguard"].engine.dispose()
+    app.extensions["payguard"].close()
 
 
 @pytest.fixture

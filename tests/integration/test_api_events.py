@@ -29,7 +29,7 @@ def events_api(database_url, redis_clean):
         PAYGUARD_SECRET_KEY=Fernet.generate_key().decode(), OUTBOUND_ALLOW_PRIVATE=True,
     )  # fmt: skip
     yield client
-    app.extensions["payguard"].engine.dispose()
+    app.extensions["payguard"].close()
 
 
 def test_an_endpoint_is_made_listed_rotated_and_deleted(events_api, engine):
@@ -88,7 +88,7 @@ def test_a_private_address_is_refused_unless_allowed(database_url, redis_clean, 
             problem = assert_problem(strict.post("/webhook-endpoints", key, {"url": url}), 422)
             assert problem["errors"][0]["field"] == "/url"
     finally:
-        app.extensions["payguard"].engine.dispose()
+        app.extensions["payguard"].close()
     assert count(engine, "outbound_endpoints") == 0
 
 
@@ -98,7 +98,7 @@ def test_without_a_secret_key_an_endpoint_cannot_be_made_503(database_url, redis
     try:
         assert_problem(keyless.post("/webhook-endpoints", key, {"url": HOOK}), 503)
     finally:
-        app.extensions["payguard"].engine.dispose()
+        app.extensions["payguard"].close()
     assert count(engine, "outbound_endpoints") == 0
 
 

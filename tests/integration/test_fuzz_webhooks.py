@@ -167,7 +167,7 @@ def app(database_url: str, redis_clean: str, fake_paypal: FakePayPal):
         )
     )
     yield app
-    app.extensions["payguard"].engine.dispose()
+    app.extensions["payguard"].close()
 
 
 @pytest.fixture

@@ -91,8 +91,7 @@ def make_client(clean_env, database_url, redis_url):
 
     yield make
     for app in apps:
-        app.extensions["payguard"].engine.dispose()
-        app.extensions["payguard"].publisher.close()
+        app.extensions["payguard"].close()
 
 
 def client_scrape(client) -> Scrape:

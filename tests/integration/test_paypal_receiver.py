@@ -58,9 +58,7 @@ def build_app(*args, **extra):
 
 
 def close_app(app) -> None:
-    receiver = app.extensions["payguard"]
-    receiver.engine.dispose()
-    receiver.publisher.close()
+    app.extensions["payguard"].close()
 
 
 @pytest.fixture

@@ -81,8 +81,7 @@ def client(database_url, redis_clean, fake_paypal) -> Iterator:
         )
     )
     yield app.test_client()
-    app.extensions["payguard"].engine.dispose()
-    app.extensions["payguard"].publisher.close()
+    app.extensions["payguard"].close()
 
 
 def victim_and_attacker(engine) -> None:

@@ -63,8 +63,7 @@ def signed_app(database_url, redis_clean, fake_paypal) -> Iterator:
         )
     )  # fmt: skip
     yield app
-    app.extensions["payguard"].engine.dispose()
-    app.extensions["payguard"].publisher.close()
+    app.extensions["payguard"].close()
 
 
 def _status(api, key, org, top_up_id) -> dict:

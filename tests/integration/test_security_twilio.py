@@ -55,7 +55,7 @@ def app(database_url, fake_twilio):
     )  # fmt: skip
     flask_app = create_app(settings)
     yield flask_app
-    flask_app.extensions["payguard"].engine.dispose()
+    flask_app.extensions["payguard"].close()
 
 
 @pytest.fixture

@@ -92,7 +92,7 @@ def client(database_url):
     )  # fmt: skip
     app = create_app(settings)
     yield app.test_client()
-    app.extensions["payguard"].engine.dispose()
+    app.extensions["payguard"].close()
 
 
 def callback(client, message_id: str, sid: str, status: str):

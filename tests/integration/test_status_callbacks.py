@@ -46,7 +46,7 @@ def app(database_url):
     )
     flask_app = create_app(settings)
     yield flask_app
-    flask_app.extensions["payguard"].engine.dispose()
+    flask_app.extensions["payguard"].close()
 
 
 @pytest.fixture

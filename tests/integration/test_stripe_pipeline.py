@@ -155,8 +155,7 @@ def make_pipeline(clean_env, database_url, redis_url, engine):
 
     yield make
     for app in apps:
-        app.extensions["payguard"].engine.dispose()
-        app.extensions["payguard"].publisher.close()
+        app.extensions["payguard"].close()
     with engine.connect() as conn:
         assert wallet.verify(conn) == [], "a balance disagrees with its journal"
 
@@ -269,7 +268,7 @@ def test_storage_that_cannot_complete_answers_503(clean_env, redis_url):
             "/webhooks/stripe", data=body, headers={"Stripe-Signature": header}
         )
     finally:
-        app.extensions["payguard"].engine.dispose()
+        app.extensions["payguard"].close()
     assert response.status_code == 503
 
 

@@ -51,7 +51,7 @@ def client(database_url):
     )  # fmt: skip
     app = create_app(settings)
     yield app.test_client()
-    app.extensions["payguard"].engine.dispose()
+    app.extensions["payguard"].close()
 
 
 sending_org = partial(new_org, price=2, twilio=True, active=True)
