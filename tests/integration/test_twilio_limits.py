@@ -82,3 +82,18 @@ def test_a_429_backs_off_its_account_and_no_other(client):
     started = time.monotonic()
     assert limits.acquire(A, timeout=5) is not None
     assert time.monotonic() - started >= 0.2
+
+
+def test_a_batch_takes_only_the_free_slots_in_one_call_and_none_while_backing_off(client):
+    limits = TwilioLimits(client, 5)
+    held = limits.try_acquire(A)
+    tokens, wait = limits.try_acquire_many(A, 10)
+    assert (len(tokens), wait) == (4, 0.0)
+    assert limits.try_acquire_many(A, 3) == ([], 0.0)  # full
+    limits.release(A, held, *tokens[:2])  # several given back at once
+    assert limits.in_use(A) == 2
+    limits.back_off(A, 0.5)
+    tokens, wait = limits.try_acquire_many(A, 2)
+    assert tokens == [] and 0.3 < wait <= 0.5
+    assert limits.try_acquire(A) is None
+    assert limits.in_use(A) == 2
