@@ -163,12 +163,16 @@ class _Slots:
     """The batch's Twilio slots: as many as its calls can use at once, taken for each account
     in one round trip to Redis before the calls start (rather than one each, and one more for
     the backoff), and handed to the calls; a call that finds none left, or finds that the
-    account has backed off since, waits for a slot of its own as it always did."""
+    account has backed off since, waits for a slot of its own as it always did. A call gives
+    its slot back as soon as it returns; calls returning together give theirs back together:
+    the one that finds nobody giving back takes every slot returned meanwhile with its own."""
 
     def __init__(self, limits, plans: list[messages.Plan], at_once: int) -> None:
         self.limits = limits
         self.backed_off: set[str] = set()
         self.ready: dict[str, list[str]] = {}
+        self.returned: list[tuple[str, str]] = []
+        self.giving_back = threading.Lock()
         wanted: dict[str, int] = {}
         for plan in plans:
             if plan.subaccount_sid and plan.sender:
@@ -182,6 +186,23 @@ class _Slots:
             with contextlib.suppress(IndexError):
                 return self.ready.get(account, []).pop()  # list.pop is atomic between threads
         return self.limits.acquire(account, timeout=max(0.0, last_start - time.monotonic()))
+
+    def give_back(self, account: str, token: str) -> None:
+        self.returned.append((account, token))
+        # Whoever holds the lock takes this slot too; a slot returned just as that thread let
+        # go of the lock is seen by this check, made after the lock is free again.
+        while self.returned and self.giving_back.acquire(blocking=False):
+            try:
+                taken: dict[str, list[str]] = {}
+                with contextlib.suppress(IndexError):
+                    while True:
+                        a, t = self.returned.pop()
+                        taken.setdefault(a, []).append(t)
+                for a, tokens in taken.items():
+                    with contextlib.suppress(Exception):  # the leases expire by themselves
+                        self.limits.release(a, *tokens)
+            finally:
+                self.giving_back.release()
 
     def back_off(self, account: str) -> None:
         """Twilio said 429: calls of this batch not yet started go through the shared backoff."""
@@ -217,8 +238,7 @@ def _send_one(gateway, slots: _Slots, plan: messages.Plan, callback: str | None,
     except ValueError as exc:  # refused before any request was made
         result = SendResult(SendOutcome.REJECTED, error_message=str(exc))
     finally:
-        with contextlib.suppress(Exception):  # the slot's lease expires by itself
-            slots.limits.release(account, token)
+        slots.give_back(account, token)
     if result.http_status == 429 or result.error_code == RATE_LIMIT_CODE:
         try:
             slots.limits.back_off(account, RATE_LIMIT_BACKOFF_SECONDS)
