@@ -146,6 +146,56 @@ def record(conn: Connection, type_: str, org_id: str | None, data: dict) -> int:
     return int(seq)
 
 
+_NEXT_SEQUENCES = text(
+    "SELECT nextval('outbound_events_sequence_seq') FROM generate_series(1, :n) ORDER BY 1"
+)
+_RECORD_MANY = text("""
+WITH e AS (
+    INSERT INTO outbound_events (sequence, event_id, type, org_id, body)
+    SELECT u.seq, u.eid, u.type, u.org, u.body
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS u(seq bigint, eid text, type text, org text, body text)
+    RETURNING sequence, type, org_id
+)
+INSERT INTO outbound_deliveries (sequence, endpoint_id)
+SELECT e.sequence, ep.endpoint_id FROM e, outbound_endpoints ep
+WHERE ep.deleted_at IS NULL
+  AND (ep.org_id IS NULL OR ep.org_id = e.org_id)
+  AND (ep.events IS NULL OR e.type = ANY(ep.events))
+""")
+
+
+def record_many(conn: Connection, events: list[tuple[str, str | None, dict]]) -> list[int]:
+    """Record (type, org_id, data) events as `record` records each, in the order given, in
+    three statements whatever their number: a batch's hundred `message.updated` cost its
+    transaction three round trips instead of two hundred."""
+    if not events:
+        return []
+    for type_, _, _ in events:
+        if type_ not in EVENT_TYPES:
+            raise InvalidInput(f"unknown event type {type_!r}")
+    # The first sequence takes the in-flight lock as `record`'s does; the rest follow it.
+    sequences = [conn.execute(_NEXT_SEQUENCE, {"ns": _INFLIGHT_LOCKS}).scalar_one()]
+    if len(events) > 1:
+        sequences += conn.execute(_NEXT_SEQUENCES, {"n": len(events) - 1}).scalars()
+    timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    rows = [
+        {
+            "seq": seq,
+            "eid": f"msg_{uuid.uuid4().hex}",
+            "type": type_,
+            "org": org_id,
+            "body": json.dumps(
+                {"type": type_, "timestamp": timestamp, "sequence": seq, "data": data},
+                separators=(",", ":"),
+                sort_keys=True,
+            ),
+        }
+        for seq, (type_, org_id, data) in zip(sequences, events, strict=True)
+    ]
+    conn.execute(_RECORD_MANY, {"rows": json.dumps(rows)})
+    return [int(seq) for seq in sequences]
+
+
 def note_may_send(conn: Connection, org_id: str, can_send: bool, reasons: list[str]) -> None:
     """organization.sending_blocked / _allowed, only when the answer flips (the last one
     reported is kept on the organization; an unknown last answer is recorded quietly)."""
@@ -191,6 +241,39 @@ def note_message(conn: Connection, message_id: str) -> None:
             "status": row.status,
             "charged_cents": row.charged_cents,
         },
+    )
+
+
+def note_messages(conn: Connection, message_ids: list[str]) -> None:
+    """message.updated for each message, in the order given, as `note_message` (one event
+    each), recorded together (`record_many`)."""
+    if not message_ids:
+        return
+    rows = {
+        r.message_id: r
+        for r in conn.execute(
+            text(
+                "SELECT message_id, org_id, status, charged_cents FROM messages "
+                "WHERE message_id = ANY(CAST(:m AS text[]))"
+            ),
+            {"m": list(message_ids)},
+        )
+    }
+    record_many(
+        conn,
+        [
+            (
+                "message.updated",
+                rows[m].org_id,
+                {
+                    "message_id": m,
+                    "org_id": rows[m].org_id,
+                    "status": rows[m].status,
+                    "charged_cents": rows[m].charged_cents,
+                },
+            )
+            for m in message_ids
+        ],
     )
 
 

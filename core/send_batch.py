@@ -151,9 +151,7 @@ WHERE m.message_id = u.m
 """)
 
 
-def claim(  # noqa: C901 (one claim: orphans, decision, hold in order, mark; kept whole to read as one)
-    conn: Connection, org_id: str, limit: int, policy: sending.Policy, owner: str
-) -> Claim:
+def claim(conn: Connection, org_id: str, limit: int, policy: sending.Policy, owner: str) -> Claim:
     """Claim, decide and hold up to `limit` of the organization's messages (see the module)."""
     settled_unknown, lease_left = _settle_orphans(conn, org_id, owner, policy)
     rows = conn.execute(_TO_SEND, {"o": org_id, "n": limit}).all() if limit > 0 else []
@@ -208,8 +206,7 @@ def claim(  # noqa: C901 (one claim: orphans, decision, hold in order, mark; kep
         },
     )
     blocked = [m["m"] for m in marks if m["s"] == "blocked"]
-    for message_id in blocked:
-        outbound.note_message(conn, message_id)
+    outbound.note_messages(conn, blocked)
     if to_hold or to_release:
         outbound.note_balance(conn, org_id)
     if blocked or settled_unknown:
@@ -378,6 +375,5 @@ def _settle_plain(conn: Connection, org_id: str, plain: list, rows: dict) -> dic
             }
         )
     conn.execute(_SETTLE, {"rows": json.dumps(settle)})
-    for message_id, _ in plain:
-        outbound.note_message(conn, message_id)
+    outbound.note_messages(conn, [message_id for message_id, _ in plain])
     return {m["m"]: m["s"] for m in settle}

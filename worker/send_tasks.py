@@ -145,17 +145,81 @@ def _send_all(plans: list[messages.Plan], lease_ends: float) -> list[send_batch.
     s = runtime.settings()
     base = s.PUBLIC_BASE_URL
     last_start = lease_ends - _CALL_SECONDS
+    slots = _Slots(limits, plans, s.SEND_BATCH_THREADS)
 
     def one(plan: messages.Plan) -> send_batch.Answer:
         callback = messages.status_callback_url(base, plan.message_id) if base else None
         return send_batch.Answer(
-            plan.message_id, _send_one(gateway, limits, plan, callback, last_start)
+            plan.message_id, _send_one(gateway, slots, plan, callback, last_start)
         )
 
-    return list(pool.map(one, plans))
+    try:
+        return list(pool.map(one, plans))
+    finally:
+        slots.release_unused()
 
 
-def _send_one(gateway, limits, plan: messages.Plan, callback: str | None, last_start: float):
+class _Slots:
+    """The batch's Twilio slots: as many as its calls can use at once, taken for each account
+    in one round trip to Redis before the calls start (rather than one each, and one more for
+    the backoff), and handed to the calls; a call that finds none left, or finds that the
+    account has backed off since, waits for a slot of its own as it always did. A call gives
+    its slot back as soon as it returns; calls returning together give theirs back together:
+    the one that finds nobody giving back takes every slot returned meanwhile with its own."""
+
+    def __init__(self, limits, plans: list[messages.Plan], at_once: int) -> None:
+        self.limits = limits
+        self.backed_off: set[str] = set()
+        self.ready: dict[str, list[str]] = {}
+        self.returned: list[tuple[str, str]] = []
+        self.giving_back = threading.Lock()
+        wanted: dict[str, int] = {}
+        for plan in plans:
+            if plan.subaccount_sid and plan.sender:
+                wanted[plan.subaccount_sid] = wanted.get(plan.subaccount_sid, 0) + 1
+        for account, n in wanted.items():
+            with contextlib.suppress(Exception):  # Redis away: each call finds out for itself
+                self.ready[account] = limits.try_acquire_many(account, min(n, at_once))[0]
+
+    def acquire(self, account: str, last_start: float) -> str | None:
+        if account not in self.backed_off and time.monotonic() <= last_start:
+            with contextlib.suppress(IndexError):
+                return self.ready.get(account, []).pop()  # list.pop is atomic between threads
+        return self.limits.acquire(account, timeout=max(0.0, last_start - time.monotonic()))
+
+    def give_back(self, account: str, token: str) -> None:
+        self.returned.append((account, token))
+        # Whoever holds the lock takes this slot too; a slot returned just as that thread let
+        # go of the lock is seen by this check, made after the lock is free again.
+        while self.returned and self.giving_back.acquire(blocking=False):
+            try:
+                taken: dict[str, list[str]] = {}
+                with contextlib.suppress(IndexError):
+                    while True:
+                        a, t = self.returned.pop()
+                        taken.setdefault(a, []).append(t)
+                for a, tokens in taken.items():
+                    with contextlib.suppress(Exception):  # the leases expire by themselves
+                        self.limits.release(a, *tokens)
+            finally:
+                self.giving_back.release()
+
+    def back_off(self, account: str) -> None:
+        """Twilio said 429: calls of this batch not yet started go through the shared backoff."""
+        self.backed_off.add(account)
+        self.release_unused(account)
+
+    def release_unused(self, *accounts: str) -> None:
+        for account in accounts or list(self.ready):
+            tokens, taken = self.ready.get(account, []), []
+            with contextlib.suppress(IndexError):  # calls may be taking them meanwhile
+                while True:
+                    taken.append(tokens.pop())
+            with contextlib.suppress(Exception):  # the slots' leases expire by themselves
+                self.limits.release(account, *taken)
+
+
+def _send_one(gateway, slots: _Slots, plan: messages.Plan, callback: str | None, last_start: float):
     from core.providers.twilio.gateway import RATE_LIMIT_CODE, SendOutcome, SendResult
 
     if not plan.subaccount_sid or not plan.sender:
@@ -164,7 +228,7 @@ def _send_one(gateway, limits, plan: messages.Plan, callback: str | None, last_s
         )
     account = plan.subaccount_sid
     try:
-        token = limits.acquire(account, timeout=max(0.0, last_start - time.monotonic()))
+        token = slots.acquire(account, last_start)
     except Exception as exc:  # Redis away: nothing was sent, so it is safe to try later
         return SendResult(SendOutcome.RETRY_SAFE, error_message=f"concurrency cap: {exc!r}")
     if token is None:
@@ -174,13 +238,13 @@ def _send_one(gateway, limits, plan: messages.Plan, callback: str | None, last_s
     except ValueError as exc:  # refused before any request was made
         result = SendResult(SendOutcome.REJECTED, error_message=str(exc))
     finally:
-        with contextlib.suppress(Exception):  # the slot's lease expires by itself
-            limits.release(account, token)
+        slots.give_back(account, token)
     if result.http_status == 429 or result.error_code == RATE_LIMIT_CODE:
         try:
-            limits.back_off(account, RATE_LIMIT_BACKOFF_SECONDS)
+            slots.limits.back_off(account, RATE_LIMIT_BACKOFF_SECONDS)
         except Exception:
             log.warning("could not record Twilio's 429 backoff", extra={"account": account})
+        slots.back_off(account)
     metrics.count_twilio_send(result.outcome)
     return result
 

@@ -1,8 +1,9 @@
 """Twilio's limits, shared by every worker through Redis (REDIS_URL).
 
 * A concurrency cap per Twilio account (TWILIO_MAX_CONCURRENCY): a sorted set of slot leases
-  per account, each scored by when it expires. A slot is taken by one Lua script (drop the
-  expired, count, add) and given back when the call returns; the slot of a worker that died
+  per account, each scored by when it expires. Slots are taken by one Lua script (check the
+  backoff, drop the expired, count, add as many as asked and free: a batch takes its slots in
+  one round trip) and each is given back when its call returns; the slot of a worker that died
   mid-call expires by itself after `slot_seconds` (longer than any call lasts), so a crash
   never shrinks the cap for good.
 * A backoff per account: a 429 from Twilio sets a key that expires after the backoff; sends for
@@ -20,16 +21,24 @@ from collections.abc import Callable
 
 import redis
 
+# Takes up to len(ARGV) - 2 slots (one per token given) of those free, unless the account is
+# backing off: then it takes none and answers minus the backoff's milliseconds left.
 _ACQUIRE = """
+local backoff = redis.call('PTTL', KEYS[2])
+if backoff > 0 then
+    return -backoff
+end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-    redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[3])
-    redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-    return 1
+local n = math.min(tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1]), #ARGV - 2)
+for i = 1, n do
+    redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[2 + i])
 end
-return 0
+if n > 0 then
+    redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+return math.max(n, 0)
 """
 
 # Sets the backoff unless a longer one is already running.
@@ -70,12 +79,25 @@ class TwilioLimits:
         return f"{self.prefix}:backoff:{account}"
 
     def try_acquire(self, account: str) -> str | None:
-        """A slot's token, or None when the account has every slot taken."""
-        token = uuid.uuid4().hex
-        got = self._acquire(
-            keys=[self._slots(account)], args=[self.max_concurrency, self.slot_ms, token]
+        """A slot's token, or None when the account has every slot taken or is backing off."""
+        tokens, _ = self.try_acquire_many(account, 1)
+        return tokens[0] if tokens else None
+
+    def try_acquire_many(self, account: str, n: int) -> tuple[list[str], float]:
+        """Up to `n` slots' tokens, as many as are free, in one round trip; and while the
+        account backs off, none and the seconds left of the backoff."""
+        if n <= 0:
+            return [], 0.0
+        tokens = [uuid.uuid4().hex for _ in range(n)]
+        got = int(
+            self._acquire(
+                keys=[self._slots(account), self._backoff(account)],
+                args=[self.max_concurrency, self.slot_ms, *tokens],
+            )
         )
-        return token if got else None
+        if got < 0:
+            return [], -got / 1000
+        return tokens[:got], 0.0
 
     def acquire(
         self, account: str, timeout: float, sleep: Callable[[float], None] = time.sleep
@@ -84,18 +106,18 @@ class TwilioLimits:
         None when none came."""
         deadline = time.monotonic() + timeout
         while True:
-            wait = self.backoff_left(account)
+            tokens, wait = self.try_acquire_many(account, 1)
+            if tokens:
+                return tokens[0]
             if wait <= 0:
-                token = self.try_acquire(account)
-                if token is not None:
-                    return token
                 wait = random.uniform(0.002, 0.02)  # a slot frees when a call returns
             if time.monotonic() + wait > deadline:
                 return None
             sleep(wait)
 
-    def release(self, account: str, token: str) -> None:
-        self.client.zrem(self._slots(account), token)
+    def release(self, account: str, *tokens: str) -> None:
+        if tokens:
+            self.client.zrem(self._slots(account), *tokens)
 
     def in_use(self, account: str) -> int:
         return int(self.client.zcard(self._slots(account)))

@@ -17,6 +17,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy import text
 
 from core import campaigns, messages, outbound, sending, wallet
+from core.errors import InvalidInput
 from core.webhook_signing import sign, verify
 from tests.stack import start_beat, start_worker, wait_for
 from tests.support.db import tx
@@ -153,6 +154,33 @@ def test_endpoints_get_only_the_event_types_and_organizations_they_asked_for(eng
     assert types(credited_only) == sorted([f"wallet.credited:{a}", f"wallet.credited:{b}"])
     assert f"wallet.frozen:{a}" in types(everything) and len(types(everything)) == 3
     assert types(only_b) == [f"wallet.credited:{b}"]
+
+
+def test_events_recorded_together_are_recorded_as_one_at_a_time_in_their_order(engine):
+    a, b = tx(engine, new_org, billing="prepaid"), tx(engine, new_org, billing="prepaid")
+    credited_only, _ = add_endpoint(engine, "http://127.0.0.1:9/a", ["wallet.credited"])
+    only_b, _ = add_endpoint(engine, "http://127.0.0.1:9/b", None, b)
+    alone = tx(engine, lambda c: outbound.record(c, "wallet.frozen", a, {"n": 0}))
+    together = [
+        ("wallet.credited", a, {"n": 1}),
+        ("wallet.frozen", b, {"n": 2}),
+        ("wallet.credited", b, {"n": 3}),
+    ]
+    seqs = tx(engine, lambda c: outbound.record_many(c, together))
+
+    assert seqs == sorted(seqs) and seqs[0] > alone
+    with engine.connect() as c:
+        listed = outbound.events_after(c, alone, 100)
+    assert [(e["sequence"], e["type"], e["data"]) for e in listed] == [
+        (s, t, d) for s, (t, _, d) in zip(seqs, together, strict=True)
+    ]
+    assert [r.sequence for r in delivery_rows(engine, credited_only.endpoint_id)] == [
+        seqs[0],
+        seqs[2],
+    ]
+    assert [r.sequence for r in delivery_rows(engine, only_b.endpoint_id)] == seqs[1:]
+    with pytest.raises(InvalidInput):
+        tx(engine, lambda c: outbound.record_many(c, [("wallet.nonsense", a, {})]))
 
 
 def test_a_deleted_endpoint_gets_nothing_more(engine):

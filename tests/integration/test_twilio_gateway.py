@@ -14,8 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pytest
-import requests
-from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    ReadTimeoutError,
+    SSLError,
+)
 
 from core.providers.twilio.gateway import (
     AccountOutcome,
@@ -351,21 +358,16 @@ def test_wrong_credentials_are_refused(fake):
 # --- transport classification ---------------------------------------------------------------
 
 
-def _refused():
-    reason = NewConnectionError(None, "Connection refused")
-    return requests.ConnectionError(MaxRetryError(None, "/", reason))
-
-
 @pytest.mark.parametrize(
     ("exc", "never_sent"),
     [
-        (requests.ConnectTimeout(), True),
-        (_refused(), True),
-        (requests.ReadTimeout(), False),
-        (requests.ConnectionError(ProtocolError("Connection aborted.")), False),
-        (requests.exceptions.SSLError(), False),
-        (requests.exceptions.ChunkedEncodingError(), False),
-        (requests.ConnectionError(), False),
+        (ConnectTimeoutError("connect timed out"), True),
+        (NewConnectionError(None, "Connection refused"), True),
+        (NameResolutionError("api.twilio.com", None, OSError("no such host")), True),
+        (ReadTimeoutError(None, "/", "read timed out"), False),
+        (ProtocolError("Connection aborted."), False),
+        (SSLError("handshake failed"), False),
+        (ProxyError("Unable to connect to proxy", OSError("refused")), False),
     ],
 )
 def test_only_connection_phase_failures_count_as_never_sent(exc, never_sent):

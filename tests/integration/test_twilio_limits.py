@@ -1,6 +1,7 @@
 """Twilio's limits in Redis (worker/twilio_limits.py): the per-account concurrency cap that
 every worker shares, slots a crashed worker held coming back by themselves, and a 429
-backoff that stops one account only."""
+backoff that stops one account only; and how a batch (worker/send_tasks.py) takes its slots
+together and gives every one back."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 import pytest
 import redis
 
+from core.messages import Plan
+from worker.send_tasks import _Slots
 from worker.twilio_limits import TwilioLimits
 
 pytestmark = pytest.mark.integration
@@ -82,3 +85,52 @@ def test_a_429_backs_off_its_account_and_no_other(client):
     started = time.monotonic()
     assert limits.acquire(A, timeout=5) is not None
     assert time.monotonic() - started >= 0.2
+
+
+def test_a_batch_takes_only_the_free_slots_in_one_call_and_none_while_backing_off(client):
+    limits = TwilioLimits(client, 5)
+    held = limits.try_acquire(A)
+    tokens, wait = limits.try_acquire_many(A, 10)
+    assert (len(tokens), wait) == (4, 0.0)
+    assert limits.try_acquire_many(A, 3) == ([], 0.0)  # full
+    limits.release(A, held, *tokens[:2])  # several given back at once
+    assert limits.in_use(A) == 2
+    limits.back_off(A, 0.5)
+    tokens, wait = limits.try_acquire_many(A, 2)
+    assert tokens == [] and 0.3 < wait <= 0.5
+    assert limits.try_acquire(A) is None
+    assert limits.in_use(A) == 2
+
+
+def _plans(account: str, n: int) -> list[Plan]:
+    return [Plan(f"m{i}", "org", account, "+15005550006", "+15005550010", "hi") for i in range(n)]
+
+
+def test_a_batch_hands_out_the_slots_it_took_and_every_slot_comes_back(client):
+    limits = TwilioLimits(client, 4)
+    slots = _Slots(limits, _plans(A, 10), at_once=6)  # 10 calls, 6 at once, 4 free
+    assert limits.in_use(A) == 4
+    far = time.monotonic() + 60
+    taken = [slots.acquire(A, far) for _ in range(4)]
+    assert all(taken)
+    assert slots.acquire(A, time.monotonic()) is None  # the rest wait for a slot as before
+
+    threads = [threading.Thread(target=slots.give_back, args=(A, t)) for t in taken]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    slots.release_unused()
+    assert limits.in_use(A) == 0
+
+
+def test_after_a_429_the_batch_gives_back_its_unused_slots_and_waits_on_the_backoff(client):
+    limits = TwilioLimits(client, 10)
+    slots = _Slots(limits, _plans(A, 5), at_once=5)
+    first = slots.acquire(A, time.monotonic() + 60)
+    limits.back_off(A, 0.5)
+    slots.back_off(A)
+    assert limits.in_use(A) == 1  # only the slot of the call that got the 429
+    assert slots.acquire(A, time.monotonic() + 0.1) is None  # not within the backoff
+    slots.give_back(A, first)
+    assert limits.in_use(A) == 0
