@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine, text
 from core import outbound, outbox, sending, wallet
 from core.db import run_in_transaction
 from core.errors import InvalidInput, NotFound, Refused
+from core.providers.ports import SendOutcome, SendResult
 from core.sms import count_segments, validate_e164
 
 log = logging.getLogger(__name__)
@@ -357,13 +358,13 @@ def _lock_message(conn: Connection, *, message_id: str | None = None, sid: str |
     ).first()
 
 
-def record_result(conn: Connection, message_id: str, result, policy: sending.Policy) -> str:
+def record_result(
+    conn: Connection, message_id: str, result: SendResult, policy: sending.Policy
+) -> str:
     """Settle the hold by Twilio's answer: captured if it may have been sent, else released.
 
     An answer that comes after the message was settled otherwise still says what happened:
     a message given up as `unknown` learns its SID, one a callback settled its billing."""
-    from core.providers.twilio.gateway import SendOutcome
-
     row = _lock_message(conn, message_id=message_id)
     if row is None:
         raise NotFound(f"no message {message_id!r}")

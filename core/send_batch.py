@@ -32,13 +32,10 @@ from sqlalchemy import Connection, text
 from core import messages, outbound, sending
 from core.errors import RetryableConflict
 from core.messages import CAMPAIGN_PAUSED, Plan, hold_reference
+from core.providers.ports import SendOutcome, SendResult
 from core.sending import INSUFFICIENT_BALANCE
 
 SEND_BATCH_TASK = "payguard.send_batch"  # its one argument: the organization to drain
-
-# Outcomes of core.providers.twilio.gateway.SendOutcome, by value: core/send_batch.py stays free of the
-# gateway module (which is being moved to core/providers/twilio/).
-ACCEPTED, REJECTED, RETRY_SAFE, UNKNOWN = "accepted", "rejected", "retry_safe", "unknown"
 
 
 @dataclass(frozen=True)
@@ -270,10 +267,10 @@ def _settle_orphans(
 
 @dataclass(frozen=True)
 class Answer:
-    """Twilio's answer to one message of a batch, as `core.providers.twilio.gateway.SendResult`."""
+    """Twilio's answer to one message of a batch."""
 
     message_id: str
-    result: object  # a SendResult; `outcome`, `sid`, `price`, ... are read
+    result: SendResult
 
 
 def record(
@@ -293,11 +290,7 @@ def record(
             {"ids": sorted(by_id)},
         )
     }
-    sids = sorted(
-        str(r.sid)  # type: ignore[attr-defined]
-        for r in by_id.values()
-        if str(r.outcome) == ACCEPTED and r.sid  # type: ignore[attr-defined]
-    )
+    sids = sorted(r.sid for r in by_id.values() if r.outcome == SendOutcome.ACCEPTED and r.sid)
     if sids:
         # The order record_result takes them in: message rows, then SIDs (a callback for one
         # of these SIDs waits for this commit, or has been kept as an early callback).
@@ -316,17 +309,17 @@ def record(
         if sids
         else ()
     )
-    plain: list[tuple[str, object]] = []
+    plain: list[tuple[str, SendResult]] = []
     statuses: dict[str, str] = {}
     for message_id, result in by_id.items():
         row = rows.get(message_id)
-        outcome = str(result.outcome)  # type: ignore[attr-defined]
-        segments = result.num_segments  # type: ignore[attr-defined]
+        outcome = result.outcome
+        segments = result.num_segments
         if (
             row is not None
             and row.status == "sending"
-            and outcome in (ACCEPTED, REJECTED, UNKNOWN)
-            and result.sid not in waiting  # type: ignore[attr-defined]
+            and outcome in (SendOutcome.ACCEPTED, SendOutcome.REJECTED, SendOutcome.UNKNOWN)
+            and result.sid not in waiting
             and (segments is None or segments <= row.segments)
         ):
             plain.append((message_id, result))
@@ -342,12 +335,12 @@ def _settle_plain(conn: Connection, org_id: str, plain: list, rows: dict) -> dic
     capture = [
         hold_reference(m)
         for m, r in plain
-        if str(r.outcome) in (ACCEPTED, UNKNOWN) and rows[m].price_cents > 0
+        if r.outcome in (SendOutcome.ACCEPTED, SendOutcome.UNKNOWN) and rows[m].price_cents > 0
     ]
     release = [
         hold_reference(m)
         for m, r in plain
-        if str(r.outcome) == REJECTED and rows[m].price_cents > 0
+        if r.outcome == SendOutcome.REJECTED and rows[m].price_cents > 0
     ]
     captured: dict[str, int] = {}
     if capture:
@@ -359,18 +352,18 @@ def _settle_plain(conn: Connection, org_id: str, plain: list, rows: dict) -> dic
         outbound.note_balance(conn, org_id)
     settle = []
     for message_id, r in plain:
-        outcome = str(r.outcome)
+        outcome = str(r.outcome)  # the status, as the message row and the answer carry it
         error = None
-        if outcome == REJECTED:
+        if outcome == SendOutcome.REJECTED:
             error = f"twilio {r.error_code}: {r.error_message}"
-        elif outcome == UNKNOWN:
+        elif outcome == SendOutcome.UNKNOWN:
             error = f"may have been sent: {r.error_message or r.http_status}"
         settle.append(
             {
                 "m": message_id,
                 "s": outcome,
                 "e": error,
-                "sid": r.sid if outcome == ACCEPTED else None,
+                "sid": r.sid if outcome == SendOutcome.ACCEPTED else None,
                 "c": captured.get(hold_reference(message_id), 0),
                 "p": None if r.price is None or str(r.price) == "" else str(r.price),
                 "pu": r.price_unit,

@@ -81,7 +81,7 @@ def send_org_batch(
 
     `answers` are [message id, Twilio's answer] pairs carried by a retry whose recording
     failed: they are recorded first, never sent again."""
-    from core.providers.twilio.gateway import SendResult
+    from core.providers.ports import SendResult
 
     engine, policy, s = runtime.engine(), runtime.policy(), runtime.settings()
     owner = self.request.id or f"local-{uuid.uuid4().hex}"
@@ -156,7 +156,8 @@ def _send_all(plans: list[messages.Plan], lease_ends: float) -> list[send_batch.
 
 
 def _send_one(gateway, limits, plan: messages.Plan, callback: str | None, last_start: float):
-    from core.providers.twilio.gateway import RATE_LIMIT_CODE, SendOutcome, SendResult
+    from core.providers.ports import SendOutcome, SendResult
+    from core.providers.twilio.gateway import RATE_LIMIT_CODE
 
     if not plan.subaccount_sid or not plan.sender:
         return SendResult(

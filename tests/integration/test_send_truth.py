@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from bus.publisher import Publisher
 from core import messages, wallet
-from core.providers.twilio.gateway import SendOutcome, SendResult
+from core.providers.ports import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
 from tests.stack import free_port, start_worker, wait_for
