@@ -49,34 +49,29 @@ def enqueue_many(conn: Connection, task: str, args: list[list]) -> list[int]:
     )
 
 
-def mark_published(conn: Connection, outbox_ids: list[int], *, durable: bool = True) -> None:
-    """Record a publish. `durable=False` skips the WAL flush wait: losing the mark in a crash
-    only makes the relay publish again, which processing tolerates."""
+def mark_published(
+    conn: Connection,
+    outbox_ids: Sequence[int],
+    *,
+    at: Sequence[float] | None = None,
+    durable: bool = True,
+) -> None:
+    """Record publishes, in one statement: now, or at the times `at` gives (epoch seconds,
+    one per id: when core/publish_marks.py saw each go out). `durable=False` skips the WAL
+    flush wait: losing the mark in a crash only makes the relay publish again, which
+    processing tolerates."""
+    if not outbox_ids:
+        return
     if not durable:
         conn.execute(text("SET LOCAL synchronous_commit = off"))
-    if outbox_ids:
-        conn.execute(
-            text(
-                "UPDATE outbox SET published_at = now(), attempts = attempts + 1 "
-                "WHERE id = ANY(:ids)"
-            ),
-            {"ids": outbox_ids},
-        )
-
-
-def mark_published_at(conn: Connection, marks: list[tuple[int, float]]) -> None:
-    """Record publishes that happened at the given times (epoch seconds), in one statement and
-    without the WAL flush wait, like `mark_published(durable=False)`."""
-    if not marks:
-        return
-    conn.execute(text("SET LOCAL synchronous_commit = off"))
     conn.execute(
         text(
-            "UPDATE outbox SET published_at = to_timestamp(m.at), attempts = attempts + 1 "
+            "UPDATE outbox SET published_at = coalesce(to_timestamp(m.at), now()), "
+            "attempts = attempts + 1 "
             "FROM unnest(CAST(:ids AS bigint[]), CAST(:ats AS float8[])) AS m(id, at) "
             "WHERE outbox.id = m.id"
         ),
-        {"ids": [i for i, _ in marks], "ats": [at for _, at in marks]},
+        {"ids": list(outbox_ids), "ats": list(at) if at is not None else [None] * len(outbox_ids)},
     )
 
 
