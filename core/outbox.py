@@ -172,6 +172,9 @@ class Publisher(Protocol):
 
     def publish(self, task: str, args: list, *, task_id: str | None = None) -> None: ...
 
+    def close(self) -> None:
+        """Let go of the broker connections; the publisher is not used after."""
+
 
 @dataclass(frozen=True)
 class Pending:
