@@ -111,6 +111,9 @@ _INFLIGHT_FLOOR = text(f"""
 SELECT min(last.v - (((last.v - l.objid::bigint) % {_SEQ_MOD}) + {_SEQ_MOD}) % {_SEQ_MOD})
 FROM pg_locks l, (SELECT last_value AS v FROM outbound_events_sequence_seq) last
 WHERE l.locktype = 'advisory' AND l.classid::bigint = :ns AND l.objsubid = 2
+  -- pg_locks shows every database's locks: another Payguard database on the server has
+  -- sequences of its own.
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """)
 
 
