@@ -14,9 +14,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Row, text
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,20 @@ PROCESS_EVENT_TASK = "payguard.process_event"
 SEND_MESSAGE_TASK = "payguard.send_message"  # core.messages.SEND_TASK
 CAPTURE_TOP_UP_TASK = "payguard.capture_top_up"  # core.topups.CAPTURE_TASK
 
+# A task's positional arguments: JSON values (ids, a carried answer), as the broker carries them.
+TaskArgs = list[Any]
 
-def enqueue(conn: Connection, task: str, args: list) -> int:
+
+def enqueue(conn: Connection, task: str, args: TaskArgs) -> int:
     """Queue a task to be published after this transaction commits (by the caller or relay)."""
-    return conn.execute(
+    outbox_id: int = conn.execute(
         text("INSERT INTO outbox (task, args) VALUES (:t, CAST(:a AS jsonb)) RETURNING id"),
         {"t": task, "a": json.dumps(args)},
     ).scalar_one()
+    return outbox_id
 
 
-def enqueue_many(conn: Connection, task: str, args: list[list]) -> list[int]:
+def enqueue_many(conn: Connection, task: str, args: list[TaskArgs]) -> list[int]:
     """`enqueue` for many tasks in one statement; their outbox ids in the order given."""
     # Ids come from one sequence in insertion order, so sorted they follow `args`.
     return sorted(
@@ -75,7 +79,7 @@ def mark_published(
     )
 
 
-def mark_task_published(conn: Connection, task: str, args: list) -> None:
+def mark_task_published(conn: Connection, task: str, args: TaskArgs) -> None:
     """Mark the unpublished outbox rows of this task and arguments published."""
     conn.execute(
         text(
@@ -88,7 +92,7 @@ def mark_task_published(conn: Connection, task: str, args: list) -> None:
 
 def claim_for_relay(
     conn: Connection, *, limit: int, grace_seconds: float, redeliver_seconds: float
-) -> list:
+) -> list[Row[Any]]:
     """Outbox rows to publish now, locked so a second relay skips them.
 
     Unpublished rows older than `grace_seconds` (the receiver publishes right after commit;
@@ -170,7 +174,7 @@ class Publisher(Protocol):
     """Sends one task message to the broker; raises on any failure. bus/publisher.py is the
     Celery one; core never imports Celery."""
 
-    def publish(self, task: str, args: list, *, task_id: str | None = None) -> None: ...
+    def publish(self, task: str, args: TaskArgs, *, task_id: str | None = None) -> None: ...
 
     def close(self) -> None:
         """Let go of the broker connections; the publisher is not used after."""
@@ -185,12 +189,12 @@ class Pending:
     and arguments are marked."""
 
     task: str
-    args: list
+    args: TaskArgs
     outbox_ids: tuple[int, ...] = ()
     task_id: str | None = None
 
     @classmethod
-    def of_row(cls, task: str, args: list, outbox_id: int) -> Pending:
+    def of_row(cls, task: str, args: TaskArgs, outbox_id: int) -> Pending:
         """The message of one outbox row, with the task id the relay would give it."""
         return cls(task, args, (outbox_id,), task_id=task_id_of(outbox_id))
 

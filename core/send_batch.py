@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Row, text
 
 from core import messages, outbound, sending
 from core.errors import RetryableConflict
@@ -48,6 +49,32 @@ class Claim:
     settled_unknown: int = 0
     owner_lease_left: float = 0.0
     send_tries: dict[str, int] = field(default_factory=dict)
+
+
+# The rows of the JSON parameters of _HOLD_MANY, _MARK and _SETTLE (jsonb_to_recordset's
+# columns): short keys, since a batch sends a thousand of them.
+class _HoldRow(TypedDict):
+    r: str  # hold reference
+    a: int  # amount, cents
+
+
+class _MarkRow(TypedDict):
+    m: str  # message id
+    s: str  # status: sending | blocked
+    r: list[str] | None  # block reasons
+    a: str | None  # send attempt: the owner
+    t: int  # send tries added
+
+
+class _SettleRow(TypedDict):
+    m: str  # message id
+    s: str  # status
+    e: str | None  # error
+    sid: str | None
+    c: int  # cents captured
+    p: str | None  # Twilio's price
+    pu: str | None  # its unit
+    n: int | None  # segments Twilio billed
 
 
 _TO_SEND = text("""
@@ -169,10 +196,10 @@ def claim(  # noqa: C901 (one claim: orphans, decision, hold in order, mark; kep
         if r != INSUFFICIENT_BALANCE
     ]
     paused = _paused_campaigns(conn, org_id, {r.campaign_id for r in rows if r.campaign_id})
-    to_hold: list[dict] = []
+    to_hold: list[_HoldRow] = []
     to_release: list[str] = []
-    marks: list[dict] = []
-    send: list = []
+    marks: list[_MarkRow] = []
+    send: list[Row[Any]] = []
     for row in rows:
         reasons = list(org_reasons)
         if row.status == "queued" and available < row.price_cents:
@@ -224,7 +251,7 @@ def claim(  # noqa: C901 (one claim: orphans, decision, hold in order, mark; kep
     )
 
 
-def _hold_many(conn: Connection, org_id: str, holds: list[dict]) -> None:
+def _hold_many(conn: Connection, org_id: str, holds: list[_HoldRow]) -> None:
     if not holds:
         return
     total = sum(h["a"] for h in holds)
@@ -331,7 +358,12 @@ def record(
     return statuses
 
 
-def _settle_plain(conn: Connection, org_id: str, plain: list, rows: dict) -> dict[str, str]:
+def _settle_plain(
+    conn: Connection,
+    org_id: str,
+    plain: list[tuple[str, SendResult]],
+    rows: dict[str, Row[Any]],
+) -> dict[str, str]:
     capture = [
         hold_reference(m)
         for m, r in plain
@@ -350,7 +382,7 @@ def _settle_plain(conn: Connection, org_id: str, plain: list, rows: dict) -> dic
         conn.execute(_RELEASE_MANY, {"o": org_id, "refs": release})
     if capture or release:
         outbound.note_balance(conn, org_id)
-    settle = []
+    settle: list[_SettleRow] = []
     for message_id, r in plain:
         outcome = str(r.outcome)  # the status, as the message row and the answer carry it
         error = None

@@ -115,7 +115,8 @@ def _never_sent(exc: requests.RequestException) -> bool:
     return False
 
 
-class RequestsHttpClient(HttpClient):
+# twilio ships no type information: its HttpClient is Any to mypy.
+class RequestsHttpClient(HttpClient):  # type: ignore[misc]
     """A twilio HttpClient on requests with a (connect, read) timeout.
 
     It raises NotSentError / MaybeSentError instead of requests' exceptions, and when
