@@ -222,7 +222,7 @@ def _record(
             "recording of Twilio's answers failed; trying again",
             extra={"org_id": org_id, "messages": len(answers), "error": repr(exc)},
         )
-        carried = [[a.message_id, a.result.as_dict()] for a in answers]  # type: ignore[attr-defined]
+        carried = [[a.message_id, a.result.as_dict()] for a in answers]
         raise self.retry(
             args=[org_id],
             kwargs={"answers": carried, "record_tries": tries + 1},
