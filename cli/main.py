@@ -493,14 +493,15 @@ def _campaigns(ctx: Context, org_id: str, campaign: campaigns.Campaign | None = 
     return result
 
 
-_CAMPAIGN_RENDER = {"render": lambda r: output.render(r, {"campaigns": CAMPAIGN_COLUMNS})}
+def _render_campaigns(result: Result) -> str:
+    return output.render(result, {"campaigns": CAMPAIGN_COLUMNS})
 
 
 @command(
     "campaign create",
     "a campaign, running unless the organization may not send",
     *CAMPAIGN_CHANGE_ARGS,
-    **_CAMPAIGN_RENDER,
+    render=_render_campaigns,
 )
 def campaign_create(ctx: Context, args: argparse.Namespace) -> Result:
     campaign = campaigns.create_campaign(ctx.conn, args.org_id, args.campaign_id, _policy(ctx))
@@ -512,7 +513,7 @@ def campaign_create(ctx: Context, args: argparse.Namespace) -> Result:
     "campaign pause",
     "the user's own pause (stays until the user resumes)",
     *CAMPAIGN_CHANGE_ARGS,
-    **_CAMPAIGN_RENDER,
+    render=_render_campaigns,
 )
 def campaign_pause(ctx: Context, args: argparse.Namespace) -> Result:
     campaign = campaigns.pause_campaign(ctx.conn, args.org_id, args.campaign_id)
@@ -524,7 +525,7 @@ def campaign_pause(ctx: Context, args: argparse.Namespace) -> Result:
     "campaign resume",
     "the user's resume; refused while the organization may not send",
     *CAMPAIGN_CHANGE_ARGS,
-    **_CAMPAIGN_RENDER,
+    render=_render_campaigns,
 )
 def campaign_resume(ctx: Context, args: argparse.Namespace) -> Result:
     campaign = campaigns.resume_campaign(ctx.conn, args.org_id, args.campaign_id, _policy(ctx))
@@ -532,7 +533,7 @@ def campaign_resume(ctx: Context, args: argparse.Namespace) -> Result:
     return _campaigns(ctx, args.org_id, campaign)
 
 
-@command("campaign list", "the organization's campaigns", ORG_ID, **_CAMPAIGN_RENDER)
+@command("campaign list", "the organization's campaigns", ORG_ID, render=_render_campaigns)
 def campaign_list(ctx: Context, args: argparse.Namespace) -> Result:
     return _campaigns(ctx, args.org_id)
 

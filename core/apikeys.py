@@ -15,6 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, text
 
@@ -48,7 +49,7 @@ class ApiKey:
     def matches(self, secret: str) -> bool:
         return hmac.compare_digest(_digest(secret), self.secret_sha256)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """Everything but the secret's hash, which never leaves the database."""
         return {
             "key_id": self.key_id,

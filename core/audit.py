@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from sqlalchemy import Connection, text
 
 
-def record(conn: Connection, *, actor: str, action: str, org_id: str | None, details: dict) -> None:
+def record(
+    conn: Connection, *, actor: str, action: str, org_id: str | None, details: dict[str, Any]
+) -> None:
     """Record an operator action in the caller's transaction: a refusal leaves no row."""
     conn.execute(
         text(

@@ -6,6 +6,7 @@ resumes the system's pauses); a user's own pause stays until the user resumes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, text
 
@@ -21,7 +22,7 @@ class Campaign:
     paused_by: str | None
     pause_reason: str | None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "campaign_id": self.campaign_id,
             "status": self.status,

@@ -6,7 +6,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -37,7 +37,7 @@ def make_engine(
     max_overflow: int = 10,
     pre_ping: bool = False,
     prepare_threshold: int | None = 5,
-    **kw,
+    **kw: Any,
 ) -> Engine:
     """An engine with a bounded pool.
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import ParamSpec, TypeVar
 
 from sqlalchemy import Connection, text
 
@@ -34,6 +36,9 @@ from core.providers.events import (
 )
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ class _Paid:
     kind: str
 
 
-def _paid(conn: Connection, provider: str, payment_ids) -> _Paid | None:
+def _paid(conn: Connection, provider: str, payment_ids: Iterable[str | None]) -> _Paid | None:
     """The first of `payment_ids` that Payguard has seen paid: who, and for what."""
     row = conn.execute(
         text(
@@ -150,7 +155,7 @@ def _payment_arrived(conn: Connection, provider: str, payment_id: str) -> None:
         )
 
 
-def _money(fn, *args, **kwargs):
+def _money(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     try:
         return fn(*args, **kwargs)
     except InvalidInput as exc:  # currency not the wallet's, bad amount

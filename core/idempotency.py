@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, text
 
@@ -26,7 +28,7 @@ RETENTION_SECONDS = 86400
 @dataclass(frozen=True)
 class Stored:
     status_code: int
-    response: dict
+    response: dict[str, Any]
 
 
 class KeysConflict(Conflict):
@@ -43,7 +45,11 @@ def request_digest(request: object) -> bytes:
 
 
 def claim_many(
-    conn: Connection, org_id: str, route: str, items: list[tuple[str, object]], key_id: str
+    conn: Connection,
+    org_id: str,
+    route: str,
+    items: Sequence[tuple[str, object]],
+    key_id: str,
 ) -> dict[str, Stored]:
     """Claim every (key, request) pair; the stored answers of keys already used.
 
@@ -91,7 +97,7 @@ def claim(
 
 
 def complete_many(
-    conn: Connection, org_id: str, route: str, answers: dict[str, tuple[int, dict]]
+    conn: Connection, org_id: str, route: str, answers: dict[str, tuple[int, dict[str, Any]]]
 ) -> None:
     """Store the answers of keys this transaction claimed."""
     if not answers:
@@ -108,7 +114,12 @@ def complete_many(
 
 
 def complete(
-    conn: Connection, org_id: str, route: str, key: str, status_code: int, response: dict
+    conn: Connection,
+    org_id: str,
+    route: str,
+    key: str,
+    status_code: int,
+    response: dict[str, Any],
 ) -> None:
     complete_many(conn, org_id, route, {key: (status_code, response)})
 

@@ -13,8 +13,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Row, text
 
 from core import outbox
 from core.errors import InvalidInput, NotFound, ParkEvent, Refused
@@ -50,7 +51,7 @@ class StoredEvent:
     processed_at: datetime | None
     duplicate: bool = False
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "provider": self.provider,
@@ -100,7 +101,7 @@ class ReplayedTransmission(Exception):
     """A transmission id already vouched for another body: a forgery, answered 400."""
 
 
-def _row(row, duplicate: bool = False) -> StoredEvent:
+def _row(row: Row[Any], duplicate: bool = False) -> StoredEvent:
     m = row._mapping
     return StoredEvent(**{k: m[k] for k in _COLUMNS.split(", ")}, duplicate=duplicate)
 
@@ -174,7 +175,7 @@ def get(conn: Connection, inbox_id: int) -> StoredEvent:
     return _row(row)
 
 
-def lock_for_processing(conn: Connection, inbox_id: int):
+def lock_for_processing(conn: Connection, inbox_id: int) -> Row[Any] | None:
     """The event row, locked, with its body and headers; None if it is not `received`."""
     return conn.execute(
         text(

@@ -9,19 +9,20 @@ import logging
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 # Attributes every LogRecord has; anything else came from `extra=` and is context.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
-_context_providers: list[Callable[[], dict]] = []
+_context_providers: list[Callable[[], dict[str, Any]]] = []
 
 
-def add_context_provider(provider: Callable[[], dict]) -> None:
+def add_context_provider(provider: Callable[[], dict[str, Any]]) -> None:
     """Register a function whose dict is added to every record (e.g. the current task id)."""
     _context_providers.append(provider)
 
 
-def _context(record: logging.LogRecord) -> dict:
+def _context(record: logging.LogRecord) -> dict[str, Any]:
     fields = {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
     for provider in _context_providers:
         try:
@@ -58,7 +59,8 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure(fmt: str = "json", level: str = "INFO") -> None:
+def configure(fmt: str = "json", level: str | int = "INFO") -> None:
+    """`level` as logging takes it: a name ("INFO") or a number (20)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

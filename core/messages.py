@@ -16,12 +16,15 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, Row, text
 
 from core import outbound, outbox, sending, wallet
 from core.db import run_in_transaction
 from core.errors import InvalidInput, NotFound, Refused
+from core.providers.ports import SendOutcome, SendResult
 from core.sms import count_segments, validate_e164
 
 log = logging.getLogger(__name__)
@@ -57,12 +60,12 @@ class Message:
     price_cents: int
     charged_cents: int
     twilio_sid: str | None
-    block_reasons: list
+    block_reasons: list[str]
     error: str | None
     twilio_price: str | None
     created_at: datetime
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "message_id": self.message_id,
             "org_id": self.org_id,
@@ -123,14 +126,16 @@ class Queued:
     reasons: tuple[str, ...]
     outbox_id: int | None  # the send task to publish after commit (None when blocked)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"message_id": self.message_id, "status": self.status, "reasons": list(self.reasons)}
 
 
 def validate_message(to: object, body: object) -> tuple[int, str]:
     """(segments, encoding) of a message that may be queued, else InvalidInput."""
     try:
-        validate_e164(to)  # type: ignore[arg-type]
+        if not isinstance(to, str):
+            raise TypeError(to)
+        validate_e164(to)
     except (ValueError, TypeError):
         raise InvalidInput(f"recipient must be an E.164 number, got {to!r}") from None
     if not isinstance(body, str) or not body or len(body) > MAX_BODY:
@@ -298,7 +303,9 @@ def status_callback_url(public_base_url: str, message_id: str) -> str:
     return f"{public_base_url.rstrip('/')}/webhooks/twilio/status?m={message_id}"
 
 
-def _refusals(conn: Connection, row, policy: sending.Policy, *, needed_cents: int) -> list[str]:
+def _refusals(
+    conn: Connection, row: Row[Any], policy: sending.Policy, *, needed_cents: int
+) -> list[str]:
     reasons = list(sending.decide(conn, row.org_id, policy, needed_cents=needed_cents).reasons)
     if row.campaign_id and _campaign_paused(conn, row.org_id, row.campaign_id):
         reasons.append(CAMPAIGN_PAUSED)
@@ -317,7 +324,7 @@ def _campaign_paused(conn: Connection, org_id: str, campaign_id: str) -> bool:
 
 def _settle(
     conn: Connection,
-    row,
+    row: Row[Any],
     status: str,
     *,
     capture: bool,
@@ -350,30 +357,40 @@ _LOCK_MESSAGE = (
 )
 
 
-def _lock_message(conn: Connection, *, message_id: str | None = None, sid: str | None = None):
+def _lock_message(
+    conn: Connection, *, message_id: str | None = None, sid: str | None = None
+) -> Row[Any] | None:
     where = "WHERE m.message_id = :k" if message_id is not None else "WHERE m.twilio_sid = :k"
     return conn.execute(
         text(_LOCK_MESSAGE + where + " FOR UPDATE OF m"), {"k": message_id or sid}
     ).first()
 
 
-def record_result(conn: Connection, message_id: str, result, policy: sending.Policy) -> str:
+def _relock(conn: Connection, *, message_id: str | None = None, sid: str | None = None) -> Row[Any]:
+    """The message row read again after a change to it in this unit (it is locked: there)."""
+    row = _lock_message(conn, message_id=message_id, sid=sid)
+    if row is None:
+        raise NotFound(f"no message {message_id or sid!r}")
+    return row
+
+
+def record_result(
+    conn: Connection, message_id: str, result: SendResult, policy: sending.Policy
+) -> str:
     """Settle the hold by Twilio's answer: captured if it may have been sent, else released.
 
     An answer that comes after the message was settled otherwise still says what happened:
     a message given up as `unknown` learns its SID, one a callback settled its billing."""
-    from core.providers.twilio.gateway import SendOutcome
-
     row = _lock_message(conn, message_id=message_id)
     if row is None:
         raise NotFound(f"no message {message_id!r}")
     outcome = result.outcome
     if row.status != "sending":
         if outcome == SendOutcome.ACCEPTED and result.sid:
-            return _late_answer(conn, row, result, policy)
+            return _late_answer(conn, row, result, result.sid, policy)
         if outcome == SendOutcome.REJECTED and row.status == "unknown" and not row.twilio_sid:
             return _late_refusal(conn, row, result, policy)
-        return row.status
+        return str(row.status)
     if outcome == SendOutcome.ACCEPTED:
         if result.sid:
             _lock_sid(conn, result.sid)  # a callback for it waits, or is already kept
@@ -413,22 +430,27 @@ def record_result(conn: Connection, message_id: str, result, policy: sending.Pol
     return status
 
 
-def _late_answer(conn: Connection, row, result, policy: sending.Policy) -> str:
-    """Twilio's `accepted` for a message no longer `sending`: it settled without the answer."""
+def _late_answer(
+    conn: Connection, row: Row[Any], result: SendResult, sid: str, policy: sending.Policy
+) -> str:
+    """Twilio's `accepted` (as `sid`) for a message no longer `sending`: it settled without
+    the answer."""
     if row.twilio_sid is None and row.status == "unknown":
-        _lock_sid(conn, result.sid)
-        _adopt_sid(conn, row, result.sid)
-        row = _lock_message(conn, message_id=row.message_id)
+        _lock_sid(conn, sid)
+        _adopt_sid(conn, row, sid)
+        row = _relock(conn, message_id=row.message_id)
         _record_billing(conn, row, result.price, result.price_unit, result.num_segments)
-        status = apply_early_callbacks(conn, result.sid, policy) or "accepted"
+        status = apply_early_callbacks(conn, sid, policy) or "accepted"
         sending.reconcile(conn, row.org_id, policy)
         return status
-    if row.twilio_sid == result.sid:  # a callback named the message first
+    if row.twilio_sid == sid:  # a callback named the message first
         _record_billing(conn, row, result.price, result.price_unit, result.num_segments)
-    return row.status
+    return str(row.status)
 
 
-def _late_refusal(conn: Connection, row, result, policy: sending.Policy) -> str:
+def _late_refusal(
+    conn: Connection, row: Row[Any], result: SendResult, policy: sending.Policy
+) -> str:
     """Twilio refused a message given up as `unknown`: it was never sent, so what `unknown`
     charged is given back (once: the refund's reference is the message's)."""
     if row.charged_cents > 0:
@@ -448,7 +470,7 @@ def _late_refusal(conn: Connection, row, result, policy: sending.Policy) -> str:
     return "rejected"
 
 
-def _adopt_sid(conn: Connection, row, sid: str) -> None:
+def _adopt_sid(conn: Connection, row: Row[Any], sid: str) -> None:
     """Twilio has this message as `sid`: a message still `sending` is captured as accepted;
     one given up as `unknown` (already captured) is accepted after all."""
     if row.status == "sending":
@@ -482,7 +504,7 @@ class WrongSigner(Exception):
     """A callback signed with one subaccount's token names a message of another subaccount."""
 
 
-def _signed_by(row, signer: str | None) -> bool:
+def _signed_by(row: Row[Any], signer: str | None) -> bool:
     # The parent account's token (signer None) vouches for every subaccount's messages.
     return signer is None or signer == row.subaccount
 
@@ -546,7 +568,7 @@ def apply_status_callback(
     if not _signed_by(row, signer):
         raise WrongSigner(f"{signer} did not send {row.message_id}")
     new = _apply(conn, row, status, policy)
-    _record_billing(conn, _lock_message(conn, sid=sid), price, price_unit, segments)
+    _record_billing(conn, _relock(conn, sid=sid), price, price_unit, segments)
     if new != row.status:  # after billing, so the event carries what the message cost
         outbound.note_message(conn, row.message_id)
     if named is not None and named.status in ("sending", "unknown") and named.twilio_sid is None:
@@ -555,7 +577,7 @@ def apply_status_callback(
     return new
 
 
-def _apply(conn: Connection, row, status: str, policy: sending.Policy) -> str:
+def _apply(conn: Connection, row: Row[Any], status: str, policy: sending.Policy) -> str:
     if _RANK.get(status, 0) <= _RANK.get(row.status, 0):
         return str(row.status)
     conn.execute(
@@ -590,7 +612,11 @@ def segments_reference(message_id: str) -> str:
 
 
 def _record_billing(
-    conn: Connection, row, price, price_unit: str | None, num_segments: int | None
+    conn: Connection,
+    row: Row[Any],
+    price: Decimal | str | None,
+    price_unit: str | None,
+    num_segments: int | None,
 ) -> None:
     """Keep what Twilio billed; charge segments it billed beyond those held, once.
 
@@ -677,7 +703,7 @@ class SegmentMismatch:
     charged_segments: int
     twilio_segments: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "message_id": self.message_id,
             "org_id": self.org_id,

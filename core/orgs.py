@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
@@ -39,7 +40,7 @@ class Organization:
     billing: str = "subscription"
     low_balance_cents: int | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "org_id": self.org_id,
             "billing": self.billing,
@@ -138,7 +139,7 @@ def _validate_settings(
 UPDATABLE = ("sender", "segment_price_cents", "low_balance_cents", "twilio_subaccount_sid")
 
 
-def update(conn: Connection, org_id: str, changes: dict) -> Organization:
+def update(conn: Connection, org_id: str, changes: dict[str, object]) -> Organization:
     """Change some of an organization's settings (UPDATABLE) in one statement."""
     unknown = set(changes) - set(UPDATABLE)
     if unknown:
@@ -189,9 +190,11 @@ def get(conn: Connection, org_id: str) -> Organization:
 
 
 def _threshold(cents: object) -> int | None:
-    if cents is not None and (isinstance(cents, bool) or not isinstance(cents, int) or cents < 0):
+    if cents is None:
+        return None
+    if isinstance(cents, bool) or not isinstance(cents, int) or cents < 0:
         raise InvalidInput("low balance threshold must be a whole number of cents, zero or more")
-    return cents  # type: ignore[return-value]
+    return cents
 
 
 def set_low_balance(conn: Connection, org_id: str, cents: int | None) -> Organization:

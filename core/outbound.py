@@ -18,6 +18,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import Connection, text
@@ -111,10 +112,13 @@ _INFLIGHT_FLOOR = text(f"""
 SELECT min(last.v - (((last.v - l.objid::bigint) % {_SEQ_MOD}) + {_SEQ_MOD}) % {_SEQ_MOD})
 FROM pg_locks l, (SELECT last_value AS v FROM outbound_events_sequence_seq) last
 WHERE l.locktype = 'advisory' AND l.classid::bigint = :ns AND l.objsubid = 2
+  -- pg_locks shows every database's locks: another Payguard database on the server has
+  -- sequences of its own.
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """)
 
 
-def record(conn: Connection, type_: str, org_id: str | None, data: dict) -> int:
+def record(conn: Connection, type_: str, org_id: str | None, data: dict[str, Any]) -> int:
     """Record one event and its deliveries in the caller's transaction; its sequence."""
     if type_ not in EVENT_TYPES:
         raise InvalidInput(f"unknown event type {type_!r}")
@@ -164,7 +168,9 @@ WHERE ep.deleted_at IS NULL
 """)
 
 
-def record_many(conn: Connection, events: list[tuple[str, str | None, dict]]) -> list[int]:
+def record_many(
+    conn: Connection, events: list[tuple[str, str | None, dict[str, Any]]]
+) -> list[int]:
     """Record (type, org_id, data) events as `record` records each, in the order given, in
     three statements whatever their number: a batch's hundred `message.updated` cost its
     transaction three round trips instead of two hundred."""
@@ -313,7 +319,7 @@ class Endpoint:
     created_at: datetime
     deleted_at: datetime | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "endpoint_id": self.endpoint_id,
             "url": self.url,
@@ -334,7 +340,7 @@ def _events_filter(events: object) -> list[str] | None:
     unknown = [e for e in events if e not in EVENT_TYPES]
     if unknown:
         raise InvalidInput(f"unknown event type {unknown[0]!r}; known: {', '.join(EVENT_TYPES)}")
-    return sorted(set(events))  # type: ignore[arg-type]
+    return sorted(set(events))
 
 
 def create_endpoint(
@@ -457,7 +463,7 @@ def rotate_secret(conn: Connection, endpoint_id: str, actor: str, *, policy: Out
 
 def events_after(
     conn: Connection, after: int, limit: int = 100, org_ids: list[str] | None = None
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Events with a sequence greater than `after`, oldest first: how a host catches up.
     `org_ids` confines them to those organizations (None: every event). Events behind one
     whose transaction is still open wait for it, so a host's `after` never skips one."""
@@ -653,7 +659,9 @@ def release_claim(conn: Connection, delivery_id: int, token: str) -> None:
 # ---------------------------------------------------------------- operators
 
 
-def list_deliveries(conn: Connection, status: str | None = None, limit: int = 100) -> list[dict]:
+def list_deliveries(
+    conn: Connection, status: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
     if status is not None and status not in DELIVERY_STATUSES:
         raise InvalidInput(f"status must be one of {', '.join(DELIVERY_STATUSES)}")
     rows = conn.execute(
@@ -675,7 +683,7 @@ def list_deliveries(conn: Connection, status: str | None = None, limit: int = 10
     return out
 
 
-def redeliver(conn: Connection, delivery_id: int, actor: str) -> dict:
+def redeliver(conn: Connection, delivery_id: int, actor: str) -> dict[str, Any]:
     """Try a delivery again now (a failed one, or a delivered one the host lost)."""
     row = conn.execute(
         text(

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from core.errors import InvalidInput
@@ -116,7 +117,7 @@ class Answer:
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
-    def __init__(self, address: str, *args, **kw) -> None:
+    def __init__(self, address: str, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._address = address
 
@@ -125,13 +126,14 @@ class _PinnedHTTP(http.client.HTTPConnection):
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, address: str, *args, **kw) -> None:
+    def __init__(self, address: str, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._address = address
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
         # The certificate is checked against the URL's host name, not the pinned address.
+        # typeshed does not declare HTTPSConnection's `_context` (the `context=` it was given).
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 

@@ -14,9 +14,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Row, text
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,20 @@ PROCESS_EVENT_TASK = "payguard.process_event"
 SEND_MESSAGE_TASK = "payguard.send_message"  # core.messages.SEND_TASK
 CAPTURE_TOP_UP_TASK = "payguard.capture_top_up"  # core.topups.CAPTURE_TASK
 
+# A task's positional arguments: JSON values (ids, a carried answer), as the broker carries them.
+TaskArgs = list[Any]
 
-def enqueue(conn: Connection, task: str, args: list) -> int:
+
+def enqueue(conn: Connection, task: str, args: TaskArgs) -> int:
     """Queue a task to be published after this transaction commits (by the caller or relay)."""
-    return conn.execute(
+    outbox_id: int = conn.execute(
         text("INSERT INTO outbox (task, args) VALUES (:t, CAST(:a AS jsonb)) RETURNING id"),
         {"t": task, "a": json.dumps(args)},
     ).scalar_one()
+    return outbox_id
 
 
-def enqueue_many(conn: Connection, task: str, args: list[list]) -> list[int]:
+def enqueue_many(conn: Connection, task: str, args: list[TaskArgs]) -> list[int]:
     """`enqueue` for many tasks in one statement; their outbox ids in the order given."""
     # Ids come from one sequence in insertion order, so sorted they follow `args`.
     return sorted(
@@ -49,38 +53,33 @@ def enqueue_many(conn: Connection, task: str, args: list[list]) -> list[int]:
     )
 
 
-def mark_published(conn: Connection, outbox_ids: list[int], *, durable: bool = True) -> None:
-    """Record a publish. `durable=False` skips the WAL flush wait: losing the mark in a crash
-    only makes the relay publish again, which processing tolerates."""
+def mark_published(
+    conn: Connection,
+    outbox_ids: Sequence[int],
+    *,
+    at: Sequence[float] | None = None,
+    durable: bool = True,
+) -> None:
+    """Record publishes, in one statement: now, or at the times `at` gives (epoch seconds,
+    one per id: when core/publish_marks.py saw each go out). `durable=False` skips the WAL
+    flush wait: losing the mark in a crash only makes the relay publish again, which
+    processing tolerates."""
+    if not outbox_ids:
+        return
     if not durable:
         conn.execute(text("SET LOCAL synchronous_commit = off"))
-    if outbox_ids:
-        conn.execute(
-            text(
-                "UPDATE outbox SET published_at = now(), attempts = attempts + 1 "
-                "WHERE id = ANY(:ids)"
-            ),
-            {"ids": outbox_ids},
-        )
-
-
-def mark_published_at(conn: Connection, marks: list[tuple[int, float]]) -> None:
-    """Record publishes that happened at the given times (epoch seconds), in one statement and
-    without the WAL flush wait, like `mark_published(durable=False)`."""
-    if not marks:
-        return
-    conn.execute(text("SET LOCAL synchronous_commit = off"))
     conn.execute(
         text(
-            "UPDATE outbox SET published_at = to_timestamp(m.at), attempts = attempts + 1 "
+            "UPDATE outbox SET published_at = coalesce(to_timestamp(m.at), now()), "
+            "attempts = attempts + 1 "
             "FROM unnest(CAST(:ids AS bigint[]), CAST(:ats AS float8[])) AS m(id, at) "
             "WHERE outbox.id = m.id"
         ),
-        {"ids": [i for i, _ in marks], "ats": [at for _, at in marks]},
+        {"ids": list(outbox_ids), "ats": list(at) if at is not None else [None] * len(outbox_ids)},
     )
 
 
-def mark_task_published(conn: Connection, task: str, args: list) -> None:
+def mark_task_published(conn: Connection, task: str, args: TaskArgs) -> None:
     """Mark the unpublished outbox rows of this task and arguments published."""
     conn.execute(
         text(
@@ -93,7 +92,7 @@ def mark_task_published(conn: Connection, task: str, args: list) -> None:
 
 def claim_for_relay(
     conn: Connection, *, limit: int, grace_seconds: float, redeliver_seconds: float
-) -> list:
+) -> list[Row[Any]]:
     """Outbox rows to publish now, locked so a second relay skips them.
 
     Unpublished rows older than `grace_seconds` (the receiver publishes right after commit;
@@ -175,7 +174,10 @@ class Publisher(Protocol):
     """Sends one task message to the broker; raises on any failure. bus/publisher.py is the
     Celery one; core never imports Celery."""
 
-    def publish(self, task: str, args: list, *, task_id: str | None = None) -> None: ...
+    def publish(self, task: str, args: TaskArgs, *, task_id: str | None = None) -> None: ...
+
+    def close(self) -> None:
+        """Let go of the broker connections; the publisher is not used after."""
 
 
 @dataclass(frozen=True)
@@ -187,12 +189,12 @@ class Pending:
     and arguments are marked."""
 
     task: str
-    args: list
+    args: TaskArgs
     outbox_ids: tuple[int, ...] = ()
     task_id: str | None = None
 
     @classmethod
-    def of_row(cls, task: str, args: list, outbox_id: int) -> Pending:
+    def of_row(cls, task: str, args: TaskArgs, outbox_id: int) -> Pending:
         """The message of one outbox row, with the task id the relay would give it."""
         return cls(task, args, (outbox_id,), task_id=task_id_of(outbox_id))
 

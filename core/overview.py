@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Connection
 
 from core import orgs, sending, wallet
 from core.errors import Conflict, Refused
 
 
-def organization(conn: Connection, org_id: str, policy: sending.Policy) -> dict:
+def organization(conn: Connection, org_id: str, policy: sending.Policy) -> dict[str, Any]:
     """Everything about one organization: its settings, whether it may send and why not,
     and its wallet (as `wallet show`)."""
     org = orgs.get(conn, org_id)
@@ -24,8 +26,8 @@ def organization(conn: Connection, org_id: str, policy: sending.Policy) -> dict:
 
 
 def register(
-    conn: Connection, org_id: str, settings: dict, policy: sending.Policy
-) -> tuple[dict, bool]:
+    conn: Connection, org_id: str, settings: dict[str, Any], policy: sending.Policy
+) -> tuple[dict[str, Any], bool]:
     """Create an organization, or find it already created with these very settings:
     (the organization, whether it was created now). Conflict if it exists otherwise.
 
@@ -54,7 +56,9 @@ def register(
     return organization(conn, org_id, policy), False
 
 
-def change(conn: Connection, org_id: str, changes: dict, policy: sending.Policy) -> dict:
+def change(
+    conn: Connection, org_id: str, changes: dict[str, object], policy: sending.Policy
+) -> dict[str, Any]:
     """Change settings (orgs.UPDATABLE); a new price can flip may-send, so campaigns are
     reconciled in the same unit of work."""
     orgs.update(conn, org_id, changes)

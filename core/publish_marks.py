@@ -57,7 +57,12 @@ class PublishMarks:
         if not marks:
             return 0
         try:
-            run_in_transaction(self._engine, lambda conn: outbox.mark_published_at(conn, marks))
+            run_in_transaction(
+                self._engine,
+                lambda conn: outbox.mark_published(
+                    conn, [i for i, _ in marks], at=[t for _, t in marks], durable=False
+                ),
+            )
         except Exception as exc:
             log.warning(
                 "publish marks left to the relay",

@@ -26,19 +26,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Row, text
 
 from core import messages, outbound, sending
 from core.errors import RetryableConflict
 from core.messages import CAMPAIGN_PAUSED, Plan, hold_reference
+from core.providers.ports import SendOutcome, SendResult
 from core.sending import INSUFFICIENT_BALANCE
 
 SEND_BATCH_TASK = "payguard.send_batch"  # its one argument: the organization to drain
-
-# Outcomes of core.providers.twilio.gateway.SendOutcome, by value: core/send_batch.py stays free of the
-# gateway module (which is being moved to core/providers/twilio/).
-ACCEPTED, REJECTED, RETRY_SAFE, UNKNOWN = "accepted", "rejected", "retry_safe", "unknown"
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,32 @@ class Claim:
     settled_unknown: int = 0
     owner_lease_left: float = 0.0
     send_tries: dict[str, int] = field(default_factory=dict)
+
+
+# The rows of the JSON parameters of _HOLD_MANY, _MARK and _SETTLE (jsonb_to_recordset's
+# columns): short keys, since a batch sends a thousand of them.
+class _HoldRow(TypedDict):
+    r: str  # hold reference
+    a: int  # amount, cents
+
+
+class _MarkRow(TypedDict):
+    m: str  # message id
+    s: str  # status: sending | blocked
+    r: list[str] | None  # block reasons
+    a: str | None  # send attempt: the owner
+    t: int  # send tries added
+
+
+class _SettleRow(TypedDict):
+    m: str  # message id
+    s: str  # status
+    e: str | None  # error
+    sid: str | None
+    c: int  # cents captured
+    p: str | None  # Twilio's price
+    pu: str | None  # its unit
+    n: int | None  # segments Twilio billed
 
 
 _TO_SEND = text("""
@@ -170,10 +194,10 @@ def claim(conn: Connection, org_id: str, limit: int, policy: sending.Policy, own
         if r != INSUFFICIENT_BALANCE
     ]
     paused = _paused_campaigns(conn, org_id, {r.campaign_id for r in rows if r.campaign_id})
-    to_hold: list[dict] = []
+    to_hold: list[_HoldRow] = []
     to_release: list[str] = []
-    marks: list[dict] = []
-    send: list = []
+    marks: list[_MarkRow] = []
+    send: list[Row[Any]] = []
     for row in rows:
         reasons = list(org_reasons)
         if row.status == "queued" and available < row.price_cents:
@@ -224,7 +248,7 @@ def claim(conn: Connection, org_id: str, limit: int, policy: sending.Policy, own
     )
 
 
-def _hold_many(conn: Connection, org_id: str, holds: list[dict]) -> None:
+def _hold_many(conn: Connection, org_id: str, holds: list[_HoldRow]) -> None:
     if not holds:
         return
     total = sum(h["a"] for h in holds)
@@ -267,10 +291,10 @@ def _settle_orphans(
 
 @dataclass(frozen=True)
 class Answer:
-    """Twilio's answer to one message of a batch, as `core.providers.twilio.gateway.SendResult`."""
+    """Twilio's answer to one message of a batch."""
 
     message_id: str
-    result: object  # a SendResult; `outcome`, `sid`, `price`, ... are read
+    result: SendResult
 
 
 def record(
@@ -290,11 +314,7 @@ def record(
             {"ids": sorted(by_id)},
         )
     }
-    sids = sorted(
-        str(r.sid)  # type: ignore[attr-defined]
-        for r in by_id.values()
-        if str(r.outcome) == ACCEPTED and r.sid  # type: ignore[attr-defined]
-    )
+    sids = sorted(r.sid for r in by_id.values() if r.outcome == SendOutcome.ACCEPTED and r.sid)
     if sids:
         # The order record_result takes them in: message rows, then SIDs (a callback for one
         # of these SIDs waits for this commit, or has been kept as an early callback).
@@ -313,17 +333,17 @@ def record(
         if sids
         else ()
     )
-    plain: list[tuple[str, object]] = []
+    plain: list[tuple[str, SendResult]] = []
     statuses: dict[str, str] = {}
     for message_id, result in by_id.items():
         row = rows.get(message_id)
-        outcome = str(result.outcome)  # type: ignore[attr-defined]
-        segments = result.num_segments  # type: ignore[attr-defined]
+        outcome = result.outcome
+        segments = result.num_segments
         if (
             row is not None
             and row.status == "sending"
-            and outcome in (ACCEPTED, REJECTED, UNKNOWN)
-            and result.sid not in waiting  # type: ignore[attr-defined]
+            and outcome in (SendOutcome.ACCEPTED, SendOutcome.REJECTED, SendOutcome.UNKNOWN)
+            and result.sid not in waiting
             and (segments is None or segments <= row.segments)
         ):
             plain.append((message_id, result))
@@ -335,16 +355,21 @@ def record(
     return statuses
 
 
-def _settle_plain(conn: Connection, org_id: str, plain: list, rows: dict) -> dict[str, str]:
+def _settle_plain(
+    conn: Connection,
+    org_id: str,
+    plain: list[tuple[str, SendResult]],
+    rows: dict[str, Row[Any]],
+) -> dict[str, str]:
     capture = [
         hold_reference(m)
         for m, r in plain
-        if str(r.outcome) in (ACCEPTED, UNKNOWN) and rows[m].price_cents > 0
+        if r.outcome in (SendOutcome.ACCEPTED, SendOutcome.UNKNOWN) and rows[m].price_cents > 0
     ]
     release = [
         hold_reference(m)
         for m, r in plain
-        if str(r.outcome) == REJECTED and rows[m].price_cents > 0
+        if r.outcome == SendOutcome.REJECTED and rows[m].price_cents > 0
     ]
     captured: dict[str, int] = {}
     if capture:
@@ -354,20 +379,20 @@ def _settle_plain(conn: Connection, org_id: str, plain: list, rows: dict) -> dic
         conn.execute(_RELEASE_MANY, {"o": org_id, "refs": release})
     if capture or release:
         outbound.note_balance(conn, org_id)
-    settle = []
+    settle: list[_SettleRow] = []
     for message_id, r in plain:
-        outcome = str(r.outcome)
+        outcome = str(r.outcome)  # the status, as the message row and the answer carry it
         error = None
-        if outcome == REJECTED:
+        if outcome == SendOutcome.REJECTED:
             error = f"twilio {r.error_code}: {r.error_message}"
-        elif outcome == UNKNOWN:
+        elif outcome == SendOutcome.UNKNOWN:
             error = f"may have been sent: {r.error_message or r.http_status}"
         settle.append(
             {
                 "m": message_id,
                 "s": outcome,
                 "e": error,
-                "sid": r.sid if outcome == ACCEPTED else None,
+                "sid": r.sid if outcome == SendOutcome.ACCEPTED else None,
                 "c": captured.get(hold_reference(message_id), 0),
                 "p": None if r.price is None or str(r.price) == "" else str(r.price),
                 "pu": r.price_unit,

@@ -75,7 +75,7 @@ class Decision:
         (its money is held per message), a subscription-billed one's while it is paid up."""
         return self.billing == "prepaid" or self.subscription_allows
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "org_id": self.org_id,
             "can_send": self.can_send,
@@ -263,7 +263,9 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
     return Reconciled(decision, paused, resumed, changed)
 
 
-def _report(conn: Connection, org_id: str, d: Decision, paused: tuple, resumed: tuple) -> None:
+def _report(
+    conn: Connection, org_id: str, d: Decision, paused: tuple[str, ...], resumed: tuple[str, ...]
+) -> None:
     """Events to the host: the campaigns Payguard paused or resumed."""
     for campaign_id in paused:
         outbound.note_campaign(conn, org_id, campaign_id, "system", ",".join(d.reasons))

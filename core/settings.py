@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -191,7 +191,7 @@ class Settings(BaseSettings):
 
     @field_validator("BROKER_VISIBILITY_TIMEOUT")
     @classmethod
-    def _visibility_covers_retries(cls, v: int, info) -> int:
+    def _visibility_covers_retries(cls, v: int, info: ValidationInfo) -> int:
         longest = info.data.get("TASK_RETRY_MAX_SECONDS", 300.0)
         if v <= longest:
             raise ValueError("must be longer than TASK_RETRY_MAX_SECONDS (the longest countdown)")

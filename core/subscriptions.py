@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Row, text
 
 ALLOWING = {"active", "trialing"}
 GRACE = {"past_due"}
@@ -102,7 +103,8 @@ RETURNING org_id
 """),
         {"p": provider, "sid": subscription_id, "org": org_id, "outcome": outcome, "at": at},
     ).one()
-    return row.org_id
+    org: str | None = row.org_id
+    return org
 
 
 def org_of(conn: Connection, provider: str, subscription_id: str) -> str | None:
@@ -114,7 +116,7 @@ def org_of(conn: Connection, provider: str, subscription_id: str) -> str | None:
 
 def stale(
     conn: Connection, older_than: timedelta, limit: int, providers: list[str] | None = None
-) -> list:
+) -> list[Row[Any]]:
     """Subscriptions whose last event or check is older than `older_than` (missed webhooks),
     of the given providers only, so a provider nobody can ask never crowds out the rest."""
     return list(

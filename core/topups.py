@@ -58,7 +58,7 @@ class TopUp:
     created_at: datetime
     updated_at: datetime
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "top_up_id": self.top_up_id,
             "org_id": self.org_id,

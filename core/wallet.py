@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from sqlalchemy import Connection, column, text
+from sqlalchemy import ColumnClause, Connection, Executable, Row, column, text
 
 from core import outbound
 from core.errors import Conflict, InvalidInput, NotFound, Refused, RetryableConflict
@@ -50,7 +51,7 @@ class Entry:
     created_at: datetime
     duplicate: bool = False
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "kind": self.kind,
@@ -95,7 +96,7 @@ class WalletState:
     def frozen(self) -> bool:
         return bool(self.freeze_reasons)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "org_id": self.org_id,
             "currency": self.currency,
@@ -115,7 +116,7 @@ class Mismatch:
     stored: int
     expected: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "org_id": self.org_id,
             "field": self.field,
@@ -168,7 +169,7 @@ _ENTRY_COLUMNS = (
 
 # Declaring the result columns lets SQLAlchemy cache the result metadata of these hot
 # statements instead of rebuilding it on every call (measured: about a tenth of a debit's cost).
-_MONEY_RESULT: list = [
+_MONEY_RESULT: list[ColumnClause[Any]] = [
     column("updated"),
     *(column(c) for c in _ENTRY_COLUMNS.split(", ")),
     column("low_balance_flips"),
@@ -405,7 +406,7 @@ ORDER BY w.org_id
 # ---------------------------------------------------------------- helpers
 
 
-def _entry(row, duplicate: bool = False) -> Entry:
+def _entry(row: Row[Any], duplicate: bool = False) -> Entry:
     return Entry(
         id=row.id,
         org_id=row.org_id,
@@ -423,7 +424,7 @@ def _entry(row, duplicate: bool = False) -> Entry:
     )
 
 
-def _hold(row, duplicate: bool = False) -> Hold:
+def _hold(row: Row[Any], duplicate: bool = False) -> Hold:
     return Hold(
         id=row.id,
         org_id=row.org_id,
@@ -436,7 +437,7 @@ def _hold(row, duplicate: bool = False) -> Hold:
     )
 
 
-def _wallet_row(conn: Connection, org_id: str):
+def _wallet_row(conn: Connection, org_id: str) -> Row[Any]:
     row = conn.execute(
         text(
             "SELECT currency, balance_cents, held_cents, active_freezes FROM wallets "
@@ -451,7 +452,7 @@ def _wallet_row(conn: Connection, org_id: str):
 
 def _existing_entry(
     conn: Connection, org_id: str, ref: str, kinds: tuple[str, ...], amt: int, takes: bool
-):
+) -> Entry | None:
     """The first result of an already-applied reference, or a Conflict if it differs.
 
     `takes` is the direction: a reference first used to add money (a credit, a positive
@@ -479,7 +480,14 @@ def _existing_entry(
     return _entry(row, duplicate=True)
 
 
-def _apply(conn: Connection, stmt, params: dict, kinds: tuple[str, ...], *, takes: bool):
+def _apply(
+    conn: Connection,
+    stmt: Executable,
+    params: dict[str, Any],
+    kinds: tuple[str, ...],
+    *,
+    takes: bool,
+) -> tuple[Entry | None, str | None]:
     """Run a guarded money statement; return (row, None) or (None, why-nothing-moved)."""
     row = conn.execute(stmt, params).one()
     if row.id is not None:
@@ -502,7 +510,7 @@ def _params(
     actor: str,
     reason: str | None,
     **extra: object,
-) -> dict:
+) -> dict[str, Any]:
     """The validated parameters every guarded money statement takes."""
     if isinstance(reference, str) and reference.startswith(CAPTURE_PREFIX):
         raise InvalidInput(f"references starting {CAPTURE_PREFIX!r} are the ledger's own")
@@ -519,7 +527,7 @@ def _params(
     }
 
 
-def _payment(payment: tuple[str, str] | None) -> dict:
+def _payment(payment: tuple[str, str] | None) -> dict[str, str]:
     """The (provider, payment id) parameters of a statement that also tracks a payment."""
     if payment is None:
         return {}
@@ -527,7 +535,7 @@ def _payment(payment: tuple[str, str] | None) -> dict:
     return {"pp": provider, "pid": payment_id}
 
 
-def _currency_matches(conn: Connection, org_id: str, params: dict) -> bool:
+def _currency_matches(conn: Connection, org_id: str, params: dict[str, Any]) -> bool:
     """A repeat names the wallet's currency too (checked only on the rare duplicate path)."""
     return params["cur"] is None or _wallet_row(conn, org_id).currency == params["cur"]
 
@@ -904,7 +912,7 @@ def verify(
     return mismatches
 
 
-def org_id_batches(conn: Connection, size: int = 1000):
+def org_id_batches(conn: Connection, size: int = 1000) -> Iterator[list[str]]:
     """Every wallet's organization id, in batches (keyset pages), for long runs with progress."""
     after = ""
     while True:

@@ -4,8 +4,8 @@ Servers start lazily, the first time a test asks for them, so tests in tests/uni
 not ask) run without any. By default they are embedded servers from pip wheels
 (devtools/devstack.py) in temporary directories, stopped when the session ends. Set
 TEST_DATABASE_URL (a superuser, or a role with CREATEDB, on a disposable server; the database
-in the URL is only used for administration) and/or TEST_REDIS_URL (a disposable server: it is
-FLUSHALLed) to use servers of your own instead.
+in the URL is only used for administration) and/or TEST_REDIS_URL (a disposable database: it is
+FLUSHDBed) to use servers of your own instead.
 
 Each test that needs the database gets a database of its own, cloned from a migrated template,
 holding committed data that subprocesses (web, worker) can see; it is dropped afterwards.
@@ -253,12 +253,13 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def redis_clean(redis_url: str) -> str:
-    """The session's Redis URL, after FLUSHALL (every database of that server)."""
+    """The session's Redis URL, after FLUSHDB (that database only: the server's others, which
+    another run may be using, are left alone)."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
     try:
-        client.flushall()
+        client.flushdb()
     finally:
         client.close()
     return redis_url

@@ -200,7 +200,7 @@ class DatabaseCollector(Collector):
 class _ThisProcess(Collector):
     """The counters of this process (no multiprocess directory: one process answers)."""
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterable[Metric]:
         return REGISTRY.collect()
 
 

@@ -55,9 +55,7 @@ class Receiver:
         leave unclosed."""
         self.publish_marks.close()
         self.engine.dispose()
-        close = getattr(self.publisher, "close", None)
-        if close is not None:
-            close()
+        self.publisher.close()
 
     def subaccount_token(self, subaccount_sid: str) -> str | None:
         """A subaccount's auth token, cached per process (core/providers/twilio/callbacks.py)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from functools import partial
 
 from sqlalchemy import Connection, text
 
@@ -114,7 +115,7 @@ def reconcile_campaigns(page_size: int = RECONCILE_PAGE) -> int:
                 return 0
             after = ""
             while True:
-                org_ids, n = run_in_transaction(engine, lambda c, a=after: page(c, a))
+                org_ids, n = run_in_transaction(engine, partial(page, after=after))
                 changed += n
                 if len(org_ids) < page_size:
                     break
@@ -198,7 +199,9 @@ def expire_top_ups() -> int:
     for provider, seconds in windows.items():
         expired += run_in_transaction(
             runtime.engine(),
-            lambda conn, p=provider, age=seconds: topups.expire_stale(conn, p, age, BATCH),
+            partial(
+                topups.expire_stale, provider=provider, older_than_seconds=seconds, limit=BATCH
+            ),
         )
     if expired:
         log.info("top-ups expired", extra={"count": expired})

@@ -131,5 +131,5 @@ def _logging(loglevel: object = None, **_: object) -> None:
 
     # Celery hands over the level already resolved to a number (20); str() of it is no level.
     level = loglevel if isinstance(loglevel, int) else str(loglevel or "INFO").upper()
-    logging_setup.configure(runtime.settings().LOG_FORMAT, level)  # type: ignore[arg-type]
+    logging_setup.configure(runtime.settings().LOG_FORMAT, level)
     logging_setup.add_context_provider(_task_context)

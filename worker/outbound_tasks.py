@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 from sqlalchemy import Connection
 
@@ -73,7 +74,7 @@ def dispatch_outbound() -> int:
             log.warning("outbound publish failed", extra={"error": str(exc)})
             run_in_transaction(
                 runtime.engine(),
-                lambda conn, c=c: outbound.release_claim(conn, c.delivery_id, c.token),
+                partial(outbound.release_claim, delivery_id=c.delivery_id, token=c.token),
             )
     return published
 

@@ -81,7 +81,7 @@ def send_org_batch(
 
     `answers` are [message id, Twilio's answer] pairs carried by a retry whose recording
     failed: they are recorded first, never sent again."""
-    from core.providers.twilio.gateway import SendResult
+    from core.providers.ports import SendResult
 
     engine, policy, s = runtime.engine(), runtime.policy(), runtime.settings()
     owner = self.request.id or f"local-{uuid.uuid4().hex}"
@@ -220,7 +220,8 @@ class _Slots:
 
 
 def _send_one(gateway, slots: _Slots, plan: messages.Plan, callback: str | None, last_start: float):
-    from core.providers.twilio.gateway import RATE_LIMIT_CODE, SendOutcome, SendResult
+    from core.providers.ports import SendOutcome, SendResult
+    from core.providers.twilio.gateway import RATE_LIMIT_CODE
 
     if not plan.subaccount_sid or not plan.sender:
         return SendResult(
@@ -285,7 +286,7 @@ def _record(
             "recording of Twilio's answers failed; trying again",
             extra={"org_id": org_id, "messages": len(answers), "error": repr(exc)},
         )
-        carried = [[a.message_id, a.result.as_dict()] for a in answers]  # type: ignore[attr-defined]
+        carried = [[a.message_id, a.result.as_dict()] for a in answers]
         raise self.retry(
             args=[org_id],
             kwargs={"answers": carried, "record_tries": tries + 1},

@@ -138,7 +138,7 @@ def send_message(
     `answer` is Twilio's answer carried by a retry whose recording failed: it is recorded,
     never sent again."""
     from core import messages
-    from core.providers.twilio.gateway import SendOutcome, SendResult
+    from core.providers.ports import SendOutcome, SendResult
 
     engine, policy, s = runtime.engine(), runtime.policy(), runtime.settings()
     if answer is not None:

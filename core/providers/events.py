@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 # What a payment was for: the `kind` of its row in `payments`, set by the event that brought
 # it (PaymentCaptured: prepaid credit; SubscriptionPayment: a subscription). Refunds, reversals
@@ -146,7 +147,7 @@ class Recorded:
 
     provider: str
     what: str
-    details: dict = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 NormalizedEvent = (

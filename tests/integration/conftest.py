@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.stack import free_port
+from tests.support.factories import TWILIO_PARENT_SID, TWILIO_PARENT_TOKEN
 from tests.support.fakes.fake_twilio import FakeTwilio
 from tests.support.fakes.paypal_api import FakePayPal, SigningCert, make_signing_cert
 
@@ -46,6 +48,19 @@ def stack_env(app_env: dict[str, str], fake_paypal: FakePayPal) -> dict[str, str
         RELAY_INTERVAL_SECONDS="0.5",
     )
     return env
+
+
+@pytest.fixture
+def twilio_env(stack_env: dict[str, str], fake_twilio: FakeTwilio) -> dict[str, str]:
+    """stack_env plus Twilio: the parent account (tests.support.factories' TWILIO_PARENT_SID
+    and TWILIO_PARENT_TOKEN) on `fake_twilio`, and a public base URL for status callbacks."""
+    return dict(
+        stack_env,
+        TWILIO_ACCOUNT_SID=TWILIO_PARENT_SID,
+        TWILIO_AUTH_TOKEN=TWILIO_PARENT_TOKEN,
+        TWILIO_API_BASE=fake_twilio.base_url,
+        PUBLIC_BASE_URL=f"http://127.0.0.1:{free_port()}",
+    )
 
 
 # --------------------------------------------------------------------------- both brokers

@@ -130,6 +130,17 @@ def test_catch_up_never_skips_an_event_whose_transaction_commits_later(engine):
             assert again not in [e["sequence"] for e in outbound.events_after(other, 0, 100)]
 
 
+def test_events_in_flight_in_another_database_of_the_server_hold_nothing_back(engine, pg_server):
+    """Advisory locks are per database, but pg_locks lists every database's: an event in
+    flight in another Payguard database (sequence 1 there) must not hide this one's."""
+    org = tx(engine, new_org, billing="prepaid")
+    seq = tx(engine, lambda c: outbound.record(c, "wallet.frozen", org, {"reason": "a"}))
+    with pg_server.admin() as other:
+        other.execute("SELECT pg_advisory_lock(%s, 1)", (outbound._INFLIGHT_LOCKS,))
+        with engine.connect() as c:
+            assert [e["sequence"] for e in outbound.events_after(c, 0, 100)] == [seq]
+
+
 def test_endpoints_get_only_the_event_types_and_organizations_they_asked_for(engine):
     a, b = tx(engine, new_org, billing="prepaid"), tx(engine, new_org, billing="prepaid")
     credited_only, _ = add_endpoint(engine, "http://127.0.0.1:9/a", ["wallet.credited"])

@@ -24,11 +24,9 @@ from core.send_batch import SEND_BATCH_TASK
 from core.sending import INSUFFICIENT_BALANCE
 from tests.integration.test_send_path import (
     GATEWAY_READ_TIMEOUT,
-    PARENT,
     POLICY,
     SENDER,
     TO,
-    TOKEN,
     captures,
     holds,
     message,
@@ -42,23 +40,11 @@ from tests.integration.test_send_path import (
 from tests.integration.test_send_path import (
     campaigns as campaign_states,
 )
-from tests.stack import free_port, start_worker, wait_for
+from tests.stack import start_worker, wait_for
 from tests.support.factories import subaccount_of
 from tests.support.fakes.fake_twilio import Reply
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-def env(stack_env, fake_twilio):
-    env = dict(stack_env)
-    env.update(
-        TWILIO_ACCOUNT_SID=PARENT,
-        TWILIO_AUTH_TOKEN=TOKEN,
-        TWILIO_API_BASE=fake_twilio.base_url,
-        PUBLIC_BASE_URL=f"http://127.0.0.1:{free_port()}",
-    )
-    return env
+pytestmark = pytest.mark.slow
 
 
 def new_org(engine, balance: int, *, price: int = 1, campaigns=()) -> tuple[str, str]:
@@ -89,15 +75,15 @@ def queue_bodies(engine, org: str, bodies: list[str]) -> list[str]:
 
 
 def test_a_batch_holds_what_the_money_covers_in_order_and_blocks_the_rest_as_single_sends_do(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
-    env["SEND_BATCH_SIZE"] = "40"  # five claims for 200 messages
+    twilio_env["SEND_BATCH_SIZE"] = "40"  # five claims for 200 messages
     org, sub = new_org(engine, 150, price=3, campaigns=["spring", "summer", "autumn"])
     tx(engine, lambda c: pause_campaign(c, org, "autumn"))
     ids = queue(engine, org, 200, lambda i: ("spring", "summer", None)[i % 3])
 
-    with start_worker(env, tmp_path, concurrency=2):
-        drain(env, org)
+    with start_worker(twilio_env, tmp_path, concurrency=2):
+        drain(twilio_env, org)
         found = settled(engine, ids, timeout=90)
 
     assert by_status(found) == {"accepted": 50, "blocked": 150}
@@ -118,7 +104,7 @@ def test_a_batch_holds_what_the_money_covers_in_order_and_blocks_the_rest_as_sin
 
 
 def test_a_cheaper_message_after_an_unaffordable_one_is_still_sent_as_a_single_send_would(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
     org, sub = new_org(engine, 5, price=1)
     # 3 segments, 3 segments, 1 segment: 3 is held, the second 3 is short, the 1 still fits.
@@ -132,8 +118,8 @@ def test_a_cheaper_message_after_an_unaffordable_one_is_still_sent_as_a_single_s
     # Paused after queueing: refused when held, as a single send refuses it.
     tx(engine, lambda c: pause_campaign(c, org, "spring"))
 
-    with start_worker(env, tmp_path):
-        drain(env, org)
+    with start_worker(twilio_env, tmp_path):
+        drain(twilio_env, org)
         found = settled(engine, [*ids, paused])
 
     assert [m.status for m in found] == ["accepted", "blocked", "accepted", "blocked"]
@@ -145,14 +131,14 @@ def test_a_cheaper_message_after_an_unaffordable_one_is_still_sent_as_a_single_s
 
 
 def test_a_frozen_wallet_blocks_the_whole_batch_and_sends_nothing(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
     org, sub = new_org(engine, 100, price=1)
     ids = queue(engine, org, 5)
     tx(engine, lambda c: wallet.freeze(c, org, "fraud-check", actor="test"))
 
-    with start_worker(env, tmp_path):
-        drain(env, org)
+    with start_worker(twilio_env, tmp_path):
+        drain(twilio_env, org)
         found = settled(engine, ids)
 
     assert {m.status for m in found} == {"blocked"}
@@ -164,15 +150,15 @@ def test_a_frozen_wallet_blocks_the_whole_batch_and_sends_nothing(
 # --- what Twilio answers, per message of one batch ----------------------------------------
 
 
-def test_each_answer_of_a_batch_settles_its_own_message(engine, env, fake_twilio, tmp_path):
+def test_each_answer_of_a_batch_settles_its_own_message(engine, twilio_env, fake_twilio, tmp_path):
     # One batch: a refusal, a lost connection, a 5xx, and successes, in whatever order the
     # threads reach the fake. Each message settles as a single send would.
     fake_twilio.script("messages", [Reply(400, code=21211, message="bad To"), "drop", 500])
     org, sub = new_org(engine, 100, price=2)
     ids = queue(engine, org, 10)
 
-    with start_worker(env, tmp_path) as worker:
-        drain(env, org)
+    with start_worker(twilio_env, tmp_path) as worker:
+        drain(twilio_env, org)
         found = settled(engine, ids)
         time.sleep(1.0)  # room for a (wrong) second attempt to show
         log = worker.log()
@@ -191,15 +177,15 @@ def test_each_answer_of_a_batch_settles_its_own_message(engine, env, fake_twilio
 
 
 def test_a_batch_whose_answers_time_out_is_unknown_charged_once_and_never_repeated(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
     fake_twilio.hang_seconds = GATEWAY_READ_TIMEOUT + 10  # longer than the worker waits
     fake_twilio.script("messages", ["timeout", "timeout"])
     org, sub = new_org(engine, 10, price=2)
     ids = queue(engine, org, 3)
 
-    with start_worker(env, tmp_path) as worker:
-        drain(env, org)
+    with start_worker(twilio_env, tmp_path) as worker:
+        drain(twilio_env, org)
         found = settled(engine, ids, timeout=GATEWAY_READ_TIMEOUT + 20)
         time.sleep(1.0)
         log = worker.log()
@@ -211,14 +197,14 @@ def test_a_batch_whose_answers_time_out_is_unknown_charged_once_and_never_repeat
 
 
 def test_a_rate_limited_message_is_sent_again_by_a_later_batch_and_charged_once(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
     fake_twilio.script("messages", [429, 429])
     org, sub = new_org(engine, 10, price=2)
     ids = queue(engine, org, 3)
 
-    with start_worker(env, tmp_path):
-        drain(env, org)
+    with start_worker(twilio_env, tmp_path):
+        drain(twilio_env, org)
         found = settled(engine, ids, timeout=60)
 
     assert [m.status for m in found] == ["accepted"] * 3
@@ -229,16 +215,16 @@ def test_a_rate_limited_message_is_sent_again_by_a_later_batch_and_charged_once(
 
 
 def test_twilio_unreachable_gives_the_batch_up_with_every_hold_released(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
     from tests.support.fakes.fake_twilio import unused_port
 
-    env["TWILIO_API_BASE"] = f"http://127.0.0.1:{unused_port()}"  # connection refused
+    twilio_env["TWILIO_API_BASE"] = f"http://127.0.0.1:{unused_port()}"  # connection refused
     org, _ = new_org(engine, 10, price=2)
     ids = queue(engine, org, 3)
 
-    with start_worker(env, tmp_path) as worker:
-        drain(env, org)
+    with start_worker(twilio_env, tmp_path) as worker:
+        drain(twilio_env, org)
         found = settled(engine, ids, timeout=60)
         log = worker.log()
 
@@ -250,26 +236,26 @@ def test_twilio_unreachable_gives_the_batch_up_with_every_hold_released(
         tries = c.execute(
             text("SELECT send_tries FROM messages WHERE org_id = :o"), {"o": org}
         ).scalars()
-        assert set(tries) == {int(env["TASK_MAX_RETRIES"]) + 1}
+        assert set(tries) == {int(twilio_env["TASK_MAX_RETRIES"]) + 1}
 
 
 # --- a worker dying mid-batch -------------------------------------------------------------
 
 
 def test_a_worker_killed_mid_batch_leaves_every_message_unknown_and_charged_once(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
-    env["BROKER_VISIBILITY_TIMEOUT"] = "2"  # the killed delivery is handed out again soon
-    env["SEND_LEASE_SECONDS"] = "20"
+    twilio_env["BROKER_VISIBILITY_TIMEOUT"] = "2"  # the killed delivery is handed out again soon
+    twilio_env["SEND_LEASE_SECONDS"] = "20"
     fake_twilio.hang_seconds = 60
     # Two answered at once, three that hang: the batch records nothing before all are back.
     fake_twilio.script("messages", [201, 201, "timeout", "timeout", "timeout"])
     org, sub = new_org(engine, 20, price=2)
     ids = queue(engine, org, 5)
 
-    worker = start_worker(env, tmp_path)
+    worker = start_worker(twilio_env, tmp_path)
     try:
-        drain(env, org)
+        drain(twilio_env, org)
         wait_for(lambda: fake_twilio.message_count(sub) == 5, 20, what="every create sent")
         assert {message(engine, m).status for m in ids} == {"sending"}
         worker.kill()
@@ -277,7 +263,7 @@ def test_a_worker_killed_mid_batch_leaves_every_message_unknown_and_charged_once
         worker.stop()
     time.sleep(2.5)  # past the visibility timeout: the fresh worker restores the delivery
 
-    with start_worker(env, tmp_path) as fresh:
+    with start_worker(twilio_env, tmp_path) as fresh:
 
         def all_unknown():
             found = [message(engine, m) for m in ids]
@@ -300,16 +286,16 @@ def test_a_worker_killed_mid_batch_leaves_every_message_unknown_and_charged_once
 
 
 def test_a_duplicate_drain_during_the_calls_sends_each_message_once(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
     fake_twilio.script("messages", [Reply(201, delay=2.0)] * 4)
     org, sub = new_org(engine, 10, price=2)
     ids = queue(engine, org, 4)
 
-    with start_worker(env, tmp_path, concurrency=2):
-        drain(env, org)
+    with start_worker(twilio_env, tmp_path, concurrency=2):
+        drain(twilio_env, org)
         wait_for(lambda: fake_twilio.message_count(sub) == 4, 20, what="the creates in flight")
-        drain(env, org)  # published twice (a second request for the same organization)
+        drain(twilio_env, org)  # published twice (a second request for the same organization)
         found = settled(engine, ids)
         time.sleep(1.0)
 
@@ -320,15 +306,15 @@ def test_a_duplicate_drain_during_the_calls_sends_each_message_once(
 
 
 def test_a_single_send_task_for_a_message_a_batch_settled_does_nothing(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
     org, sub = new_org(engine, 10, price=2)
     [mid] = queue(engine, org)
 
-    with start_worker(env, tmp_path):
-        drain(env, org)
+    with start_worker(twilio_env, tmp_path):
+        drain(twilio_env, org)
         settled(engine, [mid])
-        publish(env, messages.SEND_TASK, [[mid]])  # the outbox relay's copy
+        publish(twilio_env, messages.SEND_TASK, [[mid]])  # the outbox relay's copy
         time.sleep(1.5)
 
     assert message(engine, mid).status == "accepted"
@@ -340,17 +326,20 @@ def test_a_single_send_task_for_a_message_a_batch_settled_does_nothing(
 
 
 def test_no_account_has_more_calls_in_flight_than_its_cap_across_workers(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
-    env.update(TWILIO_MAX_CONCURRENCY="3", SEND_BATCH_THREADS="10", SEND_BATCH_SIZE="10")
+    twilio_env.update(TWILIO_MAX_CONCURRENCY="3", SEND_BATCH_THREADS="10", SEND_BATCH_SIZE="10")
     fake_twilio.set_default("messages", Reply(201, delay=0.2))
     org_a, sub_a = new_org(engine, 100)
     org_b, sub_b = new_org(engine, 100)
     ids = queue(engine, org_a, 20) + queue(engine, org_b, 20)
 
     # Two worker processes, each running one batch of org A and one of org B at a time.
-    with start_worker(env, tmp_path, concurrency=2), start_worker(env, tmp_path, concurrency=2):
-        drain(env, org_a, org_a, org_b, org_b)
+    with (
+        start_worker(twilio_env, tmp_path, concurrency=2),
+        start_worker(twilio_env, tmp_path, concurrency=2),
+    ):
+        drain(twilio_env, org_a, org_a, org_b, org_b)
         found = settled(engine, ids, timeout=90)
 
     assert {m.status for m in found} == {"accepted"}
@@ -359,16 +348,16 @@ def test_no_account_has_more_calls_in_flight_than_its_cap_across_workers(
     assert 1 <= fake_twilio.peak_concurrency(sub_b) <= 3
 
 
-def test_a_429_backs_off_that_account_only(engine, env, fake_twilio, tmp_path):
-    env.update(SEND_BATCH_THREADS="4", SEND_BATCH_SIZE="4")
+def test_a_429_backs_off_that_account_only(engine, twilio_env, fake_twilio, tmp_path):
+    twilio_env.update(SEND_BATCH_THREADS="4", SEND_BATCH_SIZE="4")
     org_a, sub_a = new_org(engine, 100)
     org_b, sub_b = new_org(engine, 100)
     fake_twilio.script("messages", [429], account_sid=sub_a)
     fake_twilio.set_default("messages", Reply(201, delay=0.1))
     ids_a, ids_b = queue(engine, org_a, 4), queue(engine, org_b, 12)
 
-    with start_worker(env, tmp_path, concurrency=2):
-        drain(env, org_a, org_b)
+    with start_worker(twilio_env, tmp_path, concurrency=2):
+        drain(twilio_env, org_a, org_b)
         found = settled(engine, ids_a + ids_b, timeout=60)
 
     assert {m.status for m in found} == {"accepted"}
@@ -385,14 +374,19 @@ def test_a_429_backs_off_that_account_only(engine, env, fake_twilio, tmp_path):
     assert wallet_of(engine, org_b).balance_cents == 88
 
 
-def test_a_batch_send_names_the_sender_and_the_status_callback(engine, env, fake_twilio, tmp_path):
+def test_a_batch_send_names_the_sender_and_the_status_callback(
+    engine, twilio_env, fake_twilio, tmp_path
+):
     org, sub = new_org(engine, 10)
     [mid] = queue(engine, org)
 
-    with start_worker(env, tmp_path):
-        drain(env, org)
+    with start_worker(twilio_env, tmp_path):
+        drain(twilio_env, org)
         [m] = settled(engine, [mid])
 
     [created] = fake_twilio.messages(sub)
     assert (created["sid"], created["from"], created["to"]) == (m.twilio_sid, SENDER, TO)
-    assert created["status_callback"] == f"{env['PUBLIC_BASE_URL']}/webhooks/twilio/status?m={mid}"
+    assert (
+        created["status_callback"]
+        == f"{twilio_env['PUBLIC_BASE_URL']}/webhooks/twilio/status?m={mid}"
+    )

@@ -21,16 +21,19 @@ from bus.publisher import Publisher
 from core import inbox, messages, orgs, outbox, sending, subscriptions, wallet
 from core.campaigns import list_campaigns, pause_campaign
 from core.sending import INSUFFICIENT_BALANCE, SUBSCRIPTION_INACTIVE, TWILIO_SUSPENDED, Policy
-from tests.stack import free_port, start_worker, wait_for
+from tests.stack import start_worker, wait_for
 from tests.support.db import tx
-from tests.support.factories import new_org, subaccount_of
+from tests.support.factories import (
+    TWILIO_PARENT_SID,
+    TWILIO_PARENT_TOKEN,
+    new_org,
+    subaccount_of,
+)
 from tests.support.fakes.fake_twilio import Reply, unused_port
 from tests.support.payloads import paypal as paypal_payloads
 
 pytestmark = pytest.mark.slow
 
-PARENT = "AC" + "1" * 32
-TOKEN = "parent-auth-token"
 SENDER = "+15005550006"
 TO = "+15005550010"
 POLICY = Policy()
@@ -40,18 +43,6 @@ GATEWAY_READ_TIMEOUT = (
 )
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def env(stack_env, fake_twilio):
-    env = dict(stack_env)
-    env.update(
-        TWILIO_ACCOUNT_SID=PARENT,
-        TWILIO_AUTH_TOKEN=TOKEN,
-        TWILIO_API_BASE=fake_twilio.base_url,
-        PUBLIC_BASE_URL=f"http://127.0.0.1:{free_port()}",
-    )
-    return env
 
 
 sending_org = partial(new_org, price=1, twilio=True, active=True)
@@ -154,14 +145,16 @@ def twilio_status(engine, org: str) -> tuple[str, str]:
 # --- spending only what was paid ----------------------------------------------------------
 
 
-def test_two_hundred_sends_for_a_wallet_that_pays_for_fifty(engine, env, fake_twilio, tmp_path):
+def test_two_hundred_sends_for_a_wallet_that_pays_for_fifty(
+    engine, twilio_env, fake_twilio, tmp_path
+):
     org = tx(engine, sending_org, balance=150, price=3, campaigns=["spring", "summer", "autumn"])
     sub = subaccount_of(org)
     tx(engine, lambda c: pause_campaign(c, org, "autumn"))
     ids = queue(engine, org, 200, lambda i: ("spring", "summer", None)[i % 3])
 
-    with start_worker(env, tmp_path, concurrency=8):
-        send(env, ids)
+    with start_worker(twilio_env, tmp_path, concurrency=8):
+        send(twilio_env, ids)
         found = settled(engine, ids, timeout=90)
 
         by_status: dict[str, int] = {}
@@ -184,7 +177,9 @@ def test_two_hundred_sends_for_a_wallet_that_pays_for_fifty(engine, env, fake_tw
 
         # A payment arrives through the PayPal handler: what the system paused resumes.
         deliver_paypal_event(
-            engine, env, paypal_payloads.capture_completed(org, paypal_payloads.new_id(), "5.00")
+            engine,
+            twilio_env,
+            paypal_payloads.capture_completed(org, paypal_payloads.new_id(), "5.00"),
         )
         wait_for(
             lambda: campaigns(engine, org)["spring"] == ("running", None),
@@ -208,7 +203,7 @@ def test_two_hundred_sends_for_a_wallet_that_pays_for_fifty(engine, env, fake_tw
     ids=["read-timeout", "connection-lost-or-5xx"],
 )
 def test_a_send_that_may_have_gone_out_is_unknown_charged_once_and_never_repeated(
-    engine, env, fake_twilio, tmp_path, behaviours
+    engine, twilio_env, fake_twilio, tmp_path, behaviours
 ):
     fake_twilio.hang_seconds = GATEWAY_READ_TIMEOUT + 10  # longer than the worker waits
     fake_twilio.script("messages", behaviours)  # one per message, in order (one worker)
@@ -216,8 +211,8 @@ def test_a_send_that_may_have_gone_out_is_unknown_charged_once_and_never_repeate
     sub = subaccount_of(org)
     ids = queue(engine, org, len(behaviours))
 
-    with start_worker(env, tmp_path) as worker:
-        send(env, ids)
+    with start_worker(twilio_env, tmp_path) as worker:
+        send(twilio_env, ids)
         found = settled(engine, ids, timeout=GATEWAY_READ_TIMEOUT + 15)
         time.sleep(1.0)  # room for a (wrong) second attempt to show
         log = worker.log()
@@ -230,14 +225,14 @@ def test_a_send_that_may_have_gone_out_is_unknown_charged_once_and_never_repeate
     assert wallet_of(engine, org).balance_cents == 10 - 2 * len(ids)
 
 
-def test_a_refused_send_gives_the_hold_back(engine, env, fake_twilio, tmp_path):
+def test_a_refused_send_gives_the_hold_back(engine, twilio_env, fake_twilio, tmp_path):
     fake_twilio.script("messages", [Reply(400, code=21211, message="bad To")])
     org = tx(engine, sending_org, balance=10, price=2)
     sub = subaccount_of(org)
     [mid] = queue(engine, org)
 
-    with start_worker(env, tmp_path):
-        send(env, [mid])
+    with start_worker(twilio_env, tmp_path):
+        send(twilio_env, [mid])
         [m] = settled(engine, [mid])
 
     assert (m.status, m.charged_cents) == ("rejected", 0)
@@ -248,14 +243,14 @@ def test_a_refused_send_gives_the_hold_back(engine, env, fake_twilio, tmp_path):
     assert (state.balance_cents, state.held_cents) == (10, 0)
 
 
-def test_a_rate_limited_send_is_retried_and_charged_once(engine, env, fake_twilio, tmp_path):
+def test_a_rate_limited_send_is_retried_and_charged_once(engine, twilio_env, fake_twilio, tmp_path):
     fake_twilio.script("messages", [429, 429, 201])
     org = tx(engine, sending_org, balance=10, price=2)
     sub = subaccount_of(org)
     [mid] = queue(engine, org)
 
-    with start_worker(env, tmp_path):
-        send(env, [mid])
+    with start_worker(twilio_env, tmp_path):
+        send(twilio_env, [mid])
         [m] = settled(engine, [mid])
 
     assert m.status == "accepted"
@@ -263,40 +258,47 @@ def test_a_rate_limited_send_is_retried_and_charged_once(engine, env, fake_twili
     assert fake_twilio.message_count(sub) == 3
     [created] = fake_twilio.messages(sub)
     assert (created["sid"], created["from"], created["to"]) == (m.twilio_sid, SENDER, TO)
-    assert created["status_callback"] == f"{env['PUBLIC_BASE_URL']}/webhooks/twilio/status?m={mid}"
-    assert {r.auth for r in fake_twilio.requests("messages")} == {(PARENT, TOKEN)}
+    assert (
+        created["status_callback"]
+        == f"{twilio_env['PUBLIC_BASE_URL']}/webhooks/twilio/status?m={mid}"
+    )
+    assert {r.auth for r in fake_twilio.requests("messages")} == {
+        (TWILIO_PARENT_SID, TWILIO_PARENT_TOKEN)
+    }
     assert holds(engine, org) == [(f"msg:{mid}", "captured", 2)]
     assert wallet_of(engine, org).balance_cents == 8
 
 
 def test_twilio_unreachable_is_retried_then_given_up_with_the_hold_released(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
-    env["TWILIO_API_BASE"] = f"http://127.0.0.1:{unused_port()}"  # connection refused
+    twilio_env["TWILIO_API_BASE"] = f"http://127.0.0.1:{unused_port()}"  # connection refused
     org = tx(engine, sending_org, balance=10, price=2)
     [mid] = queue(engine, org)
 
-    with start_worker(env, tmp_path) as worker:
-        send(env, [mid])
+    with start_worker(twilio_env, tmp_path) as worker:
+        send(twilio_env, [mid])
         [m] = settled(engine, [mid], timeout=30)
         log = worker.log()
 
     assert m.status == "not_sent", log
     assert m.charged_cents == 0
-    assert log.count("retry") >= int(env["TASK_MAX_RETRIES"]), log  # it was retried
+    assert log.count("retry") >= int(twilio_env["TASK_MAX_RETRIES"]), log  # it was retried
     assert holds(engine, org) == [(f"msg:{mid}", "released", 0)]
     assert wallet_of(engine, org).available_cents == 10
 
 
-def test_a_retry_after_the_subscription_lapsed_does_not_send(engine, env, fake_twilio, tmp_path):
+def test_a_retry_after_the_subscription_lapsed_does_not_send(
+    engine, twilio_env, fake_twilio, tmp_path
+):
     # Twilio takes a while to answer 429; meanwhile the subscription is cancelled.
     fake_twilio.script("messages", [Reply(429, delay=2.0)])
     org = tx(engine, sending_org, balance=10, price=2)
     sub = subaccount_of(org)
     [mid] = queue(engine, org)
 
-    with start_worker(env, tmp_path):
-        send(env, [mid])
+    with start_worker(twilio_env, tmp_path):
+        send(twilio_env, [mid])
         wait_for(lambda: fake_twilio.message_count(sub) == 1, 20, what="first attempt")
         tx(
             engine,
@@ -321,21 +323,21 @@ def test_a_retry_after_the_subscription_lapsed_does_not_send(engine, env, fake_t
 
 
 def test_a_worker_killed_during_the_twilio_call_leaves_the_message_unknown_and_charged(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
-    env["BROKER_VISIBILITY_TIMEOUT"] = "2"  # the killed delivery is handed out again soon
+    twilio_env["BROKER_VISIBILITY_TIMEOUT"] = "2"  # the killed delivery is handed out again soon
     # The redelivery leaves the message to the dead run until its lease is over (the shortest
     # lease allowed), then calls it unknown.
-    env["SEND_LEASE_SECONDS"] = "20"
+    twilio_env["SEND_LEASE_SECONDS"] = "20"
     fake_twilio.hang_seconds = 60
     fake_twilio.script("messages", ["timeout"])
     org = tx(engine, sending_org, balance=10, price=2)
     sub = subaccount_of(org)
     [mid] = queue(engine, org)
 
-    worker = start_worker(env, tmp_path)
+    worker = start_worker(twilio_env, tmp_path)
     try:
-        send(env, [mid])
+        send(twilio_env, [mid])
         wait_for(lambda: fake_twilio.message_count(sub) == 1, 20, what="the create to hang")
         assert message(engine, mid).status == "sending"
         worker.kill()
@@ -343,7 +345,7 @@ def test_a_worker_killed_during_the_twilio_call_leaves_the_message_unknown_and_c
         worker.stop()
     time.sleep(2.5)  # past the visibility timeout: the fresh worker restores the delivery
 
-    with start_worker(env, tmp_path) as fresh:
+    with start_worker(twilio_env, tmp_path) as fresh:
         m = wait_for(
             lambda: (found := message(engine, mid)).status == "unknown" and found,
             90,
@@ -360,17 +362,17 @@ def test_a_worker_killed_during_the_twilio_call_leaves_the_message_unknown_and_c
 
 
 def test_a_duplicate_delivery_during_the_call_leaves_the_send_to_its_owner(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
     fake_twilio.script("messages", [Reply(201, delay=2.0)])
     org = tx(engine, sending_org, balance=10, price=2)
     sub = subaccount_of(org)
     [mid] = queue(engine, org)
 
-    with start_worker(env, tmp_path, concurrency=2):
-        send(env, [mid])
+    with start_worker(twilio_env, tmp_path, concurrency=2):
+        send(twilio_env, [mid])
         wait_for(lambda: fake_twilio.message_count(sub) == 1, 20, what="the create in flight")
-        send(env, [mid])  # published twice (say by the CLI and by the outbox relay)
+        send(twilio_env, [mid])  # published twice (say by the CLI and by the outbox relay)
         [m] = settled(engine, [mid])
         time.sleep(1.0)
 
@@ -385,17 +387,17 @@ def test_a_duplicate_delivery_during_the_call_leaves_the_send_to_its_owner(
 
 
 def test_a_cancelled_subscription_blocks_sending_before_twilio_suspends_the_subaccount(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
     # Twilio is slow to answer, and then rate limits the first suspension.
     fake_twilio.script("account", [Reply(429, delay=4.0), 200])
     org = tx(engine, sending_org, balance=10, price=2, campaigns=["spring"])
     sub = subaccount_of(org)
 
-    with start_worker(env, tmp_path, concurrency=2):
+    with start_worker(twilio_env, tmp_path, concurrency=2):
         deliver_paypal_event(
             engine,
-            env,
+            twilio_env,
             paypal_payloads.subscription_event("BILLING.SUBSCRIPTION.CANCELLED", f"I-{org}", org),
         )
         wait_for(
@@ -405,11 +407,11 @@ def test_a_cancelled_subscription_blocks_sending_before_twilio_suspends_the_suba
         )
         # The handler queued the sync in the outbox; publish it as the relay would.
         assert outbox_args(engine, sending.SYNC_TWILIO_TASK) == [[org]]
-        publish(env, sending.SYNC_TWILIO_TASK, [[org]])
+        publish(twilio_env, sending.SYNC_TWILIO_TASK, [[org]])
         wait_for(lambda: fake_twilio.requests("account", sub), 10, what="the suspension call")
 
         [mid] = queue(engine, org, campaign_of=lambda i: "spring")
-        send(env, [mid])
+        send(twilio_env, [mid])
         [m] = settled(engine, [mid])
         assert fake_twilio.account_status(sub) == "active"  # Twilio has not suspended it yet
         assert m.status == "blocked"
@@ -429,7 +431,7 @@ def test_a_cancelled_subscription_blocks_sending_before_twilio_suspends_the_suba
 
 
 def test_the_subaccount_is_suspended_through_errors_and_reactivated_but_never_closed(
-    engine, env, fake_twilio, tmp_path
+    engine, twilio_env, fake_twilio, tmp_path
 ):
     fake_twilio.script("account", [429, 503, "drop", 200])
     org = tx(engine, sending_org, balance=10, price=2, campaigns=["spring"])
@@ -441,9 +443,9 @@ def test_the_subaccount_is_suspended_through_errors_and_reactivated_but_never_cl
             sending.reconcile(conn, org, POLICY)
 
         tx(engine, unit)
-        publish(env, sending.SYNC_TWILIO_TASK, [[org]])
+        publish(twilio_env, sending.SYNC_TWILIO_TASK, [[org]])
 
-    with start_worker(env, tmp_path):
+    with start_worker(twilio_env, tmp_path):
         change("cancelled")
         wait_for(lambda: twilio_status(engine, org) == ("suspended", "suspended"), 30)
         assert fake_twilio.account_status(sub) == "suspended"
@@ -456,4 +458,6 @@ def test_the_subaccount_is_suspended_through_errors_and_reactivated_but_never_cl
     assert fake_twilio.account_status(sub) == "active"
     updates = [r.params.get("Status") for r in fake_twilio.requests("account", sub)]
     assert updates == ["suspended"] * 4 + ["active"]
-    assert all(r.auth == (PARENT, TOKEN) for r in fake_twilio.requests("account"))
+    assert all(
+        r.auth == (TWILIO_PARENT_SID, TWILIO_PARENT_TOKEN) for r in fake_twilio.requests("account")
+    )

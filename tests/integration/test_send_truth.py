@@ -21,10 +21,10 @@ from sqlalchemy import text
 
 from bus.publisher import Publisher
 from core import messages, wallet
-from core.providers.twilio.gateway import SendOutcome, SendResult
+from core.providers.ports import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
-from tests.stack import free_port, start_worker, wait_for
+from tests.stack import start_worker, wait_for
 from tests.support.db import tx
 from tests.support.factories import new_org, subaccount_of
 from tests.support.fakes.fake_twilio import Reply, signed_status_callback, status_callback_params
@@ -202,16 +202,9 @@ def test_a_late_refusal_gives_back_what_unknown_charged(engine):
 
 
 @pytest.fixture
-def env(stack_env, fake_twilio):
-    env = dict(stack_env)
-    env.update(
-        TWILIO_ACCOUNT_SID=PARENT,
-        TWILIO_AUTH_TOKEN=TOKEN,
-        TWILIO_API_BASE=fake_twilio.base_url,
-        PUBLIC_BASE_URL=f"http://127.0.0.1:{free_port()}",
-        RECORD_RESULT_RETRY_SECONDS="1",
-    )
-    return env
+def env(twilio_env):
+    """twilio_env, with a failed recording of Twilio's answer retried after a second."""
+    return dict(twilio_env, RECORD_RESULT_RETRY_SECONDS="1")
 
 
 def publish(env, message_id: str, task_id: str | None = None) -> None:

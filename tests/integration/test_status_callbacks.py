@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from core import campaigns, messages, orgs, subscriptions, wallet
-from core.providers.twilio.gateway import SendOutcome, SendResult
+from core.providers.ports import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
 from tests.support.db import tx

@@ -10,7 +10,7 @@ import pytest
 
 from core import messages, orgs, wallet
 from core.db import run_in_transaction
-from core.providers.twilio.gateway import SendOutcome, SendResult
+from core.providers.ports import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
 from tests.support.fakes.fake_twilio import signed_status_callback, status_callback_params

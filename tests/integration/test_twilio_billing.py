@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from core import messages, wallet
-from core.providers.twilio.gateway import SendOutcome, SendResult
+from core.providers.ports import SendOutcome, SendResult
 from core.sending import Policy
 from core.settings import Settings
 from tests.support.db import tx

@@ -18,6 +18,10 @@ from core import campaigns as campaign_rules
 from core import orgs, sending, subscriptions, wallet
 
 SENDER = "+15005550006"  # Twilio's magic "valid" test number
+# The parent Twilio account a test stack is configured with (tests/integration/conftest.py's
+# `twilio_env`): its SID and auth token.
+TWILIO_PARENT_SID = "AC" + "1" * 32
+TWILIO_PARENT_TOKEN = "parent-auth-token"
 POLICY = sending.Policy()
 
 

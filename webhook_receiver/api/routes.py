@@ -7,6 +7,7 @@ import base64
 import binascii
 import logging
 import re
+from typing import Any
 
 from flask import Response
 
@@ -194,7 +195,7 @@ def wallet_entries(call: Call, org_id: str) -> Reply:
 # ---------------------------------------------------------------- campaigns
 
 
-def _campaign_reply(call: Call, org_id: str, action: str, change) -> Reply:
+def _campaign_reply(call: Call, org_id: str, action: str, change) -> dict[str, Any]:
     def work(conn):
         campaign = change(conn)
         _audit(call, conn, action, org_id, {"campaign_id": campaign.campaign_id,

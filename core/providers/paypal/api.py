@@ -86,14 +86,15 @@ class PayPalApi:
         return str(body["status"]).lower(), when
 
 
-class _TimedApi(paypalrestsdk.Api):
+# paypalrestsdk ships no type information: its Api is Any to mypy.
+class _TimedApi(paypalrestsdk.Api):  # type: ignore[misc]
     """The SDK's Api with a timeout on every HTTP call (it sets none)."""
 
     def __init__(self, timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.timeout = timeout
 
-    def http_call(self, url, method, **kwargs):  # type: ignore[no-untyped-def]
+    def http_call(self, url: str, method: str, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self.timeout)
         return super().http_call(url, method, **kwargs)
 
@@ -124,17 +125,20 @@ class PayPalOrders:
         )  # fmt: skip
         self._lock = threading.Lock()  # the SDK's token cache is not thread-safe
 
-    def _call(self, method: str, path: str, body: dict | None, request_id: str) -> dict:
+    def _call(
+        self, method: str, path: str, body: dict[str, Any] | None, request_id: str
+    ) -> dict[str, Any]:
         for attempt in (1, 2):
             try:
                 with self._lock:
                     headers = self._api.headers()
                 headers["PayPal-Request-Id"] = request_id
                 headers["Prefer"] = "return=representation"
-                return self._api.http_call(
+                answer: dict[str, Any] = self._api.http_call(
                     self.api_base + path, method,
                     data=json.dumps(body) if body is not None else None, headers=headers,
                 )  # fmt: skip
+                return answer
             except paypal_errors.UnauthorizedAccess:
                 with self._lock:
                     self._api.token_hash = None  # an expired token: fetch one, once
@@ -188,6 +192,6 @@ class PayPalOrders:
             raise ProviderUnavailable("PayPal answered an order without id or approval link")
         return Checkout(order["id"], approve[0])
 
-    def capture_order(self, order_id: str, request_id: str) -> dict:
+    def capture_order(self, order_id: str, request_id: str) -> dict[str, Any]:
         """PayPal's answer to the capture (the order, with its captures)."""
         return self._call("POST", f"/v2/checkout/orders/{order_id}/capture", {}, request_id)

@@ -50,6 +50,8 @@ _RFC3339 = re.compile(
 )
 _PAYPAL_ID = re.compile(r"[A-Za-z0-9-]+")
 
+# A PayPal JSON object (the event, its resource, or a part of it): fields of any JSON type,
+# each checked where it is read.
 Resource = dict[str, Any]
 
 
@@ -92,7 +94,7 @@ def parse_time(value: object) -> datetime | None:
         return None
 
 
-def normalize(payload: dict) -> list[NormalizedEvent]:
+def normalize(payload: Resource) -> list[NormalizedEvent]:
     """What one PayPal webhook event means for Payguard: one event, or [] for a type it ignores."""
     _event_id, event_type = event_meta(payload)
     build = _BUILDERS.get(event_type)
@@ -107,7 +109,7 @@ def normalize(payload: dict) -> list[NormalizedEvent]:
 # --- Payments v2: captures, refunds, reversals -------------------------------------------
 
 
-def _capture_completed(payload: dict, resource: Resource) -> NormalizedEvent:
+def _capture_completed(payload: Resource, resource: Resource) -> NormalizedEvent:
     amount_cents, currency = _money(
         resource.get("amount"), "resource.amount", "value", "currency_code", positive=True
     )
@@ -129,7 +131,7 @@ def _related_order(resource: Resource) -> str | None:
     return _optional_str(related, "order_id", "related_ids")
 
 
-def _order_approved(payload: dict, resource: Resource) -> NormalizedEvent:
+def _order_approved(payload: Resource, resource: Resource) -> NormalizedEvent:
     units = resource.get("purchase_units")
     first = units[0] if isinstance(units, list) and units and isinstance(units[0], dict) else {}
     return OrderApproved(
@@ -140,7 +142,7 @@ def _order_approved(payload: dict, resource: Resource) -> NormalizedEvent:
     )
 
 
-def _capture_refunded(payload: dict, resource: Resource, *, kind: str) -> NormalizedEvent:
+def _capture_refunded(payload: Resource, resource: Resource, *, kind: str) -> NormalizedEvent:
     amount_cents, currency = _money(
         resource.get("amount"), "resource.amount", "value", "currency_code", positive=True
     )
@@ -156,7 +158,7 @@ def _capture_refunded(payload: dict, resource: Resource, *, kind: str) -> Normal
     )
 
 
-def _capture_not_completed(payload: dict, resource: Resource) -> NormalizedEvent:
+def _capture_not_completed(payload: Resource, resource: Resource) -> NormalizedEvent:
     return _recorded(
         payload,
         capture_id=_optional_str(resource, "id"),
@@ -195,7 +197,7 @@ def _id_after(href: object, collection: str) -> str | None:
 # --- Subscriptions v1 (resource_version 2.0) ---------------------------------------------
 
 
-def _subscription_changed(payload: dict, resource: Resource) -> NormalizedEvent:
+def _subscription_changed(payload: Resource, resource: Resource) -> NormalizedEvent:
     return SubscriptionChanged(
         provider=PROVIDER,
         subscription_id=_required_str(resource, "id", "resource"),
@@ -205,7 +207,7 @@ def _subscription_changed(payload: dict, resource: Resource) -> NormalizedEvent:
     )
 
 
-def _subscription_payment_failed(payload: dict, resource: Resource) -> NormalizedEvent:
+def _subscription_payment_failed(payload: Resource, resource: Resource) -> NormalizedEvent:
     billing_info = _optional_dict(resource, "billing_info", "resource")
     failed = _optional_dict(billing_info, "last_failed_payment", "resource.billing_info")
     amount_cents: int | None = None
@@ -231,7 +233,7 @@ def _subscription_payment_failed(payload: dict, resource: Resource) -> Normalize
 # --- Payments v1: sales made by a subscription -------------------------------------------
 
 
-def _sale_completed(payload: dict, resource: Resource) -> NormalizedEvent:
+def _sale_completed(payload: Resource, resource: Resource) -> NormalizedEvent:
     sale_id = _required_str(resource, "id", "resource")
     subscription_id = _optional_str(resource, "billing_agreement_id")
     if subscription_id is None:
@@ -250,7 +252,7 @@ def _sale_completed(payload: dict, resource: Resource) -> NormalizedEvent:
     )
 
 
-def _sale_reversed(payload: dict, resource: Resource) -> NormalizedEvent:
+def _sale_reversed(payload: Resource, resource: Resource) -> NormalizedEvent:
     # PayPal's sample carries the reversed sale's id as resource.id; a refund-shaped resource
     # names it `sale_id` instead, as PAYMENT.SALE.REFUNDED does.
     sale_id = _optional_str(resource, "sale_id") or _required_str(resource, "id", "resource")
@@ -263,7 +265,7 @@ def _sale_reversed(payload: dict, resource: Resource) -> NormalizedEvent:
     )
 
 
-def _sale_refunded(payload: dict, resource: Resource) -> NormalizedEvent:
+def _sale_refunded(payload: Resource, resource: Resource) -> NormalizedEvent:
     # Subscription money never entered a wallet, so its refund takes nothing out of one.
     return _recorded(
         payload,
@@ -276,7 +278,7 @@ def _sale_refunded(payload: dict, resource: Resource) -> NormalizedEvent:
 # --- Disputes v1 -------------------------------------------------------------------------
 
 
-def _dispute_created(payload: dict, resource: Resource) -> NormalizedEvent:
+def _dispute_created(payload: Resource, resource: Resource) -> NormalizedEvent:
     payment_ids, org_id = _disputed_transactions(resource)
     return DisputeOpened(
         provider=PROVIDER,
@@ -287,7 +289,7 @@ def _dispute_created(payload: dict, resource: Resource) -> NormalizedEvent:
     )
 
 
-def _dispute_resolved(payload: dict, resource: Resource) -> NormalizedEvent:
+def _dispute_resolved(payload: Resource, resource: Resource) -> NormalizedEvent:
     payment_ids, org_id = _disputed_transactions(resource)
     outcome = _optional_dict(resource, "dispute_outcome", "resource")
     lost = outcome.get("outcome_code") in LOST_OUTCOMES
@@ -342,7 +344,7 @@ def _disputed_transactions(resource: Resource) -> tuple[tuple[str, ...], str | N
 # --- Shared readers ----------------------------------------------------------------------
 
 
-def _recorded(payload: dict, **details: str | None) -> Recorded:
+def _recorded(payload: Resource, **details: str | None) -> Recorded:
     return Recorded(
         provider=PROVIDER,
         what=payload["event_type"],
@@ -371,7 +373,7 @@ def _money(
     return cents, currency
 
 
-def _first_time(payload: dict, resource: Resource, *keys: str) -> datetime | None:
+def _first_time(payload: Resource, resource: Resource, *keys: str) -> datetime | None:
     """The first of resource[keys...] then the event's create_time that parses."""
     for value in (*(resource.get(key) for key in keys), payload.get("create_time")):
         parsed = parse_time(value)
@@ -380,14 +382,14 @@ def _first_time(payload: dict, resource: Resource, *keys: str) -> datetime | Non
     return None
 
 
-def _required_str(mapping: dict, key: str, where: str) -> str:
+def _required_str(mapping: Resource, key: str, where: str) -> str:
     value = mapping.get(key)
     if not isinstance(value, str) or not value.strip():
         raise MalformedEvent(f"{where}.{key} must be a non-empty string")
     return value
 
 
-def _optional_str(mapping: dict, key: str, where: str = "resource") -> str | None:
+def _optional_str(mapping: Resource, key: str, where: str = "resource") -> str | None:
     """mapping[key] when it is a non-empty string; absent, null or "" is None."""
     value = mapping.get(key)
     if value is None or value == "":
@@ -397,7 +399,7 @@ def _optional_str(mapping: dict, key: str, where: str = "resource") -> str | Non
     return value
 
 
-def _optional_dict(mapping: dict, key: str, where: str) -> dict:
+def _optional_dict(mapping: Resource, key: str, where: str) -> Resource:
     value = mapping.get(key)
     if value is None:
         return {}
@@ -406,7 +408,7 @@ def _optional_dict(mapping: dict, key: str, where: str) -> dict:
     return value
 
 
-_BUILDERS: dict[str, Callable[[dict, Resource], NormalizedEvent]] = {
+_BUILDERS: dict[str, Callable[[Resource, Resource], NormalizedEvent]] = {
     "PAYMENT.CAPTURE.COMPLETED": _capture_completed,
     "CHECKOUT.ORDER.APPROVED": _order_approved,
     "PAYMENT.CAPTURE.REFUNDED": partial(_capture_refunded, kind="refund"),

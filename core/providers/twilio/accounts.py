@@ -6,16 +6,20 @@ Twilio's answer only confirms it. Payguard never closes a subaccount: that is ir
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, Row, text
 
 from core.db import run_in_transaction
 from core.sending import Policy, reconcile
 
+if TYPE_CHECKING:
+    from core.providers.twilio.gateway import SmsGateway
+
 log = logging.getLogger(__name__)
 
 
-def converge_one(engine: Engine, gateway, org_id: str, policy: Policy) -> str:
+def converge_one(engine: Engine, gateway: SmsGateway, org_id: str, policy: Policy) -> str:
     """'in_sync', 'changed', 'retry' or 'failed'. No transaction is held during the call."""
     row = run_in_transaction(
         engine,
@@ -47,7 +51,7 @@ def converge_one(engine: Engine, gateway, org_id: str, policy: Policy) -> str:
             return "failed"
 
     # Only record what Twilio confirmed, and only if nobody changed the desire meanwhile.
-    def record(conn):
+    def record(conn: Connection) -> Row[Any] | None:
         done = conn.execute(
             text(
                 "UPDATE organizations SET twilio_status = :d, twilio_synced_at = now() "

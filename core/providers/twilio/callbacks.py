@@ -6,7 +6,7 @@ transaction. The receiver's route only reads the request and renders the answer.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Engine, text
 
@@ -62,13 +62,15 @@ def subaccount_token(
 def signer(
     settings: Settings,
     url: str,
-    form: Mapping[str, Any],
+    form: Mapping[str, str],
     signature: str | None,
     token_of: Callable[[str], str | None],
-) -> str | bool | None:
+) -> str | Literal[False] | None:
     """Who signed this callback: None for the parent account, a subaccount SID for that
-    subaccount's own token, False for nobody we know. `url` is the public one Twilio
-    called, query (`?m=`) included; `token_of` is `subaccount_token`, bound."""
+    subaccount's own token, False for nobody we know (never True: `is False` tells a
+    refusal from the parent's None). `url` is the public one Twilio called, query (`?m=`)
+    included; `form` its fields (Flask's request.form); `token_of` is `subaccount_token`,
+    bound."""
     if validate_status_callback(settings.TWILIO_AUTH_TOKEN or "", url, form, signature):
         return None
     account = form.get("AccountSid")

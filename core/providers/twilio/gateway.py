@@ -21,8 +21,7 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from decimal import Decimal, InvalidOperation
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlencode, urlsplit
@@ -36,6 +35,7 @@ from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 from urllib3.exceptions import ConnectTimeoutError
 
+from core.providers.ports import SendOutcome, SendResult, decimal_or_none
 from core.sms import count_segments, is_messaging_service_sid, validate_e164
 
 if TYPE_CHECKING:
@@ -52,51 +52,6 @@ _ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 
 
 # --- outcomes -------------------------------------------------------------------------------
-
-
-class SendOutcome(StrEnum):
-    ACCEPTED = "accepted"  # Twilio created the message
-    REJECTED = "rejected"  # Twilio refused the request (4xx); nothing was sent
-    RETRY_SAFE = "retry_safe"  # nothing reached Twilio, or it said 429: safe to try again
-    UNKNOWN = "unknown"  # it may have been sent: never repeat the create
-
-
-@dataclass(frozen=True)
-class SendResult:
-    outcome: SendOutcome
-    sid: str | None = None
-    status: str | None = None
-    price: Decimal | None = None
-    price_unit: str | None = None
-    num_segments: int | None = None
-    http_status: int | None = None
-    error_code: int | None = None
-    error_message: str | None = None
-
-    @property
-    def may_have_been_sent(self) -> bool:
-        return self.outcome in (SendOutcome.ACCEPTED, SendOutcome.UNKNOWN)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-safe, for a retried task to carry Twilio's answer to its next try."""
-        fields = asdict(self)
-        fields["outcome"] = str(self.outcome)
-        fields["price"] = None if self.price is None else str(self.price)
-        return fields
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> SendResult:
-        return cls(
-            SendOutcome(fields["outcome"]),
-            sid=fields.get("sid"),
-            status=fields.get("status"),
-            price=_decimal(fields.get("price")),
-            price_unit=fields.get("price_unit"),
-            num_segments=fields.get("num_segments"),
-            http_status=fields.get("http_status"),
-            error_code=fields.get("error_code"),
-            error_message=fields.get("error_message"),
-        )
 
 
 class AccountOutcome(StrEnum):
@@ -154,7 +109,8 @@ def _never_sent(exc: Exception) -> bool:
     return isinstance(exc, ConnectTimeoutError)
 
 
-class PooledHttpClient(HttpClient):
+# twilio ships no type information: its HttpClient is Any to mypy.
+class PooledHttpClient(HttpClient):  # type: ignore[misc]
     """A twilio HttpClient on one pool of kept-alive urllib3 connections, with a (connect,
     read) timeout and no retries.
 
@@ -295,15 +251,6 @@ def _error_fields(exc: TwilioRestException | TwilioServiceException) -> dict[str
     return {"http_status": int(exc.status), "error_code": code, "error_message": str(message)}
 
 
-def _decimal(value: object) -> Decimal | None:
-    if value in (None, ""):
-        return None
-    try:
-        return Decimal(str(value))
-    except InvalidOperation:
-        return None
-
-
 def _int(value: object) -> int | None:
     try:
         return int(str(value))
@@ -370,7 +317,7 @@ class TwilioGateway:
             SendOutcome.ACCEPTED,
             sid=message.sid,
             status=str(message.status) if message.status is not None else None,
-            price=_decimal(message.price),
+            price=decimal_or_none(message.price),
             price_unit=message.price_unit,
             num_segments=_int(message.num_segments),
         )
