@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
+
+from core import sql
+
+_RECORD = sql.statement(
+    "audit.record",
+    """
+    INSERT INTO audit_log (actor, action, org_id, details)
+    VALUES (:actor, :action, :org_id, CAST(:details AS jsonb))
+    """,
+)
 
 
 def record(conn: Connection, *, actor: str, action: str, org_id: str | None, details: dict) -> None:
     """Record an operator action in the caller's transaction: a refusal leaves no row."""
     conn.execute(
-        text(
-            "INSERT INTO audit_log (actor, action, org_id, details) "
-            "VALUES (:actor, :action, :org, CAST(:details AS jsonb))"
-        ),
-        {"actor": actor, "action": action, "org": org_id, "details": json.dumps(details)},
+        _RECORD,
+        {"actor": actor, "action": action, "org_id": org_id, "details": json.dumps(details)},
     )
