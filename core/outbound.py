@@ -133,7 +133,6 @@ _RECORD = sql.statement(
     WHERE ep.deleted_at IS NULL
       AND (ep.org_id IS NULL OR ep.org_id = CAST(:org_id AS text))
       AND (ep.events IS NULL OR CAST(:type AS text) = ANY(ep.events))
-
     """,
 )
 
@@ -503,7 +502,6 @@ _CLAIM_DUE = sql.statement(
         lease_until = now() + :lease, lease_token = md5(random()::text || d.id::text)
     WHERE d.id IN (SELECT id FROM cand ORDER BY id LIMIT :limit)
     RETURNING d.id, d.lease_token
-
     """,
 )
 
@@ -546,7 +544,6 @@ _START_DELIVERY = sql.statement(
       AND ep.deleted_at IS NULL
     RETURNING ev.event_id, ev.body, ep.url, ep.secret_enc, ep.previous_secret_enc,
               ep.previous_until > now() AS previous_valid
-
     """,
 )
 
@@ -630,7 +627,6 @@ _COUNT_FAILURE = sql.statement(
                 5.0 * power(2, least(consecutive_failures + 1 - :circuit_threshold, 20))) * :scale)
             ELSE circuit_open_until END
     WHERE endpoint_id = :endpoint_id
-
     """,
 )
 
@@ -774,7 +770,6 @@ _PRUNE = sql.statement(
                             AND d.status IN ('pending', 'delivering', 'failed'))
         ORDER BY ev.sequence LIMIT :limit)
     RETURNING sequence
-
     """,
 )
 
