@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
+from core import sql
 from core.errors import InvalidInput, NotFound, Refused
 
 SCOPES = ("read", "send", "admin")
@@ -84,47 +85,69 @@ _COLUMNS = (
 )
 
 
+_ORG_EXISTS = sql.statement(
+    "apikeys.org_exists",
+    "SELECT 1 FROM organizations WHERE org_id = :org_id",
+)
+
+_INSERT_KEY = sql.statement(
+    "apikeys.insert_key",
+    f"""
+    INSERT INTO api_keys (key_id, name, scope, org_id, secret_sha256, created_by)
+    VALUES (:key_id, :name, :scope, :org_id, :secret_sha256, :actor) RETURNING {_COLUMNS}
+    """,
+)
+
+
 def create(conn: Connection, *, name: str, scope: str, org_id: str | None, actor: str) -> Created:
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise InvalidInput("name must be 1-200 characters")
     if scope not in SCOPES:
         raise InvalidInput(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    if (
-        org_id is not None
-        and not conn.execute(
-            text("SELECT 1 FROM organizations WHERE org_id = :o"), {"o": org_id}
-        ).first()
-    ):
+    if org_id is not None and not conn.execute(_ORG_EXISTS, {"org_id": org_id}).first():
         raise NotFound(f"unknown organization {org_id!r}")
     key_id = f"key_{secrets.token_hex(8)}"
     secret_part = secrets.token_urlsafe(32)  # 32 bytes: 43 URL-safe characters
     row = conn.execute(
-        text(
-            "INSERT INTO api_keys (key_id, name, scope, org_id, secret_sha256, created_by) "
-            f"VALUES (:k, :n, :s, :o, :h, :a) RETURNING {_COLUMNS}"
-        ),
+        _INSERT_KEY,
         {
-            "k": key_id,
-            "n": name,
-            "s": scope,
-            "o": org_id,
-            "h": _digest(secret_part),
-            "a": actor,
+            "key_id": key_id,
+            "name": name,
+            "scope": scope,
+            "org_id": org_id,
+            "secret_sha256": _digest(secret_part),
+            "actor": actor,
         },
     ).one()
     return Created(ApiKey(**row._mapping), f"{key_id}.{secret_part}")
 
 
+_GET = sql.statement("apikeys.get", f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = :key_id")
+
+
 def get(conn: Connection, key_id: str) -> ApiKey | None:
-    row = conn.execute(
-        text(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = :k"), {"k": key_id}
-    ).first()
+    row = conn.execute(_GET, {"key_id": key_id}).first()
     return ApiKey(**row._mapping) if row else None
 
 
+_LIST = sql.statement(
+    "apikeys.list",
+    f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, key_id",
+)
+
+
 def list_keys(conn: Connection) -> list[ApiKey]:
-    rows = conn.execute(text(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, key_id"))
+    rows = conn.execute(_LIST)
     return [ApiKey(**r._mapping) for r in rows]
+
+
+_REVOKE = sql.statement(
+    "apikeys.revoke",
+    f"""
+    UPDATE api_keys SET revoked_at = now(), revoked_by = :actor
+    WHERE key_id = :key_id AND revoked_at IS NULL RETURNING {_COLUMNS}
+    """,
+)
 
 
 def revoke(conn: Connection, key_id: str, *, actor: str) -> ApiKey:
@@ -132,11 +155,8 @@ def revoke(conn: Connection, key_id: str, *, actor: str) -> ApiKey:
     if not isinstance(key_id, str) or not KEY_ID_RE.match(key_id):
         raise NotFound(f"no API key {key_id!r}")
     row = conn.execute(
-        text(
-            "UPDATE api_keys SET revoked_at = now(), revoked_by = :a "
-            f"WHERE key_id = :k AND revoked_at IS NULL RETURNING {_COLUMNS}"
-        ),
-        {"k": key_id, "a": actor},
+        _REVOKE,
+        {"key_id": key_id, "actor": actor},
     ).first()
     if row is None:
         if get(conn, key_id) is None:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
+
+from core import sql
+
+_RECORD = sql.statement(
+    "audit.record",
+    """
+    INSERT INTO audit_log (actor, action, org_id, details)
+    VALUES (:actor, :action, :org_id, CAST(:details AS jsonb))
+    """,
+)
 
 
 def record(
@@ -13,9 +23,6 @@ def record(
 ) -> None:
     """Record an operator action in the caller's transaction: a refusal leaves no row."""
     conn.execute(
-        text(
-            "INSERT INTO audit_log (actor, action, org_id, details) "
-            "VALUES (:actor, :action, :org, CAST(:details AS jsonb))"
-        ),
-        {"actor": actor, "action": action, "org": org_id, "details": json.dumps(details)},
+        _RECORD,
+        {"actor": actor, "action": action, "org_id": org_id, "details": json.dumps(details)},
     )

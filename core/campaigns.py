@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
-from core import outbound, sending
+from core import outbound, sending, sql
 from core.errors import InvalidInput, NotFound, Refused
 from core.orgs import ORG_ID_RE
+from core.statuses import CampaignStatus, PausedBy
 
 
 @dataclass(frozen=True)
@@ -42,17 +43,33 @@ def campaign(conn: Connection, org_id: str, campaign_id: str) -> Campaign:
     return _campaign(conn, org_id, _campaign_id(campaign_id))
 
 
+_CAMPAIGN = sql.statement(
+    "campaigns.campaign",
+    """
+    SELECT campaign_id, status, paused_by, pause_reason FROM campaigns
+    WHERE org_id = :org_id AND campaign_id = :campaign_id
+    """,
+)
+
+
 def _campaign(conn: Connection, org_id: str, campaign_id: str) -> Campaign:
     row = conn.execute(
-        text(
-            "SELECT campaign_id, status, paused_by, pause_reason FROM campaigns "
-            "WHERE org_id = :o AND campaign_id = :c"
-        ),
-        {"o": org_id, "c": campaign_id},
+        _CAMPAIGN,
+        {"org_id": org_id, "campaign_id": campaign_id},
     ).first()
     if row is None:
         raise NotFound(f"no campaign {campaign_id!r} for {org_id!r}")
     return Campaign(**row._mapping)
+
+
+_CREATE = sql.statement(
+    "campaigns.create",
+    """
+    INSERT INTO campaigns (org_id, campaign_id, status, paused_by, pause_reason)
+    VALUES (:org_id, :campaign_id, :status, :paused_by, :pause_reason)
+    ON CONFLICT DO NOTHING RETURNING campaign_id
+    """,
+)
 
 
 def create_campaign(
@@ -62,16 +79,13 @@ def create_campaign(
     _campaign_id(campaign_id)
     decision = sending.decide(conn, org_id, policy)
     inserted = conn.execute(
-        text(
-            "INSERT INTO campaigns (org_id, campaign_id, status, paused_by, pause_reason) "
-            "VALUES (:o, :c, :s, :by, :r) ON CONFLICT DO NOTHING RETURNING campaign_id"
-        ),
+        _CREATE,
         {
-            "o": org_id,
-            "c": campaign_id,
-            "s": "running" if decision.can_send else "paused",
-            "by": None if decision.can_send else "system",
-            "r": None if decision.can_send else ",".join(decision.reasons),
+            "org_id": org_id,
+            "campaign_id": campaign_id,
+            "status": CampaignStatus.RUNNING if decision.can_send else CampaignStatus.PAUSED,
+            "paused_by": None if decision.can_send else PausedBy.SYSTEM,
+            "pause_reason": None if decision.can_send else ",".join(decision.reasons),
         },
     ).first()
     if inserted is None:
@@ -79,21 +93,37 @@ def create_campaign(
     return _campaign(conn, org_id, campaign_id)
 
 
+_PAUSE = sql.statement(
+    "campaigns.pause",
+    """
+    UPDATE campaigns SET status = 'paused', paused_by = 'user',
+        pause_reason = 'paused by user', updated_at = now()
+    WHERE org_id = :org_id AND campaign_id = :campaign_id
+    AND paused_by IS DISTINCT FROM 'user' RETURNING campaign_id
+    """,
+)
+
+
 def pause_campaign(conn: Connection, org_id: str, campaign_id: str) -> Campaign:
     """The user's own pause: it stays until the user resumes, whatever Payguard decides."""
     _campaign_id(campaign_id)
     changed = conn.execute(
-        text(
-            "UPDATE campaigns SET status = 'paused', paused_by = 'user', "
-            "pause_reason = 'paused by user', updated_at = now() "
-            "WHERE org_id = :o AND campaign_id = :c "
-            "AND paused_by IS DISTINCT FROM 'user' RETURNING campaign_id"
-        ),
-        {"o": org_id, "c": campaign_id},
+        _PAUSE,
+        {"org_id": org_id, "campaign_id": campaign_id},
     ).first()
     if changed is not None:  # pausing a campaign the user paused already tells nobody again
-        outbound.note_campaign(conn, org_id, campaign_id, "user", "paused by user")
+        outbound.note_campaign(conn, org_id, campaign_id, PausedBy.USER, "paused by user")
     return _campaign(conn, org_id, campaign_id)
+
+
+_RESUME = sql.statement(
+    "campaigns.resume",
+    """
+    UPDATE campaigns SET status = 'running', paused_by = NULL,
+        pause_reason = NULL, updated_at = now()
+    WHERE org_id = :org_id AND campaign_id = :campaign_id
+    """,
+)
 
 
 def resume_campaign(
@@ -105,29 +135,34 @@ def resume_campaign(
     decision = sending.decide(conn, org_id, policy)
     if not decision.can_send:
         raise Refused(f"cannot resume: {', '.join(decision.reasons)}")
-    if current.status == "paused":
+    if current.status == CampaignStatus.PAUSED:
         conn.execute(
-            text(
-                "UPDATE campaigns SET status = 'running', paused_by = NULL, "
-                "pause_reason = NULL, updated_at = now() "
-                "WHERE org_id = :o AND campaign_id = :c"
-            ),
-            {"o": org_id, "c": campaign_id},
+            _RESUME,
+            {"org_id": org_id, "campaign_id": campaign_id},
         )
         outbound.note_campaign(conn, org_id, campaign_id, None, None)
     return _campaign(conn, org_id, campaign_id)
 
 
+_ORG_EXISTS = sql.statement(
+    "campaigns.org_exists",
+    "SELECT 1 FROM organizations WHERE org_id = :org_id",
+)
+
+_LIST = sql.statement(
+    "campaigns.list",
+    """
+    SELECT campaign_id, status, paused_by, pause_reason FROM campaigns
+    WHERE org_id = :org_id ORDER BY campaign_id
+    """,
+)
+
+
 def list_campaigns(conn: Connection, org_id: str) -> list[Campaign]:
-    if not conn.execute(
-        text("SELECT 1 FROM organizations WHERE org_id = :o"), {"o": org_id}
-    ).first():
+    if not conn.execute(_ORG_EXISTS, {"org_id": org_id}).first():
         raise NotFound(f"unknown organization {org_id!r}")
     rows = conn.execute(
-        text(
-            "SELECT campaign_id, status, paused_by, pause_reason FROM campaigns "
-            "WHERE org_id = :o ORDER BY campaign_id"
-        ),
-        {"o": org_id},
+        _LIST,
+        {"org_id": org_id},
     )
     return [Campaign(**r._mapping) for r in rows]

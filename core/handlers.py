@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import ParamSpec, TypeVar
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
-from core import inbox, orgs, sending, subscriptions, topups, wallet
+from core import inbox, orgs, sending, sql, subscriptions, topups, wallet
 from core.errors import InvalidInput, MalformedEvent, NotYetApplicable, ParkEvent
 from core.providers import webhooks
 from core.providers.events import (
@@ -34,6 +34,7 @@ from core.providers.events import (
     SubscriptionChanged,
     SubscriptionPayment,
 )
+from core.statuses import EventStatus
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ def process(conn: Connection, inbox_id: int, policy: sending.Policy) -> Outcome:
     except MalformedEvent as exc:
         raise ParkEvent(f"malformed event: {exc}") from None
     if not events:
-        inbox.finish(conn, inbox_id, "ignored")
-        return Outcome("ignored")
+        inbox.finish(conn, inbox_id, EventStatus.IGNORED)
+        return Outcome(EventStatus.IGNORED)
     touched: list[str] = []
     for event in events:
         org_id = apply(conn, event, received_at=row.received_at)
@@ -70,7 +71,7 @@ def process(conn: Connection, inbox_id: int, policy: sending.Policy) -> Outcome:
             touched.append(org_id)
     for org_id in touched:
         sending.reconcile(conn, org_id, policy)
-    inbox.finish(conn, inbox_id, "processed", org_id=touched[0] if touched else None)
+    inbox.finish(conn, inbox_id, EventStatus.PROCESSED, org_id=touched[0] if touched else None)
     log.info(
         "event applied",
         extra={
@@ -80,7 +81,7 @@ def process(conn: Connection, inbox_id: int, policy: sending.Policy) -> Outcome:
             "org_ids": touched,
         },
     )
-    return Outcome("processed", tuple(touched))
+    return Outcome(EventStatus.PROCESSED, tuple(touched))
 
 
 def apply(conn: Connection, event: NormalizedEvent, *, received_at: datetime) -> str | None:
@@ -126,14 +127,20 @@ class _Paid:
     kind: str
 
 
+_PAID = sql.statement(
+    "handlers.paid",
+    """
+    SELECT payment_id, org_id, kind FROM payments
+    WHERE provider = :provider AND payment_id = ANY(:payment_ids) ORDER BY created_at LIMIT 1
+    """,
+)
+
+
 def _paid(conn: Connection, provider: str, payment_ids: Iterable[str | None]) -> _Paid | None:
     """The first of `payment_ids` that Payguard has seen paid: who, and for what."""
     row = conn.execute(
-        text(
-            "SELECT payment_id, org_id, kind FROM payments "
-            "WHERE provider = :p AND payment_id = ANY(:ids) ORDER BY created_at LIMIT 1"
-        ),
-        {"p": provider, "ids": [p for p in payment_ids if p]},
+        _PAID,
+        {"provider": provider, "payment_ids": [p for p in payment_ids if p]},
     ).first()
     return None if row is None else _Paid(row.payment_id, row.org_id, row.kind)
 
@@ -213,29 +220,41 @@ def approve_top_up(conn: Connection, ev: OrderApproved) -> str | None:
     return org_id
 
 
+_CLAIM_PAYMENT = sql.statement(
+    "handlers.claim_payment",
+    """
+    INSERT INTO payments (provider, payment_id, org_id, kind, amount_cents, currency)
+    VALUES (:provider, :payment_id, :org_id, :kind, :amount_cents, :currency)
+    ON CONFLICT DO NOTHING RETURNING org_id, kind
+    """,
+)
+
+_CLAIMED_PAYMENT = sql.statement(
+    "handlers.claimed_payment",
+    "SELECT org_id, kind FROM payments WHERE provider = :provider AND payment_id = :payment_id",
+)
+
+
 def _claim_payment(conn: Connection, ev: PaymentCaptured, org_id: str) -> tuple[str, str]:
     """Record the payment for `org_id` unless it is recorded already; its organization and
     what it was recorded for.
 
     A concurrent claim of the same payment waits on the primary key until this one commits."""
     params = {
-        "p": ev.provider,
-        "id": ev.payment_id,
-        "o": org_id,
-        "a": ev.amount_cents,
-        "c": ev.currency,
+        "provider": ev.provider,
+        "payment_id": ev.payment_id,
+        "org_id": org_id,
+        "amount_cents": ev.amount_cents,
+        "currency": ev.currency,
     }
     claimed = conn.execute(
-        text(
-            "INSERT INTO payments (provider, payment_id, org_id, kind, amount_cents, currency) "
-            "VALUES (:p, :id, :o, :kind, :a, :c) ON CONFLICT DO NOTHING RETURNING org_id, kind"
-        ),
+        _CLAIM_PAYMENT,
         {**params, "kind": PREPAID},
     ).first()
     if claimed is None:
         # A separate statement: its snapshot sees the claim a concurrent transaction committed.
         claimed = conn.execute(
-            text("SELECT org_id, kind FROM payments WHERE provider = :p AND payment_id = :id"),
+            _CLAIMED_PAYMENT,
             params,
         ).one()
     return claimed.org_id, claimed.kind
@@ -271,14 +290,29 @@ def claw_back_refund(conn: Connection, ev: PaymentRefunded) -> str | None:
     return org_id
 
 
+_REFUND_FAILED = sql.statement(
+    "handlers.refund_failed",
+    "SELECT 1 FROM refund_failures WHERE provider = :provider AND refund_id = :refund_id",
+)
+
+
 def _refund_failed(conn: Connection, provider: str, refund_id: str) -> bool:
     return (
         conn.execute(
-            text("SELECT 1 FROM refund_failures WHERE provider = :p AND refund_id = :r"),
-            {"p": provider, "r": refund_id},
+            _REFUND_FAILED,
+            {"provider": provider, "refund_id": refund_id},
         ).first()
         is not None
     )
+
+
+_RECORD_REFUND_FAILURE = sql.statement(
+    "handlers.record_refund_failure",
+    """
+    INSERT INTO refund_failures (provider, refund_id, payment_id)
+    VALUES (:provider, :refund_id, :payment_id) ON CONFLICT DO NOTHING
+    """,
+)
 
 
 def give_back_failed_refund(conn: Connection, ev: RefundFailed) -> str | None:
@@ -288,11 +322,8 @@ def give_back_failed_refund(conn: Connection, ev: RefundFailed) -> str | None:
         wallet.lock(conn, org_id)  # the refund itself may be applied at this very moment
     # Remembered whatever happens next, so that a refund.created delivered late takes nothing.
     conn.execute(
-        text(
-            "INSERT INTO refund_failures (provider, refund_id, payment_id) "
-            "VALUES (:p, :r, :pid) ON CONFLICT DO NOTHING"
-        ),
-        {"p": ev.provider, "r": ev.refund_id, "pid": ev.payment_id},
+        _RECORD_REFUND_FAILURE,
+        {"provider": ev.provider, "refund_id": ev.refund_id, "payment_id": ev.payment_id},
     )
     if paid is None or org_id is None:
         return paid.org_id if paid is not None else None
@@ -382,6 +413,17 @@ def apply_subscription_change(
     return org_id
 
 
+_RECORD_SUBSCRIPTION_PAYMENT = sql.statement(
+    "handlers.record_subscription_payment",
+    """
+    INSERT INTO payments (provider, payment_id, org_id, kind, amount_cents, currency,
+                          subscription_id)
+    VALUES (:provider, :payment_id, :org_id, :kind, :amount_cents, :currency, :subscription_id)
+    ON CONFLICT DO NOTHING RETURNING 1
+    """,
+)
+
+
 def record_subscription_payment(
     conn: Connection, ev: SubscriptionPayment, received_at: datetime
 ) -> str:
@@ -393,19 +435,15 @@ def record_subscription_payment(
         subscriptions.apply_status(conn, ev.provider, ev.subscription_id, org_id, ev.status, at)
     if ev.payment_id:
         recorded = conn.execute(
-            text(
-                "INSERT INTO payments (provider, payment_id, org_id, kind, amount_cents, "
-                "currency, subscription_id) VALUES (:p, :id, :o, :kind, :a, :c, :s) "
-                "ON CONFLICT DO NOTHING RETURNING 1"
-            ),
+            _RECORD_SUBSCRIPTION_PAYMENT,
             {
-                "p": ev.provider,
-                "id": ev.payment_id,
-                "o": org_id,
+                "provider": ev.provider,
+                "payment_id": ev.payment_id,
+                "org_id": org_id,
                 "kind": SUBSCRIPTION,
-                "a": ev.amount_cents,
-                "c": ev.currency,
-                "s": ev.subscription_id,
+                "amount_cents": ev.amount_cents,
+                "currency": ev.currency,
+                "subscription_id": ev.subscription_id,
             },
         ).first()
         if recorded is not None:

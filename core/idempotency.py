@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
+from core import sql
 from core.errors import Conflict, RetryableConflict
 
 # How long keys are kept at least (the contract says 24 hours); beat prunes older ones.
@@ -44,6 +45,25 @@ def request_digest(request: object) -> bytes:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).digest()
 
 
+_CLAIM_KEYS = sql.statement(
+    "idempotency.claim_keys",
+    """
+    INSERT INTO idempotency_keys (org_id, route, key, request_sha256, key_id)
+    SELECT :org_id, :route, k, decode(h, 'hex'), :key_id FROM jsonb_to_recordset(
+        CAST(:rows AS jsonb)) AS t(k text, h text, n int)
+    ORDER BY n ON CONFLICT DO NOTHING RETURNING key
+    """,
+)
+
+_CLAIMED_KEYS = sql.statement(
+    "idempotency.claimed_keys",
+    """
+    SELECT key, request_sha256, status_code, response FROM idempotency_keys
+    WHERE org_id = :org_id AND route = :route AND key = ANY(:keys)
+    """,
+)
+
+
 def claim_many(
     conn: Connection,
     org_id: str,
@@ -62,24 +82,16 @@ def claim_many(
     claims = json.dumps([{"k": k, "h": wanted[k].hex(), "n": n} for n, k in enumerate(order)])
     claimed = set(
         conn.execute(
-            text(
-                "INSERT INTO idempotency_keys (org_id, route, key, request_sha256, key_id) "
-                "SELECT :o, :r, k, decode(h, 'hex'), :kid FROM jsonb_to_recordset("
-                "CAST(:rows AS jsonb)) AS t(k text, h text, n int) "
-                "ORDER BY n ON CONFLICT DO NOTHING RETURNING key"
-            ),
-            {"o": org_id, "r": route, "rows": claims, "kid": key_id},
+            _CLAIM_KEYS,
+            {"org_id": org_id, "route": route, "rows": claims, "key_id": key_id},
         ).scalars()
     )
     taken = [key for key in order if key not in claimed]
     if not taken:
         return {}
     rows = conn.execute(
-        text(
-            "SELECT key, request_sha256, status_code, response FROM idempotency_keys "
-            "WHERE org_id = :o AND route = :r AND key = ANY(:keys)"
-        ),
-        {"o": org_id, "r": route, "keys": taken},
+        _CLAIMED_KEYS,
+        {"org_id": org_id, "route": route, "keys": taken},
     ).all()
     conflicts = sorted(r.key for r in rows if bytes(r.request_sha256) != wanted[r.key])
     if conflicts:
@@ -96,6 +108,16 @@ def claim(
     return claim_many(conn, org_id, route, [(key, request)], key_id).get(key)
 
 
+_COMPLETE_MANY = sql.statement(
+    "idempotency.complete_many",
+    """
+    UPDATE idempotency_keys i SET status_code = t.s, response = t.b
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS t(k text, s int, b jsonb)
+    WHERE i.org_id = :org_id AND i.route = :route AND i.key = t.k
+    """,
+)
+
+
 def complete_many(
     conn: Connection, org_id: str, route: str, answers: dict[str, tuple[int, dict[str, Any]]]
 ) -> None:
@@ -104,12 +126,8 @@ def complete_many(
         return
     rows = json.dumps([{"k": k, "s": code, "b": body} for k, (code, body) in answers.items()])
     conn.execute(
-        text(
-            "UPDATE idempotency_keys i SET status_code = t.s, response = t.b "
-            "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS t(k text, s int, b jsonb) "
-            "WHERE i.org_id = :o AND i.route = :r AND i.key = t.k"
-        ),
-        {"o": org_id, "r": route, "rows": rows},
+        _COMPLETE_MANY,
+        {"org_id": org_id, "route": route, "rows": rows},
     )
 
 
@@ -124,14 +142,20 @@ def complete(
     complete_many(conn, org_id, route, {key: (status_code, response)})
 
 
+_PRUNE = sql.statement(
+    "idempotency.prune",
+    """
+    DELETE FROM idempotency_keys WHERE ctid IN (SELECT ctid FROM idempotency_keys
+    WHERE created_at < now() - make_interval(secs => :older_than_seconds)
+    ORDER BY created_at LIMIT :limit FOR UPDATE SKIP LOCKED)
+    """,
+)
+
+
 def prune(conn: Connection, *, older_than_seconds: float, limit: int) -> int:
     """Forget keys older than `older_than_seconds` (at most `limit`); SKIP LOCKED, so two
     beats running at once share the work."""
     return conn.execute(
-        text(
-            "DELETE FROM idempotency_keys WHERE ctid IN (SELECT ctid FROM idempotency_keys "
-            "WHERE created_at < now() - make_interval(secs => :age) "
-            "ORDER BY created_at LIMIT :limit FOR UPDATE SKIP LOCKED)"
-        ),
-        {"age": older_than_seconds, "limit": limit},
+        _PRUNE,
+        {"older_than_seconds": older_than_seconds, "limit": limit},
     ).rowcount

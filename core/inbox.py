@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, text
+from sqlalchemy import Connection, Row
 
-from core import outbox
+from core import outbox, sql
 from core.errors import InvalidInput, NotFound, ParkEvent, Refused
+from core.statuses import EventStatus
 
-STATUSES = ("received", "processed", "ignored", "parked", "failed")
-REPLAYABLE = ("parked", "failed")
+# Plain strings: argparse shows choices (cli) by their repr.
+STATUSES = tuple(s.value for s in EventStatus)
+REPLAYABLE = (EventStatus.PARKED.value, EventStatus.FAILED.value)
 
 # Headers worth keeping with the raw body (for audit and postback re-verification).
 _KEPT_HEADERS = {
@@ -71,30 +73,36 @@ _COLUMNS = (
     "received_at, processed_at"
 )
 
-_STORE = text(f"""
-WITH e AS (
-    INSERT INTO webhook_events (provider, event_id, event_type, headers, body, transmission_id)
-    VALUES (:provider, :event_id, :event_type, CAST(:headers AS jsonb), :body, :transmission)
-    ON CONFLICT ON CONSTRAINT webhook_event_once DO NOTHING
-    RETURNING {_COLUMNS}
-), o AS (
-    INSERT INTO outbox (task, args)
-    SELECT '{outbox.PROCESS_EVENT_TASK}', jsonb_build_array(e.id) FROM e
-    RETURNING id
+_STORE = sql.statement(
+    "inbox.store",
+    f"""
+    WITH e AS (
+        INSERT INTO webhook_events (provider, event_id, event_type, headers, body, transmission_id)
+        VALUES (:provider, :event_id, :event_type, CAST(:headers AS jsonb), :body, :transmission_id)
+        ON CONFLICT ON CONSTRAINT webhook_event_once DO NOTHING
+        RETURNING {_COLUMNS}
+    ), o AS (
+        INSERT INTO outbox (task, args)
+        SELECT '{outbox.PROCESS_EVENT_TASK}', jsonb_build_array(e.id) FROM e
+        RETURNING id
+    )
+    SELECT e.*, (SELECT id FROM o) AS outbox_id FROM e
+    """,
 )
-SELECT e.*, (SELECT id FROM o) AS outbox_id FROM e
-""")
 
 
 # Every verified PayPal transmission vouches for one body: the first body it is seen with wins
 # the row, the same body again passes, any other body finds no row returned.
-_VOUCH = text("""
-INSERT INTO paypal_transmissions (transmission_id, body_sha256, event_id)
-VALUES (:transmission, :sha, :event_id)
-ON CONFLICT (transmission_id) DO UPDATE SET transmission_id = EXCLUDED.transmission_id
-    WHERE paypal_transmissions.body_sha256 = EXCLUDED.body_sha256
-RETURNING transmission_id
-""")
+_VOUCH = sql.statement(
+    "inbox.vouch",
+    """
+    INSERT INTO paypal_transmissions (transmission_id, body_sha256, event_id)
+    VALUES (:transmission_id, :body_sha256, :event_id)
+    ON CONFLICT (transmission_id) DO UPDATE SET transmission_id = EXCLUDED.transmission_id
+        WHERE paypal_transmissions.body_sha256 = EXCLUDED.body_sha256
+    RETURNING transmission_id
+    """,
+)
 
 
 class ReplayedTransmission(Exception):
@@ -104,6 +112,12 @@ class ReplayedTransmission(Exception):
 def _row(row: Row[Any], duplicate: bool = False) -> StoredEvent:
     m = row._mapping
     return StoredEvent(**{k: m[k] for k in _COLUMNS.split(", ")}, duplicate=duplicate)
+
+
+_BY_EVENT_ID = sql.statement(
+    "inbox.by_event_id",
+    f"SELECT {_COLUMNS} FROM webhook_events WHERE provider = :provider AND event_id = :event_id",
+)
 
 
 def store(
@@ -130,8 +144,8 @@ def store(
         vouched = conn.execute(
             _VOUCH,
             {
-                "transmission": transmission_id,
-                "sha": hashlib.sha256(body).digest(),
+                "transmission_id": transmission_id,
+                "body_sha256": hashlib.sha256(body).digest(),
                 "event_id": event_id,
             },
         ).first()
@@ -149,14 +163,14 @@ def store(
             "event_type": event_type,
             "headers": json.dumps(kept),
             "body": body,
-            "transmission": transmission_id,
+            "transmission_id": transmission_id,
         },
     ).first()
     if row is not None:
         return _row(row), row.outbox_id
     existing = conn.execute(
-        text(f"SELECT {_COLUMNS} FROM webhook_events WHERE provider = :p AND event_id = :e"),
-        {"p": provider, "e": event_id},
+        _BY_EVENT_ID,
+        {"provider": provider, "event_id": event_id},
     ).one()
     return _row(existing, duplicate=True), None
 
@@ -166,24 +180,43 @@ def is_replayed_transmission(exc: BaseException) -> bool:
     return "webhook_events_transmission_once" in str(getattr(exc, "orig", exc))
 
 
+_GET = sql.statement("inbox.get", f"SELECT {_COLUMNS} FROM webhook_events WHERE id = :inbox_id")
+
+
 def get(conn: Connection, inbox_id: int) -> StoredEvent:
-    row = conn.execute(
-        text(f"SELECT {_COLUMNS} FROM webhook_events WHERE id = :id"), {"id": inbox_id}
-    ).first()
+    row = conn.execute(_GET, {"inbox_id": inbox_id}).first()
     if row is None:
         raise NotFound(f"no event with id {inbox_id}")
     return _row(row)
 
 
+_LOCK_FOR_PROCESSING = sql.statement(
+    "inbox.lock_for_processing",
+    """
+    SELECT id, provider, event_id, event_type, status, headers, body, received_at
+    FROM webhook_events WHERE id = :inbox_id AND status = 'received' FOR UPDATE
+    """,
+)
+
+
 def lock_for_processing(conn: Connection, inbox_id: int) -> Row[Any] | None:
     """The event row, locked, with its body and headers; None if it is not `received`."""
     return conn.execute(
-        text(
-            "SELECT id, provider, event_id, event_type, status, headers, body, received_at "
-            "FROM webhook_events WHERE id = :id AND status = 'received' FOR UPDATE"
-        ),
-        {"id": inbox_id},
+        _LOCK_FOR_PROCESSING,
+        {"inbox_id": inbox_id},
     ).first()
+
+
+_FINISH = sql.statement(
+    "inbox.finish",
+    """
+    UPDATE webhook_events SET status = :status, last_error = :error,
+        org_id = coalesce(:org_id, org_id), attempts = attempts + 1,
+        processed_at = CASE WHEN :status IN ('processed', 'ignored') THEN now()
+        ELSE processed_at END
+    WHERE id = :inbox_id AND status = 'received'
+    """,
+)
 
 
 def finish(
@@ -195,22 +228,30 @@ def finish(
     org_id: str | None = None,
 ) -> None:
     """Move an event out of `received` (processed, ignored, parked or failed)."""
-    assert status in STATUSES and status != "received"
+    assert status in STATUSES and status != EventStatus.RECEIVED
     conn.execute(
-        text(
-            "UPDATE webhook_events SET status = :s, last_error = :err, "
-            "org_id = coalesce(:org, org_id), attempts = attempts + 1, "
-            "processed_at = CASE WHEN :s IN ('processed', 'ignored') THEN now() "
-            "ELSE processed_at END "
-            "WHERE id = :id AND status = 'received'"
-        ),
-        {"s": status, "err": error, "org": org_id, "id": inbox_id},
+        _FINISH,
+        {"status": status, "error": error, "org_id": org_id, "inbox_id": inbox_id},
     )
 
 
 def awaited_payment(provider: str, payment_id: str) -> str:
     """The `awaiting` key of events parked until this payment is credited or recorded."""
     return f"{provider}:{payment_id}"
+
+
+_PAYMENT_CREDITED = sql.statement(
+    "inbox.payment_credited",
+    """
+    SELECT 1 FROM payments WHERE provider = split_part(:awaiting, ':', 1)
+    AND payment_id = substr(:awaiting, length(split_part(:awaiting, ':', 1)) + 2)
+    """,
+)
+
+_PARK = sql.statement(
+    "inbox.park",
+    "UPDATE webhook_events SET awaiting = :awaiting WHERE id = :inbox_id AND status = 'received'",
+)
 
 
 def park(conn: Connection, inbox_id: int, exc: ParkEvent) -> bool:
@@ -224,28 +265,39 @@ def park(conn: Connection, inbox_id: int, exc: ParkEvent) -> bool:
     if awaiting is not None:
         _lock_awaiting(conn, awaiting)
         arrived = conn.execute(
-            text(
-                "SELECT 1 FROM payments WHERE provider = split_part(:a, ':', 1) "
-                "AND payment_id = substr(:a, length(split_part(:a, ':', 1)) + 2)"
-            ),
-            {"a": awaiting},
+            _PAYMENT_CREDITED,
+            {"awaiting": awaiting},
         ).first()
         if arrived is not None:
             record_attempt(conn, inbox_id, f"{exc}; its payment has arrived: queued again")
             outbox.enqueue(conn, outbox.PROCESS_EVENT_TASK, [inbox_id])
             return False
         conn.execute(
-            text("UPDATE webhook_events SET awaiting = :a WHERE id = :id AND status = 'received'"),
-            {"a": awaiting, "id": inbox_id},
+            _PARK,
+            {"awaiting": awaiting, "inbox_id": inbox_id},
         )
-    finish(conn, inbox_id, "parked", error=str(exc)[:2000])
+    finish(conn, inbox_id, EventStatus.PARKED, error=str(exc)[:2000])
     return True
+
+
+_LOCK_AWAITING = sql.statement(
+    "inbox.lock_awaiting", "SELECT pg_advisory_xact_lock(hashtext(:lock_key))"
+)
 
 
 def _lock_awaiting(conn: Connection, awaiting: str) -> None:
     """Parking for a payment and that payment's re-drive take turns (until commit), so that
     one of them always sees the other."""
-    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:a))"), {"a": f"awaiting:{awaiting}"})
+    conn.execute(_LOCK_AWAITING, {"lock_key": f"awaiting:{awaiting}"})
+
+
+_REDRIVE_AWAITING = sql.statement(
+    "inbox.redrive_awaiting",
+    """
+    UPDATE webhook_events SET status = 'received', last_error = NULL,
+        awaiting = NULL WHERE awaiting = :awaiting AND status = 'parked' RETURNING id
+    """,
+)
 
 
 def redrive_awaiting(conn: Connection, awaiting: str) -> list[int]:
@@ -254,11 +306,8 @@ def redrive_awaiting(conn: Connection, awaiting: str) -> list[int]:
     _lock_awaiting(conn, awaiting)
     ids = list(
         conn.execute(
-            text(
-                "UPDATE webhook_events SET status = 'received', last_error = NULL, "
-                "awaiting = NULL WHERE awaiting = :a AND status = 'parked' RETURNING id"
-            ),
-            {"a": awaiting},
+            _REDRIVE_AWAITING,
+            {"awaiting": awaiting},
         ).scalars()
     )
     for inbox_id in sorted(ids):
@@ -266,11 +315,28 @@ def redrive_awaiting(conn: Connection, awaiting: str) -> list[int]:
     return ids
 
 
+_RECORD_ATTEMPT = sql.statement(
+    "inbox.record_attempt",
+    "UPDATE webhook_events SET attempts = attempts + 1, last_error = :error WHERE id = :inbox_id",
+)
+
+
 def record_attempt(conn: Connection, inbox_id: int, error: str) -> None:
     conn.execute(
-        text("UPDATE webhook_events SET attempts = attempts + 1, last_error = :err WHERE id = :id"),
-        {"err": error[:2000], "id": inbox_id},
+        _RECORD_ATTEMPT,
+        {"error": error[:2000], "inbox_id": inbox_id},
     )
+
+
+_LIST_EVENTS = sql.statement(
+    "inbox.list_events",
+    f"""
+    SELECT {_COLUMNS} FROM webhook_events
+    WHERE (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
+    AND (CAST(:provider AS text) IS NULL OR provider = CAST(:provider AS text))
+    ORDER BY id DESC LIMIT :limit
+    """,
+)
 
 
 def list_events(
@@ -279,25 +345,34 @@ def list_events(
     if status is not None and status not in STATUSES:
         raise InvalidInput(f"status must be one of {', '.join(STATUSES)}")
     rows = conn.execute(
-        text(
-            f"SELECT {_COLUMNS} FROM webhook_events "
-            "WHERE (CAST(:s AS text) IS NULL OR status = CAST(:s AS text)) "
-            "AND (CAST(:p AS text) IS NULL OR provider = CAST(:p AS text)) "
-            "ORDER BY id DESC LIMIT :limit"
-        ),
-        {"s": status, "p": provider, "limit": limit},
+        _LIST_EVENTS,
+        {"status": status, "provider": provider, "limit": limit},
     )
     return [_row(r) for r in rows]
+
+
+_REPLAY = sql.statement(
+    "inbox.replay",
+    f"""
+    UPDATE webhook_events SET status = 'received', last_error = NULL, awaiting = NULL
+    WHERE id = :inbox_id AND status IN ('parked', 'failed') RETURNING {_COLUMNS}
+    """,
+)
+
+_AUDIT_REPLAY = sql.statement(
+    "inbox.audit_replay",
+    """
+    INSERT INTO audit_log (actor, action, org_id, details)
+    VALUES (:actor, 'events.replay', :org_id, CAST(:details AS jsonb))
+    """,
+)
 
 
 def replay(conn: Connection, inbox_id: int, *, actor: str) -> tuple[StoredEvent, int]:
     """Put a parked or failed event back to `received` and queue it again."""
     row = conn.execute(
-        text(
-            f"UPDATE webhook_events SET status = 'received', last_error = NULL, awaiting = NULL "
-            f"WHERE id = :id AND status IN ('parked', 'failed') RETURNING {_COLUMNS}"
-        ),
-        {"id": inbox_id},
+        _REPLAY,
+        {"inbox_id": inbox_id},
     ).first()
     if row is None:
         current = get(conn, inbox_id)
@@ -306,10 +381,7 @@ def replay(conn: Connection, inbox_id: int, *, actor: str) -> tuple[StoredEvent,
         )
     outbox_id = outbox.enqueue(conn, outbox.PROCESS_EVENT_TASK, [inbox_id])
     conn.execute(
-        text(
-            "INSERT INTO audit_log (actor, action, org_id, details) "
-            "VALUES (:a, 'events.replay', :org, CAST(:d AS jsonb))"
-        ),
-        {"a": actor, "org": row.org_id, "d": json.dumps({"inbox_id": inbox_id})},
+        _AUDIT_REPLAY,
+        {"actor": actor, "org_id": row.org_id, "details": json.dumps({"inbox_id": inbox_id})},
     )
     return _row(row), outbox_id

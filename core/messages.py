@@ -19,13 +19,14 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, text
+from sqlalchemy import Connection, Engine, Row
 
-from core import outbound, outbox, sending, wallet
+from core import outbound, outbox, sending, sql, wallet
 from core.db import run_in_transaction
 from core.errors import InvalidInput, NotFound, Refused
 from core.providers.ports import SendOutcome, SendResult
 from core.sms import count_segments, validate_e164
+from core.statuses import CallbackStatus, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,17 @@ NO_SENDER = "no_sender"
 MAX_BODY = 1600
 
 # Callback statuses in the order Twilio moves through them; a message never moves back.
-_RANK = {
-    "accepted": 1,
-    "queued": 1,
-    "sending": 2,
-    "sent": 3,
-    "delivered": 4,
-    "undelivered": 4,
-    "failed": 4,
-    "read": 5,
+_RANK: dict[str, int] = {
+    MessageStatus.ACCEPTED: 1,
+    CallbackStatus.QUEUED: 1,
+    CallbackStatus.SENDING: 2,
+    CallbackStatus.SENT: 3,
+    CallbackStatus.DELIVERED: 4,
+    CallbackStatus.UNDELIVERED: 4,
+    CallbackStatus.FAILED: 4,
+    CallbackStatus.READ: 5,
 }
-CALLBACK_STATUSES = frozenset(_RANK) - {"accepted"}
+CALLBACK_STATUSES = frozenset(CallbackStatus)
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,14 @@ _COLUMNS = (
 )
 
 
+_GET = sql.statement(
+    "messages.get",
+    f"SELECT {_COLUMNS} FROM messages WHERE message_id = :message_id",
+)
+
+
 def get(conn: Connection, message_id: str) -> Message:
-    row = conn.execute(
-        text(f"SELECT {_COLUMNS} FROM messages WHERE message_id = :m"), {"m": message_id}
-    ).first()
+    row = conn.execute(_GET, {"message_id": message_id}).first()
     if row is None:
         raise NotFound(f"no message {message_id!r}")
     return Message(**row._mapping)
@@ -143,6 +148,23 @@ def validate_message(to: object, body: object) -> tuple[int, str]:
     return count_segments(body)
 
 
+_CAMPAIGN_PAUSED = sql.statement(
+    "messages.campaign_paused",
+    "SELECT status = 'paused' FROM campaigns WHERE org_id = :org_id AND campaign_id = :campaign_id",
+)
+
+_INSERT_BATCH = sql.statement(
+    "messages.insert_batch",
+    """
+    INSERT INTO messages (message_id, org_id, campaign_id, to_number, body, segments,
+        encoding, price_cents, status, block_reasons)
+    SELECT m, :org_id, :campaign_id, t, b, s, e, s * :price, :status, CAST(:reasons AS jsonb)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS u(m text, t text, b text,
+        s int, e text)
+    """,
+)
+
+
 def queue_batch(
     conn: Connection,
     org_id: str,
@@ -164,14 +186,14 @@ def queue_batch(
     reasons = list(decision.reasons)
     if campaign_id is not None:
         paused = conn.execute(
-            text("SELECT status = 'paused' FROM campaigns WHERE org_id = :o AND campaign_id = :c"),
-            {"o": org_id, "c": campaign_id},
+            _CAMPAIGN_PAUSED,
+            {"org_id": org_id, "campaign_id": campaign_id},
         ).first()
         if paused is None:
             raise NotFound(f"no campaign {campaign_id!r} for {org_id!r}")
         if paused[0]:
             reasons.append(CAMPAIGN_PAUSED)
-    status = "blocked" if reasons else "queued"
+    status = MessageStatus.BLOCKED if reasons else MessageStatus.QUEUED
     ids = [f"msg_{uuid.uuid4().hex}" for _ in items]
     # One JSON parameter rather than arrays: psycopg escapes array elements one by one in
     # Python, which cost more than the rest of a 1,000-message batch together.
@@ -180,24 +202,18 @@ def queue_batch(
         for m, (to, body), (segments, encoding) in zip(ids, items, shapes, strict=True)
     ]
     conn.execute(
-        text(
-            "INSERT INTO messages (message_id, org_id, campaign_id, to_number, body, segments, "
-            "encoding, price_cents, status, block_reasons) "
-            "SELECT m, :o, :c, t, b, s, e, s * :price, :status, CAST(:r AS jsonb) "
-            "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS u(m text, t text, b text, "
-            "s int, e text)"
-        ),
+        _INSERT_BATCH,
         {
-            "o": org_id,
-            "c": campaign_id,
+            "org_id": org_id,
+            "campaign_id": campaign_id,
             "price": decision.segment_price_cents,
             "status": status,
-            "r": json.dumps(reasons),
+            "reasons": json.dumps(reasons),
             "rows": json.dumps(rows),
         },
     )
     outbox_ids: list[int | None] = [None] * len(ids)
-    if status == "queued":
+    if status == MessageStatus.QUEUED:
         outbox_ids = list(outbox.enqueue_many(conn, SEND_TASK, [[m] for m in ids]))
     return [Queued(m, status, tuple(reasons), o) for m, o in zip(ids, outbox_ids, strict=True)]
 
@@ -222,6 +238,37 @@ class LeaseHeld:
     seconds_left: float
 
 
+_LOCK_FOR_SENDING = sql.statement(
+    "messages.lock_for_sending",
+    """
+    SELECT m.message_id, m.org_id, m.campaign_id, m.to_number, m.body, m.status,
+        m.price_cents, m.segments, m.refunded,
+        extract(epoch FROM m.send_lease_until - now()) AS lease_left,
+        o.twilio_subaccount_sid, o.sender FROM messages m
+    JOIN organizations o ON o.org_id = m.org_id
+    WHERE m.message_id = :message_id FOR UPDATE OF m
+    """,
+)
+
+_BLOCK = sql.statement(
+    "messages.block",
+    """
+    UPDATE messages SET status = 'blocked', block_reasons = CAST(:reasons AS jsonb),
+    updated_at = now() WHERE message_id = :message_id
+    """,
+)
+
+_MARK_SENDING = sql.statement(
+    "messages.mark_sending",
+    """
+    UPDATE messages SET status = 'sending', send_attempt = :send_attempt,
+        send_lease_until = now() + make_interval(secs => :lease_seconds),
+        twilio_subaccount_sid = :twilio_subaccount_sid, updated_at = now()
+    WHERE message_id = :message_id
+    """,
+)
+
+
 def prepare(conn: Connection, message_id: str, policy: sending.Policy) -> Plan | LeaseHeld | None:
     """Decide and hold, or block; None when there is nothing to send (any more).
 
@@ -231,28 +278,27 @@ def prepare(conn: Connection, message_id: str, policy: sending.Policy) -> Plan |
     that, nobody recorded a SID and no callback named it: it may have gone out, so it
     becomes `unknown`, charged, and is never sent again."""
     row = conn.execute(
-        text(
-            "SELECT m.message_id, m.org_id, m.campaign_id, m.to_number, m.body, m.status, "
-            "m.price_cents, m.segments, m.refunded, "
-            "extract(epoch FROM m.send_lease_until - now()) AS lease_left, "
-            "o.twilio_subaccount_sid, o.sender FROM messages m "
-            "JOIN organizations o ON o.org_id = m.org_id "
-            "WHERE m.message_id = :m FOR UPDATE OF m"
-        ),
-        {"m": message_id},
+        _LOCK_FOR_SENDING,
+        {"message_id": message_id},
     ).first()
     if row is None:
         raise NotFound(f"no message {message_id!r}")
-    if row.status == "sending":
+    if row.status == MessageStatus.SENDING:
         if row.lease_left is not None and row.lease_left > 0:
             return LeaseHeld(float(row.lease_left))
         # The owning run died during (or right after) the Twilio call: it may have gone out.
-        _settle(conn, row, "unknown", capture=True, error="worker lost during the Twilio call")
+        _settle(
+            conn,
+            row,
+            MessageStatus.UNKNOWN,
+            capture=True,
+            error="worker lost during the Twilio call",
+        )
         sending.reconcile(conn, row.org_id, policy)
         return None
-    if row.status not in ("queued", "retrying"):
+    if row.status not in (MessageStatus.QUEUED, MessageStatus.RETRYING):
         return None
-    if row.status == "queued":
+    if row.status == MessageStatus.QUEUED:
         reasons = _refusals(conn, row, policy, needed_cents=row.price_cents)
         if not reasons and row.price_cents > 0:
             try:
@@ -270,26 +316,19 @@ def prepare(conn: Connection, message_id: str, policy: sending.Policy) -> Plan |
             wallet.release(conn, row.org_id, hold_reference(message_id))
     if reasons:
         conn.execute(
-            text(
-                "UPDATE messages SET status = 'blocked', block_reasons = CAST(:r AS jsonb), "
-                "updated_at = now() WHERE message_id = :m"
-            ),
-            {"r": json.dumps(reasons), "m": message_id},
+            _BLOCK,
+            {"reasons": json.dumps(reasons), "message_id": message_id},
         )
         outbound.note_message(conn, message_id)
         sending.reconcile(conn, row.org_id, policy)
         return None
     conn.execute(
-        text(
-            "UPDATE messages SET status = 'sending', send_attempt = :a, "
-            "send_lease_until = now() + make_interval(secs => :lease), "
-            "twilio_subaccount_sid = :sub, updated_at = now() WHERE message_id = :m"
-        ),
+        _MARK_SENDING,
         {
-            "a": uuid.uuid4().hex,
-            "lease": policy.send_lease.total_seconds(),
-            "sub": row.twilio_subaccount_sid,
-            "m": message_id,
+            "send_attempt": uuid.uuid4().hex,
+            "lease_seconds": policy.send_lease.total_seconds(),
+            "twilio_subaccount_sid": row.twilio_subaccount_sid,
+            "message_id": message_id,
         },
     )
     return Plan(
@@ -315,11 +354,21 @@ def _refusals(
 def _campaign_paused(conn: Connection, org_id: str, campaign_id: str) -> bool:
     return (
         conn.execute(
-            text("SELECT status = 'paused' FROM campaigns WHERE org_id = :o AND campaign_id = :c"),
-            {"o": org_id, "c": campaign_id},
+            _CAMPAIGN_PAUSED,
+            {"org_id": org_id, "campaign_id": campaign_id},
         ).scalar()
         is True
     )
+
+
+_SETTLE = sql.statement(
+    "messages.settle",
+    """
+    UPDATE messages SET status = :status, error = :error, twilio_sid = coalesce(:twilio_sid,
+        twilio_sid), charged_cents = charged_cents + :charged, send_lease_until = NULL,
+    updated_at = now() WHERE message_id = :message_id
+    """,
+)
 
 
 def _settle(
@@ -339,31 +388,49 @@ def _settle(
         else:
             wallet.release(conn, row.org_id, ref)
     conn.execute(
-        text(
-            "UPDATE messages SET status = :s, error = :e, twilio_sid = coalesce(:sid, "
-            "twilio_sid), charged_cents = charged_cents + :c, send_lease_until = NULL, "
-            "updated_at = now() WHERE message_id = :m"
-        ),
-        {"s": status, "e": error, "sid": sid, "c": charged, "m": row.message_id},
+        _SETTLE,
+        {
+            "status": status,
+            "error": error,
+            "twilio_sid": sid,
+            "charged": charged,
+            "message_id": row.message_id,
+        },
     )
     outbound.note_message(conn, row.message_id)
 
 
-_LOCK_MESSAGE = (
-    "SELECT m.message_id, m.org_id, m.price_cents, m.segments, m.status, m.twilio_sid, "
-    "m.charged_cents, m.refunded, m.twilio_num_segments, "
-    "coalesce(m.twilio_subaccount_sid, o.twilio_subaccount_sid) AS subaccount "
-    "FROM messages m JOIN organizations o ON o.org_id = m.org_id "
+_LOCKED_MESSAGE = """
+    SELECT m.message_id, m.org_id, m.price_cents, m.segments, m.status, m.twilio_sid,
+           m.charged_cents, m.refunded, m.twilio_num_segments,
+           coalesce(m.twilio_subaccount_sid, o.twilio_subaccount_sid) AS subaccount
+    FROM messages m JOIN organizations o ON o.org_id = m.org_id
+"""
+_LOCK_BY_ID = sql.statement(
+    "messages.lock_by_id",
+    _LOCKED_MESSAGE + "    WHERE m.message_id = :message_id FOR UPDATE OF m\n",
+)
+_LOCK_BY_SID = sql.statement(
+    "messages.lock_by_sid",
+    _LOCKED_MESSAGE + "    WHERE m.twilio_sid = :twilio_sid FOR UPDATE OF m\n",
 )
 
 
 def _lock_message(
     conn: Connection, *, message_id: str | None = None, sid: str | None = None
 ) -> Row[Any] | None:
-    where = "WHERE m.message_id = :k" if message_id is not None else "WHERE m.twilio_sid = :k"
-    return conn.execute(
-        text(_LOCK_MESSAGE + where + " FOR UPDATE OF m"), {"k": message_id or sid}
-    ).first()
+    if message_id is not None:
+        return conn.execute(_LOCK_BY_ID, {"message_id": message_id}).first()
+    return conn.execute(_LOCK_BY_SID, {"twilio_sid": sid}).first()
+
+
+_MARK_RETRYING = sql.statement(
+    "messages.mark_retrying",
+    """
+    UPDATE messages SET status = 'retrying', error = :error, send_lease_until = NULL,
+    updated_at = now() WHERE message_id = :message_id
+    """,
+)
 
 
 def _relock(conn: Connection, *, message_id: str | None = None, sid: str | None = None) -> Row[Any]:
@@ -385,17 +452,21 @@ def record_result(
     if row is None:
         raise NotFound(f"no message {message_id!r}")
     outcome = result.outcome
-    if row.status != "sending":
+    if row.status != MessageStatus.SENDING:
         if outcome == SendOutcome.ACCEPTED and result.sid:
             return _late_answer(conn, row, result, result.sid, policy)
-        if outcome == SendOutcome.REJECTED and row.status == "unknown" and not row.twilio_sid:
+        if (
+            outcome == SendOutcome.REJECTED
+            and row.status == MessageStatus.UNKNOWN
+            and not row.twilio_sid
+        ):
             return _late_refusal(conn, row, result, policy)
         return str(row.status)
     if outcome == SendOutcome.ACCEPTED:
         if result.sid:
             _lock_sid(conn, result.sid)  # a callback for it waits, or is already kept
-        _settle(conn, row, "accepted", capture=True, sid=result.sid)
-        status = "accepted"
+        _settle(conn, row, MessageStatus.ACCEPTED, capture=True, sid=result.sid)
+        status: str = MessageStatus.ACCEPTED
         _record_billing(conn, row, result.price, result.price_unit, result.num_segments)
         if result.sid:
             status = apply_early_callbacks(conn, result.sid, policy) or status
@@ -403,29 +474,26 @@ def record_result(
         _settle(
             conn,
             row,
-            "rejected",
+            MessageStatus.REJECTED,
             capture=False,
             error=f"twilio {result.error_code}: {result.error_message}",
         )
-        status = "rejected"
+        status = MessageStatus.REJECTED
     elif outcome == SendOutcome.UNKNOWN:
         _settle(
             conn,
             row,
-            "unknown",
+            MessageStatus.UNKNOWN,
             capture=True,
             error=f"may have been sent: {result.error_message or result.http_status}",
         )
-        status = "unknown"
+        status = MessageStatus.UNKNOWN
     else:  # RETRY_SAFE: nothing reached Twilio; keep the hold and try again
         conn.execute(
-            text(
-                "UPDATE messages SET status = 'retrying', error = :e, send_lease_until = NULL, "
-                "updated_at = now() WHERE message_id = :m"
-            ),
-            {"e": result.error_message or "retrying", "m": message_id},
+            _MARK_RETRYING,
+            {"error": result.error_message or "retrying", "message_id": message_id},
         )
-        return "retrying"
+        return MessageStatus.RETRYING
     sending.reconcile(conn, row.org_id, policy)
     return status
 
@@ -435,17 +503,26 @@ def _late_answer(
 ) -> str:
     """Twilio's `accepted` (as `sid`) for a message no longer `sending`: it settled without
     the answer."""
-    if row.twilio_sid is None and row.status == "unknown":
+    if row.twilio_sid is None and row.status == MessageStatus.UNKNOWN:
         _lock_sid(conn, sid)
         _adopt_sid(conn, row, sid)
         row = _relock(conn, message_id=row.message_id)
         _record_billing(conn, row, result.price, result.price_unit, result.num_segments)
-        status = apply_early_callbacks(conn, sid, policy) or "accepted"
+        status = apply_early_callbacks(conn, sid, policy) or MessageStatus.ACCEPTED
         sending.reconcile(conn, row.org_id, policy)
         return status
     if row.twilio_sid == sid:  # a callback named the message first
         _record_billing(conn, row, result.price, result.price_unit, result.num_segments)
     return str(row.status)
+
+
+_REJECT_LATE = sql.statement(
+    "messages.reject_late",
+    """
+    UPDATE messages SET status = 'rejected', refunded = charged_cents > 0, error = :error,
+    updated_at = now() WHERE message_id = :message_id
+    """,
+)
 
 
 def _late_refusal(
@@ -459,44 +536,56 @@ def _late_refusal(
             kind="message_refund", reason="Twilio refused the message after all",
         )  # fmt: skip
     conn.execute(
-        text(
-            "UPDATE messages SET status = 'rejected', refunded = charged_cents > 0, error = :e, "
-            "updated_at = now() WHERE message_id = :m"
-        ),
-        {"e": f"twilio {result.error_code}: {result.error_message}", "m": row.message_id},
+        _REJECT_LATE,
+        {
+            "error": f"twilio {result.error_code}: {result.error_message}",
+            "message_id": row.message_id,
+        },
     )
     outbound.note_message(conn, row.message_id)
     sending.reconcile(conn, row.org_id, policy)
-    return "rejected"
+    return MessageStatus.REJECTED
+
+
+_ACCEPT_UNKNOWN = sql.statement(
+    "messages.accept_unknown",
+    """
+    UPDATE messages SET status = 'accepted', twilio_sid = :twilio_sid, error = NULL,
+    updated_at = now() WHERE message_id = :message_id
+    """,
+)
 
 
 def _adopt_sid(conn: Connection, row: Row[Any], sid: str) -> None:
     """Twilio has this message as `sid`: a message still `sending` is captured as accepted;
     one given up as `unknown` (already captured) is accepted after all."""
-    if row.status == "sending":
-        _settle(conn, row, "accepted", capture=True, sid=sid)
+    if row.status == MessageStatus.SENDING:
+        _settle(conn, row, MessageStatus.ACCEPTED, capture=True, sid=sid)
     else:
         conn.execute(
-            text(
-                "UPDATE messages SET status = 'accepted', twilio_sid = :sid, error = NULL, "
-                "updated_at = now() WHERE message_id = :m"
-            ),
-            {"sid": sid, "m": row.message_id},
+            _ACCEPT_UNKNOWN,
+            {"twilio_sid": sid, "message_id": row.message_id},
         )
         outbound.note_message(conn, row.message_id)
+
+
+_LOCK_TO_GIVE_UP = sql.statement(
+    "messages.lock_to_give_up",
+    """
+    SELECT message_id, org_id, price_cents, status FROM messages
+    WHERE message_id = :message_id FOR UPDATE
+    """,
+)
 
 
 def give_up(conn: Connection, message_id: str, policy: sending.Policy, error: str) -> None:
     """Retries exhausted before anything reached Twilio: release the hold."""
     row = conn.execute(
-        text(
-            "SELECT message_id, org_id, price_cents, status FROM messages "
-            "WHERE message_id = :m FOR UPDATE"
-        ),
-        {"m": message_id},
+        _LOCK_TO_GIVE_UP,
+        {"message_id": message_id},
     ).one()
-    if row.status == "retrying":
-        _settle(conn, row, "not_sent", capture=False, error=error)
+    if row.status == MessageStatus.RETRYING:
+        _settle(conn, row, MessageStatus.NOT_SENT, capture=False, error=error)
         sending.reconcile(conn, row.org_id, policy)
 
 
@@ -507,6 +596,16 @@ class WrongSigner(Exception):
 def _signed_by(row: Row[Any], signer: str | None) -> bool:
     # The parent account's token (signer None) vouches for every subaccount's messages.
     return signer is None or signer == row.subaccount
+
+
+_KEEP_EARLY_CALLBACK = sql.statement(
+    "messages.keep_early_callback",
+    """
+    INSERT INTO early_callbacks (twilio_sid, status, price, price_unit,
+        num_segments, signer_account, message_id)
+    VALUES (:twilio_sid, :status, :price, :price_unit, :segments, :signer, :message_id)
+    """,
+)
 
 
 def apply_status_callback(
@@ -545,7 +644,7 @@ def apply_status_callback(
         row is None
         and named is not None
         and named.twilio_sid is None
-        and named.status in ("sending", "unknown")
+        and named.status in (MessageStatus.SENDING, MessageStatus.UNKNOWN)
     ):
         _adopt_sid(conn, named, sid)
         row = _lock_message(conn, sid=sid)
@@ -554,14 +653,11 @@ def apply_status_callback(
         # record_result applies it when the SID arrives, if its signer may speak for the
         # message then. Twilio does not send it again.
         conn.execute(
-            text(
-                "INSERT INTO early_callbacks (twilio_sid, status, price, price_unit, "
-                "num_segments, signer_account, message_id) "
-                "VALUES (:sid, :s, :p, :u, :n, :signer, :m)"
-            ),
+            _KEEP_EARLY_CALLBACK,
             {
-                "sid": sid, "s": status, "p": price, "u": price_unit, "n": segments,
-                "signer": signer, "m": message_id,
+                "twilio_sid": sid, "status": status, "price": price, "price_unit": price_unit,
+                "segments": segments,
+                "signer": signer, "message_id": message_id,
             },
         )  # fmt: skip
         return "pending"
@@ -571,24 +667,44 @@ def apply_status_callback(
     _record_billing(conn, _relock(conn, sid=sid), price, price_unit, segments)
     if new != row.status:  # after billing, so the event carries what the message cost
         outbound.note_message(conn, row.message_id)
-    if named is not None and named.status in ("sending", "unknown") and named.twilio_sid is None:
+    if (
+        named is not None
+        and named.status in (MessageStatus.SENDING, MessageStatus.UNKNOWN)
+        and named.twilio_sid is None
+    ):
         sending.reconcile(conn, row.org_id, policy)
         new = apply_early_callbacks(conn, sid, policy) or new
     return new
+
+
+_SET_STATUS = sql.statement(
+    "messages.set_status",
+    "UPDATE messages SET status = :status, updated_at = now() WHERE message_id = :message_id",
+)
+
+_CHARGED = sql.statement(
+    "messages.charged",
+    "SELECT charged_cents FROM messages WHERE message_id = :message_id",
+)
+
+_MARK_REFUNDED = sql.statement(
+    "messages.mark_refunded",
+    "UPDATE messages SET refunded = true WHERE message_id = :message_id",
+)
 
 
 def _apply(conn: Connection, row: Row[Any], status: str, policy: sending.Policy) -> str:
     if _RANK.get(status, 0) <= _RANK.get(row.status, 0):
         return str(row.status)
     conn.execute(
-        text("UPDATE messages SET status = :s, updated_at = now() WHERE message_id = :m"),
-        {"s": status, "m": row.message_id},
+        _SET_STATUS,
+        {"status": status, "message_id": row.message_id},
     )
-    if status == "failed":
+    if status == MessageStatus.FAILED:
         # Re-read: the charge may have grown by extra segments in this very unit.
         charged = conn.execute(
-            text("SELECT charged_cents FROM messages WHERE message_id = :m"),
-            {"m": row.message_id},
+            _CHARGED,
+            {"message_id": row.message_id},
         ).scalar_one()
         if charged > 0:
             wallet.credit(
@@ -600,8 +716,8 @@ def _apply(conn: Connection, row: Row[Any], status: str, policy: sending.Policy)
                 reason="Twilio reported the message failed",
             )
             conn.execute(
-                text("UPDATE messages SET refunded = true WHERE message_id = :m"),
-                {"m": row.message_id},
+                _MARK_REFUNDED,
+                {"message_id": row.message_id},
             )
             sending.reconcile(conn, row.org_id, policy)
     return status
@@ -609,6 +725,25 @@ def _apply(conn: Connection, row: Row[Any], status: str, policy: sending.Policy)
 
 def segments_reference(message_id: str) -> str:
     return f"msg:{message_id}:segments"
+
+
+_RECORD_PRICE = sql.statement(
+    "messages.record_price",
+    """
+    UPDATE messages SET twilio_price = :price, twilio_price_unit =
+        coalesce(:price_unit, twilio_price_unit) WHERE message_id = :message_id
+    """,
+)
+
+_RECORD_SEGMENTS = sql.statement(
+    "messages.record_segments",
+    "UPDATE messages SET twilio_num_segments = :num_segments WHERE message_id = :message_id",
+)
+
+_CHARGE_EXTRA = sql.statement(
+    "messages.charge_extra",
+    "UPDATE messages SET charged_cents = charged_cents + :amount WHERE message_id = :message_id",
+)
 
 
 def _record_billing(
@@ -625,17 +760,14 @@ def _record_billing(
     more; one refunded after the extra was charged gets that back with the rest."""
     if price is not None and str(price) != "":
         conn.execute(
-            text(
-                "UPDATE messages SET twilio_price = :p, twilio_price_unit = "
-                "coalesce(:u, twilio_price_unit) WHERE message_id = :m"
-            ),
-            {"p": str(price), "u": price_unit, "m": row.message_id},
+            _RECORD_PRICE,
+            {"price": str(price), "price_unit": price_unit, "message_id": row.message_id},
         )
     if num_segments is None or num_segments < 1:
         return
     conn.execute(
-        text("UPDATE messages SET twilio_num_segments = :n WHERE message_id = :m"),
-        {"n": num_segments, "m": row.message_id},
+        _RECORD_SEGMENTS,
+        {"num_segments": num_segments, "message_id": row.message_id},
     )
     extra = num_segments - row.segments
     if extra <= 0 or row.price_cents <= 0 or row.refunded:
@@ -649,8 +781,8 @@ def _record_billing(
         reason=f"Twilio billed {num_segments} segments, {row.segments} were held",
     )  # fmt: skip
     conn.execute(
-        text("UPDATE messages SET charged_cents = charged_cents + :a WHERE message_id = :m"),
-        {"a": amount, "m": row.message_id},
+        _CHARGE_EXTRA,
+        {"amount": amount, "message_id": row.message_id},
     )
 
 
@@ -662,22 +794,32 @@ def _parse_segments(value: object) -> int | None:
     return n if n > 0 else None
 
 
+_LOCK_SID = sql.statement(
+    "messages.lock_sid",
+    "SELECT pg_advisory_xact_lock(hashtext('twilio-sid:' || :twilio_sid))",
+)
+
+
 def _lock_sid(conn: Connection, sid: str) -> None:
     """Serialize a SID's callback with the worker's recording of that SID."""
-    conn.execute(
-        text("SELECT pg_advisory_xact_lock(hashtext('twilio-sid:' || :sid))"), {"sid": sid}
-    )
+    conn.execute(_LOCK_SID, {"twilio_sid": sid})
+
+
+_TAKE_EARLY_CALLBACKS = sql.statement(
+    "messages.take_early_callbacks",
+    """
+    DELETE FROM early_callbacks WHERE twilio_sid = :twilio_sid
+    RETURNING status, price, price_unit, num_segments, signer_account, id
+    """,
+)
 
 
 def apply_early_callbacks(conn: Connection, sid: str, policy: sending.Policy) -> str | None:
     """Apply, in arrival order, callbacks that came before the SID was recorded; one whose
     signer did not send this message is dropped (it could not have spoken for it then)."""
     early = conn.execute(
-        text(
-            "DELETE FROM early_callbacks WHERE twilio_sid = :sid "
-            "RETURNING status, price, price_unit, num_segments, signer_account, id"
-        ),
-        {"sid": sid},
+        _TAKE_EARLY_CALLBACKS,
+        {"twilio_sid": sid},
     ).all()
     status = None
     for cb in sorted(early, key=lambda r: r.id):
@@ -712,27 +854,59 @@ class SegmentMismatch:
         }
 
 
+_SEGMENT_MISMATCHES = sql.statement(
+    "messages.segment_mismatches",
+    """
+    SELECT m.message_id, m.org_id, m.segments AS charged_segments,
+           m.twilio_num_segments AS twilio_segments, count(*) OVER () AS total
+    FROM messages m
+    LEFT JOIN journal j ON j.org_id = m.org_id AND j.reference = 'msg:' || m.message_id || :suffix
+    WHERE m.twilio_num_segments IS NOT NULL AND m.twilio_num_segments <> m.segments
+      AND m.price_cents > 0 AND m.charged_cents > 0 AND NOT m.refunded
+      AND j.id IS NULL
+    ORDER BY m.message_id
+    LIMIT :limit
+    """,
+)
+
+
 def segment_mismatches(conn: Connection, limit: int = 1000) -> tuple[int, list[SegmentMismatch]]:
     """How many charged, unrefunded messages Twilio billed for other than the segments
     charged, and the first `limit` of them. A message charged its extra segments
     (`msg:<id>:segments`) agrees; one billed fewer than held, or more but not charged, does
     not. Reads only messages whose Twilio count differs from the held one (a partial index)."""
     rows = conn.execute(
-        text("""
-SELECT m.message_id, m.org_id, m.segments AS charged_segments,
-       m.twilio_num_segments AS twilio_segments, count(*) OVER () AS total
-FROM messages m
-LEFT JOIN journal j ON j.org_id = m.org_id AND j.reference = 'msg:' || m.message_id || :suffix
-WHERE m.twilio_num_segments IS NOT NULL AND m.twilio_num_segments <> m.segments
-  AND m.price_cents > 0 AND m.charged_cents > 0 AND NOT m.refunded
-  AND j.id IS NULL
-ORDER BY m.message_id
-LIMIT :limit
-"""),
+        _SEGMENT_MISMATCHES,
         {"limit": limit, "suffix": ":segments"},
     ).all()
     found = [SegmentMismatch(*r[:4]) for r in rows]
     return (int(rows[0].total) if rows else 0), found
+
+
+_STALE_HOLDS = sql.statement(
+    "messages.stale_holds",
+    """
+    SELECT h.org_id, h.reference, m.message_id, m.status, m.price_cents
+    FROM holds h LEFT JOIN messages m ON 'msg:' || m.message_id = h.reference
+    WHERE h.status = 'open' AND h.created_at < :cutoff ORDER BY h.created_at
+    LIMIT :limit FOR UPDATE OF h SKIP LOCKED
+    """,
+)
+
+_SETTLE_STALE = sql.statement(
+    "messages.settle_stale",
+    """
+    UPDATE messages SET status = CASE WHEN status = 'sending'
+        THEN 'unknown' WHEN status IN ('queued', 'retrying') THEN 'not_sent'
+        ELSE status END, charged_cents = CASE WHEN :may_have_been_sent THEN price_cents
+        ELSE charged_cents END, updated_at = now() WHERE message_id = :message_id
+    """,
+)
+
+_PRUNE_EARLY_CALLBACKS = sql.statement(
+    "messages.prune_early_callbacks",
+    "DELETE FROM early_callbacks WHERE received_at < now() - interval '1 day'",
+)
 
 
 def expire_stale_holds(
@@ -743,29 +917,24 @@ def expire_stale_holds(
 
     def run(conn: Connection) -> int:
         rows = conn.execute(
-            text(
-                "SELECT h.org_id, h.reference, m.message_id, m.status, m.price_cents "
-                "FROM holds h LEFT JOIN messages m ON 'msg:' || m.message_id = h.reference "
-                "WHERE h.status = 'open' AND h.created_at < :cut ORDER BY h.created_at "
-                "LIMIT :l FOR UPDATE OF h SKIP LOCKED"
-            ),
-            {"cut": cutoff, "l": limit},
+            _STALE_HOLDS,
+            {"cutoff": cutoff, "limit": limit},
         ).all()
         for r in rows:
-            may_have_been_sent = r.status in ("sending", "accepted", "unknown", None)
+            may_have_been_sent = r.status in (
+                MessageStatus.SENDING,
+                MessageStatus.ACCEPTED,
+                MessageStatus.UNKNOWN,
+                None,
+            )
             if may_have_been_sent:
                 wallet.capture(conn, r.org_id, r.reference)
             else:
                 wallet.release(conn, r.org_id, r.reference)
             if r.message_id:
                 conn.execute(
-                    text(
-                        "UPDATE messages SET status = CASE WHEN status = 'sending' "
-                        "THEN 'unknown' WHEN status IN ('queued', 'retrying') THEN 'not_sent' "
-                        "ELSE status END, charged_cents = CASE WHEN :cap THEN price_cents "
-                        "ELSE charged_cents END, updated_at = now() WHERE message_id = :m"
-                    ),
-                    {"cap": may_have_been_sent, "m": r.message_id},
+                    _SETTLE_STALE,
+                    {"may_have_been_sent": may_have_been_sent, "message_id": r.message_id},
                 )
                 outbound.note_message(conn, r.message_id)
             log.info(
@@ -777,9 +946,7 @@ def expire_stale_holds(
                 },
             )
         # Callbacks for SIDs no worker ever recorded (not Payguard's messages) go after a day.
-        conn.execute(
-            text("DELETE FROM early_callbacks WHERE received_at < now() - interval '1 day'")
-        )
+        conn.execute(_PRUNE_EARLY_CALLBACKS)
         for org_id in {r.org_id for r in rows}:
             sending.reconcile(conn, org_id, policy)
         return len(rows)

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
+from core import sql
 from core.errors import InvalidInput, NotFound, Refused
+from core.statuses import Billing
 
 ORG_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
 SUBACCOUNT_RE = re.compile(r"^AC[0-9a-fA-F]{32}$")
@@ -20,7 +22,7 @@ MESSAGING_SERVICE_RE = re.compile(r"^MG[0-9a-fA-F]{32}$")
 
 # `subscription`: may send only while a subscription is active (none at all is none active);
 # `prepaid`: money alone decides.
-BILLING_MODES = ("subscription", "prepaid")
+BILLING_MODES = tuple(b.value for b in Billing)  # plain strings: the CLI offers them
 # Amounts an organization's settings may name: far above any real figure, and within their
 # columns (segment_price_cents is an integer, low_balance_cents a bigint).
 MAX_SEGMENT_PRICE_CENTS = 1_000_000
@@ -37,7 +39,7 @@ class Organization:
     twilio_desired_status: str
     twilio_status: str
     created_at: datetime
-    billing: str = "subscription"
+    billing: str = Billing.SUBSCRIPTION
     low_balance_cents: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -63,6 +65,22 @@ def validate_org_id(org_id: object) -> str:
     return org_id
 
 
+_INSERT_ORG = sql.statement(
+    "orgs.insert_org",
+    """
+    INSERT INTO organizations (org_id, currency, segment_price_cents,
+        twilio_subaccount_sid, sender, billing, low_balance_cents)
+    VALUES (:org_id, :currency, :segment_price_cents, :twilio_subaccount_sid, :sender, :billing,
+            :low_balance_cents)
+    """,
+)
+
+_INSERT_WALLET = sql.statement(
+    "orgs.insert_wallet",
+    "INSERT INTO wallets (org_id, currency) VALUES (:org_id, :currency)",
+)
+
+
 def create(
     conn: Connection,
     org_id: str,
@@ -71,7 +89,7 @@ def create(
     twilio_subaccount_sid: str | None = None,
     sender: str | None = None,
     segment_price_cents: int | None = None,
-    billing: str = "subscription",
+    billing: str = Billing.SUBSCRIPTION,
     low_balance_cents: int | None = None,
 ) -> Organization:
     validate_org_id(org_id)
@@ -85,24 +103,20 @@ def create(
     try:
         with conn.begin_nested():
             conn.execute(
-                text(
-                    "INSERT INTO organizations (org_id, currency, segment_price_cents, "
-                    "twilio_subaccount_sid, sender, billing, low_balance_cents) "
-                    "VALUES (:o, :c, :p, :s, :snd, :billing, :low)"
-                ),
+                _INSERT_ORG,
                 {
-                    "o": org_id,
-                    "c": currency,
-                    "p": segment_price_cents,
-                    "s": twilio_subaccount_sid,
-                    "snd": sender,
+                    "org_id": org_id,
+                    "currency": currency,
+                    "segment_price_cents": segment_price_cents,
+                    "twilio_subaccount_sid": twilio_subaccount_sid,
+                    "sender": sender,
                     "billing": billing,
-                    "low": low_balance_cents,
+                    "low_balance_cents": low_balance_cents,
                 },
             )
             conn.execute(
-                text("INSERT INTO wallets (org_id, currency) VALUES (:o, :c)"),
-                {"o": org_id, "c": currency},
+                _INSERT_WALLET,
+                {"org_id": org_id, "currency": currency},
             )
     except IntegrityError as exc:
         if "twilio_subaccount_sid" in str(exc.orig):
@@ -139,6 +153,30 @@ def _validate_settings(
 UPDATABLE = ("sender", "segment_price_cents", "low_balance_cents", "twilio_subaccount_sid")
 
 
+# One statement for any of UPDATABLE: a setting not being changed is set to what it is.
+_UPDATE = sql.statement(
+    "orgs.update",
+    """
+    UPDATE organizations SET
+        sender = CASE WHEN :change_sender THEN :sender ELSE sender END,
+        segment_price_cents = CASE WHEN :change_segment_price_cents
+                                   THEN :segment_price_cents ELSE segment_price_cents END,
+        low_balance_cents = CASE WHEN :change_low_balance_cents
+                                 THEN :low_balance_cents ELSE low_balance_cents END,
+        twilio_subaccount_sid = CASE WHEN :change_twilio_subaccount_sid
+                                     THEN :twilio_subaccount_sid ELSE twilio_subaccount_sid END,
+        -- A new subaccount's status at Twilio is unknown: while the organization's should be
+        -- suspended, count it as active so the converge job suspends it too (else Twilio
+        -- would go on billing a customer who stopped paying).
+        twilio_status = CASE WHEN :change_twilio_subaccount_sid
+                              AND twilio_subaccount_sid IS DISTINCT FROM :twilio_subaccount_sid
+                              AND twilio_desired_status = 'suspended'
+                             THEN 'active' ELSE twilio_status END
+    WHERE org_id = :org_id RETURNING 1
+    """,
+)
+
+
 def update(conn: Connection, org_id: str, changes: dict[str, object]) -> Organization:
     """Change some of an organization's settings (UPDATABLE) in one statement."""
     unknown = set(changes) - set(UPDATABLE)
@@ -151,22 +189,13 @@ def update(conn: Connection, org_id: str, changes: dict[str, object]) -> Organiz
         changes.get("low_balance_cents"),
     )
     if changes:
-        assignments = ", ".join(f"{name} = :{name}" for name in changes)  # names from UPDATABLE
-        if "twilio_subaccount_sid" in changes:
-            # A new subaccount's status at Twilio is unknown: while the organization's should
-            # be suspended, count it as active so the converge job suspends it too (else
-            # Twilio would go on billing a customer who stopped paying).
-            assignments += (
-                ", twilio_status = CASE WHEN twilio_subaccount_sid IS DISTINCT FROM "
-                ":twilio_subaccount_sid AND twilio_desired_status = 'suspended' "
-                "THEN 'active' ELSE twilio_status END"
-            )
+        params: dict[str, object] = {"org_id": org_id}
+        for name in UPDATABLE:
+            params[name] = changes.get(name)
+            params[f"change_{name}"] = name in changes
         try:
             with conn.begin_nested():
-                found = conn.execute(
-                    text(f"UPDATE organizations SET {assignments} WHERE org_id = :o RETURNING 1"),
-                    {**changes, "o": org_id},
-                ).first()
+                found = conn.execute(_UPDATE, params).first()
         except IntegrityError:
             raise Refused("that Twilio subaccount belongs to another organization") from None
         if found is None:
@@ -174,15 +203,21 @@ def update(conn: Connection, org_id: str, changes: dict[str, object]) -> Organiz
     return get(conn, org_id)
 
 
+_GET = sql.statement(
+    "orgs.get",
+    """
+    SELECT org_id, currency, segment_price_cents, twilio_subaccount_sid, sender,
+        twilio_desired_status, twilio_status, created_at, billing, low_balance_cents
+    FROM organizations
+    WHERE org_id = :org_id
+    """,
+)
+
+
 def get(conn: Connection, org_id: str) -> Organization:
     row = conn.execute(
-        text(
-            "SELECT org_id, currency, segment_price_cents, twilio_subaccount_sid, sender, "
-            "twilio_desired_status, twilio_status, created_at, billing, low_balance_cents "
-            "FROM organizations "
-            "WHERE org_id = :o"
-        ),
-        {"o": org_id},
+        _GET,
+        {"org_id": org_id},
     ).first()
     if row is None:
         raise NotFound(f"unknown organization {org_id!r}")
@@ -197,24 +232,39 @@ def _threshold(cents: object) -> int | None:
     return cents
 
 
+_SET_LOW_BALANCE = sql.statement(
+    "orgs.set_low_balance",
+    """
+    UPDATE organizations SET low_balance_cents = :low_balance_cents
+    WHERE org_id = :org_id RETURNING 1
+    """,
+)
+
+
 def set_low_balance(conn: Connection, org_id: str, cents: int | None) -> Organization:
     """Set (or clear, with None) the available balance below which wallet.low_balance fires.
     Whether the wallet is below the new threshold is reported by the next money move."""
     _threshold(cents)
     row = conn.execute(
-        text("UPDATE organizations SET low_balance_cents = :c WHERE org_id = :o RETURNING 1"),
-        {"o": org_id, "c": cents},
+        _SET_LOW_BALANCE,
+        {"org_id": org_id, "low_balance_cents": cents},
     ).first()
     if row is None:
         raise NotFound(f"unknown organization {org_id!r}")
     return get(conn, org_id)
 
 
+_EXISTS = sql.statement("orgs.exists", "SELECT 1 FROM organizations WHERE org_id = :org_id")
+
+
 def exists(conn: Connection, org_id: str) -> bool:
-    return (
-        conn.execute(text("SELECT 1 FROM organizations WHERE org_id = :o"), {"o": org_id}).first()
-        is not None
-    )
+    return conn.execute(_EXISTS, {"org_id": org_id}).first() is not None
+
+
+_IDS_AFTER = sql.statement(
+    "orgs.ids_after",
+    "SELECT org_id FROM organizations WHERE org_id > :after ORDER BY org_id LIMIT :limit",
+)
 
 
 def ids_after(conn: Connection, after: str, limit: int) -> list[str]:
@@ -222,7 +272,7 @@ def ids_after(conn: Connection, after: str, limit: int) -> list[str]:
     over every organization costs one index range scan per page however many there are."""
     return list(
         conn.execute(
-            text("SELECT org_id FROM organizations WHERE org_id > :a ORDER BY org_id LIMIT :n"),
-            {"a": after, "n": limit},
+            _IDS_AFTER,
+            {"after": after, "limit": limit},
         ).scalars()
     )

@@ -21,12 +21,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
-from core import audit
+from core import audit, sql
 from core.errors import InvalidInput, NotFound
 from core.outbound_net import Answer, Resolver, check_url, system_resolver
 from core.settings import ConfigError, Settings
+from core.statuses import DeliveryStatus
 from core.webhook_signing import new_secret, signature_header
 
 EVENT_TYPES = (
@@ -47,7 +48,7 @@ EVENT_TYPES = (
 # redeliver it.
 RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 36000)
 ROTATION_OVERLAP = timedelta(hours=24)
-DELIVERY_STATUSES = ("pending", "delivering", "delivered", "failed", "cancelled")
+DELIVERY_STATUSES = tuple(s.value for s in DeliveryStatus)  # plain strings: the CLI offers them
 
 
 @dataclass(frozen=True)
@@ -100,29 +101,51 @@ class OutboundPolicy:
 # beyond the lowest such lock still held. One lock per transaction, however many events.
 _INFLIGHT_LOCKS = 0x70677576  # the advisory lock namespace ("pguv")
 _SEQ_MOD = 2**31
-_NEXT_SEQUENCE = text(f"""
-SELECT q.s FROM (SELECT nextval('outbound_events_sequence_seq') AS s) q
-LEFT JOIN LATERAL (
-    SELECT pg_advisory_xact_lock(:ns, CAST(q.s % {_SEQ_MOD} AS integer)),
-           set_config('payguard.outbound_first', CAST(q.s AS text), true)
-    WHERE coalesce(current_setting('payguard.outbound_first', true), '') = ''
-) first ON true
-""")
-_INFLIGHT_FLOOR = text(f"""
-SELECT min(last.v - (((last.v - l.objid::bigint) % {_SEQ_MOD}) + {_SEQ_MOD}) % {_SEQ_MOD})
-FROM pg_locks l, (SELECT last_value AS v FROM outbound_events_sequence_seq) last
-WHERE l.locktype = 'advisory' AND l.classid::bigint = :ns AND l.objsubid = 2
-  -- pg_locks shows every database's locks: another Payguard database on the server has
-  -- sequences of its own.
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-""")
+_NEXT_SEQUENCE = sql.statement(
+    "outbound.next_sequence",
+    f"""
+    SELECT q.s FROM (SELECT nextval('outbound_events_sequence_seq') AS s) q
+    LEFT JOIN LATERAL (
+        SELECT pg_advisory_xact_lock(:lock_class, CAST(q.s % {_SEQ_MOD} AS integer)),
+               set_config('payguard.outbound_first', CAST(q.s AS text), true)
+        WHERE coalesce(current_setting('payguard.outbound_first', true), '') = ''
+    ) first ON true
+    """,
+)
+_INFLIGHT_FLOOR = sql.statement(
+    "outbound.inflight_floor",
+    f"""
+    SELECT min(last.v - (((last.v - l.objid::bigint) % {_SEQ_MOD}) + {_SEQ_MOD}) % {_SEQ_MOD})
+    FROM pg_locks l, (SELECT last_value AS v FROM outbound_events_sequence_seq) last
+    WHERE l.locktype = 'advisory' AND l.classid::bigint = :lock_class AND l.objsubid = 2
+      -- pg_locks shows every database's locks: another Payguard database on the server has
+      -- sequences of its own.
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    """,
+)
+
+
+_RECORD = sql.statement(
+    "outbound.record",
+    """
+    WITH e AS (
+        INSERT INTO outbound_events (sequence, event_id, type, org_id, body)
+        VALUES (:sequence, :event_id, :type, :org_id, :body) RETURNING sequence
+    )
+    INSERT INTO outbound_deliveries (sequence, endpoint_id)
+    SELECT e.sequence, ep.endpoint_id FROM e, outbound_endpoints ep
+    WHERE ep.deleted_at IS NULL
+      AND (ep.org_id IS NULL OR ep.org_id = CAST(:org_id AS text))
+      AND (ep.events IS NULL OR CAST(:type AS text) = ANY(ep.events))
+    """,
+)
 
 
 def record(conn: Connection, type_: str, org_id: str | None, data: dict[str, Any]) -> int:
     """Record one event and its deliveries in the caller's transaction; its sequence."""
     if type_ not in EVENT_TYPES:
         raise InvalidInput(f"unknown event type {type_!r}")
-    seq = conn.execute(_NEXT_SEQUENCE, {"ns": _INFLIGHT_LOCKS}).scalar_one()
+    seq = conn.execute(_NEXT_SEQUENCE, {"lock_class": _INFLIGHT_LOCKS}).scalar_one()
     body = json.dumps(
         {
             "type": type_,
@@ -134,38 +157,41 @@ def record(conn: Connection, type_: str, org_id: str | None, data: dict[str, Any
         sort_keys=True,
     )
     conn.execute(
-        text("""
-        WITH e AS (
-            INSERT INTO outbound_events (sequence, event_id, type, org_id, body)
-            VALUES (:seq, :eid, :type, :org, :body) RETURNING sequence
-        )
-        INSERT INTO outbound_deliveries (sequence, endpoint_id)
-        SELECT e.sequence, ep.endpoint_id FROM e, outbound_endpoints ep
-        WHERE ep.deleted_at IS NULL
-          AND (ep.org_id IS NULL OR ep.org_id = CAST(:org AS text))
-          AND (ep.events IS NULL OR CAST(:type AS text) = ANY(ep.events))
-        """),
-        {"seq": seq, "eid": f"msg_{uuid.uuid4().hex}", "type": type_, "org": org_id, "body": body},
+        _RECORD,
+        {
+            "sequence": seq,
+            "event_id": f"msg_{uuid.uuid4().hex}",
+            "type": type_,
+            "org_id": org_id,
+            "body": body,
+        },
     )
     return int(seq)
 
 
-_NEXT_SEQUENCES = text(
-    "SELECT nextval('outbound_events_sequence_seq') FROM generate_series(1, :n) ORDER BY 1"
+_NEXT_SEQUENCES = sql.statement(
+    "outbound.next_sequences",
+    """
+    SELECT nextval('outbound_events_sequence_seq') FROM generate_series(1, :count) ORDER BY 1
+    """,
 )
-_RECORD_MANY = text("""
-WITH e AS (
-    INSERT INTO outbound_events (sequence, event_id, type, org_id, body)
-    SELECT u.seq, u.eid, u.type, u.org, u.body
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS u(seq bigint, eid text, type text, org text, body text)
-    RETURNING sequence, type, org_id
+_RECORD_MANY = sql.statement(
+    "outbound.record_many",
+    """
+    WITH e AS (
+        INSERT INTO outbound_events (sequence, event_id, type, org_id, body)
+        SELECT u.seq, u.eid, u.type, u.org, u.body
+        FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+             AS u(seq bigint, eid text, type text, org text, body text)
+        RETURNING sequence, type, org_id
+    )
+    INSERT INTO outbound_deliveries (sequence, endpoint_id)
+    SELECT e.sequence, ep.endpoint_id FROM e, outbound_endpoints ep
+    WHERE ep.deleted_at IS NULL
+      AND (ep.org_id IS NULL OR ep.org_id = e.org_id)
+      AND (ep.events IS NULL OR e.type = ANY(ep.events))
+    """,
 )
-INSERT INTO outbound_deliveries (sequence, endpoint_id)
-SELECT e.sequence, ep.endpoint_id FROM e, outbound_endpoints ep
-WHERE ep.deleted_at IS NULL
-  AND (ep.org_id IS NULL OR ep.org_id = e.org_id)
-  AND (ep.events IS NULL OR e.type = ANY(ep.events))
-""")
 
 
 def record_many(
@@ -180,9 +206,9 @@ def record_many(
         if type_ not in EVENT_TYPES:
             raise InvalidInput(f"unknown event type {type_!r}")
     # The first sequence takes the in-flight lock as `record`'s does; the rest follow it.
-    sequences = [conn.execute(_NEXT_SEQUENCE, {"ns": _INFLIGHT_LOCKS}).scalar_one()]
+    sequences = [conn.execute(_NEXT_SEQUENCE, {"lock_class": _INFLIGHT_LOCKS}).scalar_one()]
     if len(events) > 1:
-        sequences += conn.execute(_NEXT_SEQUENCES, {"n": len(events) - 1}).scalars()
+        sequences += conn.execute(_NEXT_SEQUENCES, {"count": len(events) - 1}).scalars()
     timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     rows = [
         {
@@ -202,16 +228,22 @@ def record_many(
     return [int(seq) for seq in sequences]
 
 
+_NOTE_MAY_SEND = sql.statement(
+    "outbound.note_may_send",
+    """
+    UPDATE organizations o SET last_can_send = :can_send FROM organizations old
+    WHERE o.org_id = :org_id AND old.org_id = o.org_id
+    AND o.last_can_send IS DISTINCT FROM :can_send RETURNING old.last_can_send
+    """,
+)
+
+
 def note_may_send(conn: Connection, org_id: str, can_send: bool, reasons: list[str]) -> None:
     """organization.sending_blocked / _allowed, only when the answer flips (the last one
     reported is kept on the organization; an unknown last answer is recorded quietly)."""
     row = conn.execute(
-        text(
-            "UPDATE organizations o SET last_can_send = :c FROM organizations old "
-            "WHERE o.org_id = :o AND old.org_id = o.org_id "
-            "AND o.last_can_send IS DISTINCT FROM :c RETURNING old.last_can_send"
-        ),
-        {"o": org_id, "c": can_send},
+        _NOTE_MAY_SEND,
+        {"org_id": org_id, "can_send": can_send},
     ).first()
     if row is not None and row.last_can_send is not None:
         kind = "organization.sending_allowed" if can_send else "organization.sending_blocked"
@@ -231,11 +263,17 @@ def note_campaign(
     )
 
 
+_NOTE_MESSAGE = sql.statement(
+    "outbound.note_message",
+    "SELECT org_id, status, charged_cents FROM messages WHERE message_id = :message_id",
+)
+
+
 def note_message(conn: Connection, message_id: str) -> None:
     """message.updated with the message's status as it now stands."""
     row = conn.execute(
-        text("SELECT org_id, status, charged_cents FROM messages WHERE message_id = :m"),
-        {"m": message_id},
+        _NOTE_MESSAGE,
+        {"message_id": message_id},
     ).one()
     record(
         conn,
@@ -250,6 +288,15 @@ def note_message(conn: Connection, message_id: str) -> None:
     )
 
 
+_MESSAGES_UPDATED = sql.statement(
+    "outbound.messages_updated",
+    """
+    SELECT message_id, org_id, status, charged_cents FROM messages
+    WHERE message_id = ANY(CAST(:message_ids AS text[]))
+    """,
+)
+
+
 def note_messages(conn: Connection, message_ids: list[str]) -> None:
     """message.updated for each message, in the order given, as `note_message` (one event
     each), recorded together (`record_many`)."""
@@ -258,11 +305,8 @@ def note_messages(conn: Connection, message_ids: list[str]) -> None:
     rows = {
         r.message_id: r
         for r in conn.execute(
-            text(
-                "SELECT message_id, org_id, status, charged_cents FROM messages "
-                "WHERE message_id = ANY(CAST(:m AS text[]))"
-            ),
-            {"m": list(message_ids)},
+            _MESSAGES_UPDATED,
+            {"message_ids": list(message_ids)},
         )
     }
     record_many(
@@ -283,21 +327,24 @@ def note_messages(conn: Connection, message_ids: list[str]) -> None:
     )
 
 
-_LOW_BALANCE = text("""
-UPDATE wallets w SET low_balance_reported = (w.balance_cents - w.held_cents < o.low_balance_cents)
-FROM organizations o
-WHERE w.org_id = :org AND o.org_id = w.org_id AND o.low_balance_cents IS NOT NULL
-  AND w.low_balance_reported IS DISTINCT FROM (w.balance_cents - w.held_cents < o.low_balance_cents)
-RETURNING w.low_balance_reported AS low, w.balance_cents - w.held_cents AS available,
-          o.low_balance_cents AS threshold
-""")
+_LOW_BALANCE = sql.statement(
+    "outbound.low_balance",
+    """
+    UPDATE wallets w SET low_balance_reported = (w.balance_cents - w.held_cents < o.low_balance_cents)
+    FROM organizations o
+    WHERE w.org_id = :org_id AND o.org_id = w.org_id AND o.low_balance_cents IS NOT NULL
+      AND w.low_balance_reported IS DISTINCT FROM (w.balance_cents - w.held_cents < o.low_balance_cents)
+    RETURNING w.low_balance_reported AS low, w.balance_cents - w.held_cents AS available,
+              o.low_balance_cents AS threshold
+    """,
+)
 
 
 def note_balance(conn: Connection, org_id: str) -> None:
     """After a money move, in its transaction: wallet.low_balance once per fall below the
     threshold. The wallet's flag is flipped by one guarded statement on the row the money
     move has locked, so concurrent moves cannot report one crossing twice."""
-    row = conn.execute(_LOW_BALANCE, {"org": org_id}).first()
+    row = conn.execute(_LOW_BALANCE, {"org_id": org_id}).first()
     if row is not None and row.low:
         record(
             conn,
@@ -343,6 +390,20 @@ def _events_filter(events: object) -> list[str] | None:
     return sorted(set(events))
 
 
+_ORG_EXISTS = sql.statement(
+    "outbound.org_exists",
+    "SELECT 1 FROM organizations WHERE org_id = :org_id",
+)
+
+_INSERT_ENDPOINT = sql.statement(
+    "outbound.insert_endpoint",
+    """
+    INSERT INTO outbound_endpoints (endpoint_id, url, events, org_id, secret_enc, created_by)
+    VALUES (:endpoint_id, :url, :events, :org_id, :secret_enc, :actor)
+    """,
+)
+
+
 def create_endpoint(
     conn: Connection,
     url: str,
@@ -355,26 +416,18 @@ def create_endpoint(
     """Register an endpoint; the secret is returned here once and stored only encrypted."""
     check_url(url, policy.resolver, allow_private=policy.allow_private)
     wanted = _events_filter(events)
-    if (
-        org_id is not None
-        and not conn.execute(
-            text("SELECT 1 FROM organizations WHERE org_id = :o"), {"o": org_id}
-        ).first()
-    ):
+    if org_id is not None and not conn.execute(_ORG_EXISTS, {"org_id": org_id}).first():
         raise NotFound(f"unknown organization {org_id!r}")
     secret = new_secret()
     endpoint_id = f"ep_{uuid.uuid4().hex}"
     conn.execute(
-        text(
-            "INSERT INTO outbound_endpoints (endpoint_id, url, events, org_id, secret_enc, "
-            "created_by) VALUES (:id, :url, :ev, :org, :enc, :actor)"
-        ),
+        _INSERT_ENDPOINT,
         {
-            "id": endpoint_id,
+            "endpoint_id": endpoint_id,
             "url": url,
-            "ev": wanted,
-            "org": org_id,
-            "enc": policy.fernet().encrypt(secret.encode()).decode(),
+            "events": wanted,
+            "org_id": org_id,
+            "secret_enc": policy.fernet().encrypt(secret.encode()).decode(),
             "actor": actor,
         },
     )
@@ -388,47 +441,72 @@ def create_endpoint(
     return get_endpoint(conn, endpoint_id), secret
 
 
+_GET_ENDPOINT = sql.statement(
+    "outbound.get_endpoint",
+    f"""
+    SELECT {_EP_COLUMNS} FROM outbound_endpoints WHERE endpoint_id = :endpoint_id
+    AND deleted_at IS NULL
+    """,
+)
+
+
 def get_endpoint(conn: Connection, endpoint_id: str) -> Endpoint:
     row = conn.execute(
-        text(f"SELECT {_EP_COLUMNS} FROM outbound_endpoints WHERE endpoint_id = :id "
-             "AND deleted_at IS NULL"),
-        {"id": endpoint_id},
+        _GET_ENDPOINT,
+        {"endpoint_id": endpoint_id},
     ).first()  # fmt: skip
     if row is None:
         raise NotFound(f"no webhook endpoint {endpoint_id!r}")
     return Endpoint(**row._mapping)
 
 
+_LIST_ENDPOINTS = sql.statement(
+    "outbound.list_endpoints",
+    f"""
+    SELECT {_EP_COLUMNS} FROM outbound_endpoints WHERE deleted_at IS NULL
+    AND (CAST(:org_ids AS text[]) IS NULL OR org_id = ANY(CAST(:org_ids AS text[])))
+    ORDER BY created_at, endpoint_id
+    """,
+)
+
+
 def list_endpoints(conn: Connection, org_ids: list[str] | None = None) -> list[Endpoint]:
     """Live endpoints, all or those confined to the given organizations."""
     rows = conn.execute(
-        text(
-            f"SELECT {_EP_COLUMNS} FROM outbound_endpoints WHERE deleted_at IS NULL "
-            "AND (CAST(:orgs AS text[]) IS NULL OR org_id = ANY(CAST(:orgs AS text[]))) "
-            "ORDER BY created_at, endpoint_id"
-        ),
-        {"orgs": org_ids},
+        _LIST_ENDPOINTS,
+        {"org_ids": org_ids},
     )
     return [Endpoint(**r._mapping) for r in rows]
+
+
+_DELETE_ENDPOINT = sql.statement(
+    "outbound.delete_endpoint",
+    """
+    UPDATE outbound_endpoints SET deleted_at = now()
+    WHERE endpoint_id = :endpoint_id AND deleted_at IS NULL RETURNING org_id
+    """,
+)
+
+_CANCEL_DELIVERIES = sql.statement(
+    "outbound.cancel_deliveries",
+    """
+    UPDATE outbound_deliveries SET status = 'cancelled', lease_token = NULL
+    WHERE endpoint_id = :endpoint_id AND status IN ('pending', 'delivering')
+    """,
+)
 
 
 def delete_endpoint(conn: Connection, endpoint_id: str, actor: str) -> None:
     """No delivery to it after this commits: what is pending is cancelled with it."""
     row = conn.execute(
-        text(
-            "UPDATE outbound_endpoints SET deleted_at = now() "
-            "WHERE endpoint_id = :id AND deleted_at IS NULL RETURNING org_id"
-        ),
-        {"id": endpoint_id},
+        _DELETE_ENDPOINT,
+        {"endpoint_id": endpoint_id},
     ).first()
     if row is None:
         raise NotFound(f"no webhook endpoint {endpoint_id!r}")
     conn.execute(
-        text(
-            "UPDATE outbound_deliveries SET status = 'cancelled', lease_token = NULL "
-            "WHERE endpoint_id = :id AND status IN ('pending', 'delivering')"
-        ),
-        {"id": endpoint_id},
+        _CANCEL_DELIVERIES,
+        {"endpoint_id": endpoint_id},
     )
     audit.record(
         conn, actor=actor, action="endpoint.delete", org_id=row.org_id,
@@ -436,17 +514,23 @@ def delete_endpoint(conn: Connection, endpoint_id: str, actor: str) -> None:
     )  # fmt: skip
 
 
+_ROTATE_SECRET = sql.statement(
+    "outbound.rotate_secret",
+    """
+    UPDATE outbound_endpoints SET previous_secret_enc = secret_enc,
+        previous_until = now() + CAST(:overlap AS interval), secret_enc = :secret_enc
+    WHERE endpoint_id = :endpoint_id AND deleted_at IS NULL RETURNING org_id
+    """,
+)
+
+
 def rotate_secret(conn: Connection, endpoint_id: str, actor: str, *, policy: OutboundPolicy) -> str:
     """A new secret, shown once; the old one keeps signing too for 24 hours."""
     fernet = policy.fernet()
     secret = new_secret()
     row = conn.execute(
-        text(
-            "UPDATE outbound_endpoints SET previous_secret_enc = secret_enc, "
-            "previous_until = now() + :overlap, secret_enc = :enc "
-            "WHERE endpoint_id = :id AND deleted_at IS NULL RETURNING org_id"
-        ),
-        {"id": endpoint_id, "enc": fernet.encrypt(secret.encode()).decode(),
+        _ROTATE_SECRET,
+        {"endpoint_id": endpoint_id, "secret_enc": fernet.encrypt(secret.encode()).decode(),
          "overlap": ROTATION_OVERLAP},
     ).first()  # fmt: skip
     if row is None:
@@ -461,6 +545,17 @@ def rotate_secret(conn: Connection, endpoint_id: str, actor: str, *, policy: Out
 # ---------------------------------------------------------------- reading events
 
 
+_EVENTS_AFTER = sql.statement(
+    "outbound.events_after",
+    """
+    SELECT event_id, body FROM outbound_events WHERE sequence > :after
+    AND (CAST(:floor AS bigint) IS NULL OR sequence < CAST(:floor AS bigint))
+    AND (CAST(:org_ids AS text[]) IS NULL OR org_id = ANY(CAST(:org_ids AS text[])))
+    ORDER BY sequence LIMIT :limit
+    """,
+)
+
+
 def events_after(
     conn: Connection, after: int, limit: int = 100, org_ids: list[str] | None = None
 ) -> list[dict[str, Any]]:
@@ -471,15 +566,10 @@ def events_after(
         raise InvalidInput("after must be a sequence number, zero or more")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
         raise InvalidInput("limit must be between 1 and 1000")
-    floor = conn.execute(_INFLIGHT_FLOOR, {"ns": _INFLIGHT_LOCKS}).scalar()
+    floor = conn.execute(_INFLIGHT_FLOOR, {"lock_class": _INFLIGHT_LOCKS}).scalar()
     rows = conn.execute(
-        text(
-            "SELECT event_id, body FROM outbound_events WHERE sequence > :after "
-            "AND (CAST(:floor AS bigint) IS NULL OR sequence < CAST(:floor AS bigint)) "
-            "AND (CAST(:orgs AS text[]) IS NULL OR org_id = ANY(CAST(:orgs AS text[]))) "
-            "ORDER BY sequence LIMIT :limit"
-        ),
-        {"after": after, "floor": floor, "orgs": org_ids, "limit": limit},
+        _EVENTS_AFTER,
+        {"after": after, "floor": floor, "org_ids": org_ids, "limit": limit},
     )
     return [{"id": r.event_id, **json.loads(r.body)} for r in rows]
 
@@ -493,30 +583,36 @@ class Claimed:
     token: str
 
 
+_CLAIM_DUE = sql.statement(
+    "outbound.claim_due",
+    """
+    WITH busy AS (
+        SELECT DISTINCT endpoint_id FROM outbound_deliveries
+        WHERE status = 'delivering' AND lease_until > now()
+    ), cand AS (
+        SELECT DISTINCT ON (d.endpoint_id) d.id
+        FROM outbound_deliveries d JOIN outbound_endpoints e USING (endpoint_id)
+        WHERE d.status IN ('pending', 'delivering')
+          AND CASE WHEN d.status = 'pending' THEN d.next_attempt_at <= now()
+                   ELSE d.lease_until <= now() END
+          AND e.deleted_at IS NULL
+          AND (e.circuit_open_until IS NULL OR e.circuit_open_until <= now())
+          AND d.endpoint_id NOT IN (SELECT endpoint_id FROM busy)
+        ORDER BY d.endpoint_id, d.next_attempt_at, d.id
+    )
+    UPDATE outbound_deliveries d SET status = 'delivering',
+        lease_until = now() + :lease, lease_token = md5(random()::text || d.id::text)
+    WHERE d.id IN (SELECT id FROM cand ORDER BY id LIMIT :limit)
+    RETURNING d.id, d.lease_token
+    """,
+)
+
+
 def claim_due(conn: Connection, limit: int, policy: OutboundPolicy) -> list[Claimed]:
     """Due deliveries to publish: the oldest due one per endpoint that has none in flight and
     whose circuit is closed; a delivery whose lease ran out (its worker died) is due again."""
     rows = conn.execute(
-        text("""
-        WITH busy AS (
-            SELECT DISTINCT endpoint_id FROM outbound_deliveries
-            WHERE status = 'delivering' AND lease_until > now()
-        ), cand AS (
-            SELECT DISTINCT ON (d.endpoint_id) d.id
-            FROM outbound_deliveries d JOIN outbound_endpoints e USING (endpoint_id)
-            WHERE d.status IN ('pending', 'delivering')
-              AND CASE WHEN d.status = 'pending' THEN d.next_attempt_at <= now()
-                       ELSE d.lease_until <= now() END
-              AND e.deleted_at IS NULL
-              AND (e.circuit_open_until IS NULL OR e.circuit_open_until <= now())
-              AND d.endpoint_id NOT IN (SELECT endpoint_id FROM busy)
-            ORDER BY d.endpoint_id, d.next_attempt_at, d.id
-        )
-        UPDATE outbound_deliveries d SET status = 'delivering',
-            lease_until = now() + :lease, lease_token = md5(random()::text || d.id::text)
-        WHERE d.id IN (SELECT id FROM cand ORDER BY id LIMIT :limit)
-        RETURNING d.id, d.lease_token
-        """),
+        _CLAIM_DUE,
         {"lease": timedelta(seconds=policy.lease_seconds), "limit": limit},
     )
     return [Claimed(r.id, r.lease_token) for r in rows]
@@ -540,22 +636,32 @@ class Delivery:
         }
 
 
+_START_DELIVERY = sql.statement(
+    "outbound.start_delivery",
+    """
+    UPDATE outbound_deliveries d SET lease_until = now() + :lease
+    FROM outbound_events ev, outbound_endpoints ep
+    WHERE d.id = :delivery_id AND d.lease_token = :token AND d.status = 'delivering'
+      AND ev.sequence = d.sequence AND ep.endpoint_id = d.endpoint_id
+      AND ep.deleted_at IS NULL
+    RETURNING ev.event_id, ev.body, ep.url, ep.secret_enc, ep.previous_secret_enc,
+              ep.previous_until > now() AS previous_valid
+    """,
+)
+
+
 def start_delivery(
     conn: Connection, delivery_id: int, token: str, policy: OutboundPolicy
 ) -> Delivery | None:
     """The delivery to try now, its lease renewed; None when it is no longer this task's
     (delivered, cancelled, its endpoint deleted, or claimed again after a lost worker)."""
     row = conn.execute(
-        text("""
-        UPDATE outbound_deliveries d SET lease_until = now() + :lease
-        FROM outbound_events ev, outbound_endpoints ep
-        WHERE d.id = :id AND d.lease_token = :tok AND d.status = 'delivering'
-          AND ev.sequence = d.sequence AND ep.endpoint_id = d.endpoint_id
-          AND ep.deleted_at IS NULL
-        RETURNING ev.event_id, ev.body, ep.url, ep.secret_enc, ep.previous_secret_enc,
-                  ep.previous_until > now() AS previous_valid
-        """),
-        {"id": delivery_id, "tok": token, "lease": timedelta(seconds=policy.lease_seconds)},
+        _START_DELIVERY,
+        {
+            "delivery_id": delivery_id,
+            "token": token,
+            "lease": timedelta(seconds=policy.lease_seconds),
+        },
     ).first()
     if row is None:
         return None
@@ -574,6 +680,59 @@ def start_delivery(
     return Delivery(delivery_id, row.event_id, row.url, row.body.encode(), secrets_)
 
 
+_RECORD_ATTEMPT = sql.statement(
+    "outbound.record_attempt",
+    """
+    INSERT INTO outbound_attempts (delivery_id, webhook_timestamp, status_code,
+        error, duration_ms) VALUES (:delivery_id, :timestamp, :code, :error, :duration_ms)
+    """,
+)
+
+_LOCK_CLAIMED = sql.statement(
+    "outbound.lock_claimed",
+    """
+    SELECT attempts, endpoint_id FROM outbound_deliveries
+    WHERE id = :delivery_id AND lease_token = :token AND status = 'delivering' FOR UPDATE
+    """,
+)
+
+_DELIVERED = sql.statement(
+    "outbound.delivered",
+    """
+    UPDATE outbound_deliveries SET status = 'delivered', attempts = :attempts,
+        delivered_at = now(), lease_token = NULL, last_error = NULL WHERE id = :delivery_id
+    """,
+)
+
+_CLOSE_CIRCUIT = sql.statement(
+    "outbound.close_circuit",
+    """
+    UPDATE outbound_endpoints SET consecutive_failures = 0,
+        circuit_open_until = NULL WHERE endpoint_id = :endpoint_id
+    """,
+)
+
+_RETRY_OR_FAIL = sql.statement(
+    "outbound.retry_or_fail",
+    """
+    UPDATE outbound_deliveries SET status = :status, attempts = :attempts, lease_token = NULL,
+        next_attempt_at = now() + :delay, last_error = :error WHERE id = :delivery_id
+    """,
+)
+
+_COUNT_FAILURE = sql.statement(
+    "outbound.count_failure",
+    """
+    UPDATE outbound_endpoints SET consecutive_failures = consecutive_failures + 1,
+        circuit_open_until = CASE WHEN consecutive_failures + 1 >= :circuit_threshold
+            THEN now() + make_interval(secs => least(3600.0,
+                5.0 * power(2, least(consecutive_failures + 1 - :circuit_threshold, 20))) * :scale)
+            ELSE circuit_open_until END
+    WHERE endpoint_id = :endpoint_id
+    """,
+)
+
+
 def record_answer(
     conn: Connection,
     delivery_id: int,
@@ -585,78 +744,79 @@ def record_answer(
     """Keep the try; delivered, or pending again at the next time of the schedule, or failed
     after the last. The endpoint's circuit opens after a run of failures (growing)."""
     conn.execute(
-        text(
-            "INSERT INTO outbound_attempts (delivery_id, webhook_timestamp, status_code, "
-            "error, duration_ms) VALUES (:d, :ts, :code, :err, :ms)"
-        ),
-        {"d": delivery_id, "ts": timestamp, "code": answer.status_code,
-         "err": answer.error, "ms": answer.duration_ms},
+        _RECORD_ATTEMPT,
+        {"delivery_id": delivery_id, "timestamp": timestamp, "code": answer.status_code,
+         "error": answer.error, "duration_ms": answer.duration_ms},
     )  # fmt: skip
     row = conn.execute(
-        text(
-            "SELECT attempts, endpoint_id FROM outbound_deliveries "
-            "WHERE id = :d AND lease_token = :tok AND status = 'delivering' FOR UPDATE"
-        ),
-        {"d": delivery_id, "tok": token},
+        _LOCK_CLAIMED,
+        {"delivery_id": delivery_id, "token": token},
     ).first()
     if row is None:
         return "stale"
     attempts = row.attempts + 1
     if answer.ok:
         conn.execute(
-            text(
-                "UPDATE outbound_deliveries SET status = 'delivered', attempts = :n, "
-                "delivered_at = now(), lease_token = NULL, last_error = NULL WHERE id = :d"
-            ),
-            {"n": attempts, "d": delivery_id},
+            _DELIVERED,
+            {"attempts": attempts, "delivery_id": delivery_id},
         )
         conn.execute(
-            text(
-                "UPDATE outbound_endpoints SET consecutive_failures = 0, "
-                "circuit_open_until = NULL WHERE endpoint_id = :e"
-            ),
-            {"e": row.endpoint_id},
+            _CLOSE_CIRCUIT,
+            {"endpoint_id": row.endpoint_id},
         )
-        return "delivered"
+        return DeliveryStatus.DELIVERED
     error = answer.error if answer.status_code is None else f"HTTP {answer.status_code}"
     exhausted = attempts > len(RETRY_SCHEDULE)
     delay = 0.0 if exhausted else RETRY_SCHEDULE[attempts - 1] * policy.retry_scale
     conn.execute(
-        text(
-            "UPDATE outbound_deliveries SET status = :s, attempts = :n, lease_token = NULL, "
-            "next_attempt_at = now() + :delay, last_error = :e WHERE id = :d"
-        ),
-        {"s": "failed" if exhausted else "pending", "n": attempts,
-         "delay": timedelta(seconds=delay), "e": error, "d": delivery_id},
+        _RETRY_OR_FAIL,
+        {"status": DeliveryStatus.FAILED if exhausted else DeliveryStatus.PENDING,
+         "attempts": attempts,
+         "delay": timedelta(seconds=delay), "error": error, "delivery_id": delivery_id},
     )  # fmt: skip
     # The circuit: after `circuit_threshold` failures in a row, nothing goes to the endpoint
     # for 5 s, doubling up to an hour, so a dead endpoint costs one try per opening.
     conn.execute(
-        text("""
-        UPDATE outbound_endpoints SET consecutive_failures = consecutive_failures + 1,
-            circuit_open_until = CASE WHEN consecutive_failures + 1 >= :th
-                THEN now() + make_interval(secs => least(3600.0,
-                    5.0 * power(2, least(consecutive_failures + 1 - :th, 20))) * :scale)
-                ELSE circuit_open_until END
-        WHERE endpoint_id = :e
-        """),
-        {"th": policy.circuit_threshold, "scale": policy.retry_scale, "e": row.endpoint_id},
+        _COUNT_FAILURE,
+        {
+            "circuit_threshold": policy.circuit_threshold,
+            "scale": policy.retry_scale,
+            "endpoint_id": row.endpoint_id,
+        },
     )
-    return "failed" if exhausted else "retrying"
+    return DeliveryStatus.FAILED if exhausted else "retrying"
+
+
+_RELEASE_CLAIM = sql.statement(
+    "outbound.release_claim",
+    """
+    UPDATE outbound_deliveries SET status = 'pending', lease_token = NULL
+    WHERE id = :delivery_id AND lease_token = :token AND status = 'delivering'
+    """,
+)
 
 
 def release_claim(conn: Connection, delivery_id: int, token: str) -> None:
     """Give a claim back without a try (it could not be published): due again at once."""
     conn.execute(
-        text(
-            "UPDATE outbound_deliveries SET status = 'pending', lease_token = NULL "
-            "WHERE id = :d AND lease_token = :tok AND status = 'delivering'"
-        ),
-        {"d": delivery_id, "tok": token},
+        _RELEASE_CLAIM,
+        {"delivery_id": delivery_id, "token": token},
     )
 
 
 # ---------------------------------------------------------------- operators
+
+
+_LIST_DELIVERIES = sql.statement(
+    "outbound.list_deliveries",
+    """
+    SELECT d.id, d.endpoint_id, ev.event_id, ev.type, ev.org_id, d.sequence, d.status,
+        d.attempts, d.next_attempt_at, d.last_error, d.delivered_at
+    FROM outbound_deliveries d JOIN outbound_events ev USING (sequence)
+    WHERE CAST(:status AS text) IS NULL OR d.status = CAST(:status AS text)
+    ORDER BY d.id DESC LIMIT :limit
+    """,
+)
 
 
 def list_deliveries(
@@ -665,14 +825,8 @@ def list_deliveries(
     if status is not None and status not in DELIVERY_STATUSES:
         raise InvalidInput(f"status must be one of {', '.join(DELIVERY_STATUSES)}")
     rows = conn.execute(
-        text(
-            "SELECT d.id, d.endpoint_id, ev.event_id, ev.type, ev.org_id, d.sequence, d.status, "
-            "d.attempts, d.next_attempt_at, d.last_error, d.delivered_at "
-            "FROM outbound_deliveries d JOIN outbound_events ev USING (sequence) "
-            "WHERE CAST(:s AS text) IS NULL OR d.status = CAST(:s AS text) "
-            "ORDER BY d.id DESC LIMIT :l"
-        ),
-        {"s": status, "l": limit},
+        _LIST_DELIVERIES,
+        {"status": status, "limit": limit},
     )
     out = []
     for r in rows:
@@ -683,16 +837,22 @@ def list_deliveries(
     return out
 
 
+_REDELIVER = sql.statement(
+    "outbound.redeliver",
+    """
+    UPDATE outbound_deliveries d SET status = 'pending', next_attempt_at = now(),
+        lease_token = NULL FROM outbound_endpoints e
+    WHERE d.id = :delivery_id AND e.endpoint_id = d.endpoint_id AND e.deleted_at IS NULL
+    AND d.status IN ('failed', 'delivered', 'pending') RETURNING d.id, e.org_id
+    """,
+)
+
+
 def redeliver(conn: Connection, delivery_id: int, actor: str) -> dict[str, Any]:
     """Try a delivery again now (a failed one, or a delivered one the host lost)."""
     row = conn.execute(
-        text(
-            "UPDATE outbound_deliveries d SET status = 'pending', next_attempt_at = now(), "
-            "lease_token = NULL FROM outbound_endpoints e "
-            "WHERE d.id = :d AND e.endpoint_id = d.endpoint_id AND e.deleted_at IS NULL "
-            "AND d.status IN ('failed', 'delivered', 'pending') RETURNING d.id, e.org_id"
-        ),
-        {"d": delivery_id},
+        _REDELIVER,
+        {"delivery_id": delivery_id},
     ).first()
     if row is None:
         raise NotFound(f"no redeliverable delivery {delivery_id} (in flight, cancelled or gone)")
@@ -700,7 +860,22 @@ def redeliver(conn: Connection, delivery_id: int, actor: str) -> dict[str, Any]:
         conn, actor=actor, action="events.redeliver", org_id=row.org_id,
         details={"delivery_id": delivery_id},
     )  # fmt: skip
-    return {"delivery_id": delivery_id, "status": "pending"}
+    return {"delivery_id": delivery_id, "status": DeliveryStatus.PENDING}
+
+
+_PRUNE = sql.statement(
+    "outbound.prune",
+    """
+    DELETE FROM outbound_events WHERE sequence IN (
+        SELECT ev.sequence FROM outbound_events ev
+        WHERE ev.created_at < now() - make_interval(days => :days)
+          AND NOT EXISTS (SELECT 1 FROM outbound_deliveries d
+                          WHERE d.sequence = ev.sequence
+                            AND d.status IN ('pending', 'delivering', 'failed'))
+        ORDER BY ev.sequence LIMIT :limit)
+    RETURNING sequence
+    """,
+)
 
 
 def prune(conn: Connection, retention_days: int, limit: int = 1000) -> int:
@@ -708,16 +883,7 @@ def prune(conn: Connection, retention_days: int, limit: int = 1000) -> int:
     deliveries and attempts; an event still owed to an endpoint stays."""
     return len(
         conn.execute(
-            text("""
-            DELETE FROM outbound_events WHERE sequence IN (
-                SELECT ev.sequence FROM outbound_events ev
-                WHERE ev.created_at < now() - make_interval(days => :days)
-                  AND NOT EXISTS (SELECT 1 FROM outbound_deliveries d
-                                  WHERE d.sequence = ev.sequence
-                                    AND d.status IN ('pending', 'delivering', 'failed'))
-                ORDER BY ev.sequence LIMIT :l)
-            RETURNING sequence
-            """),
-            {"days": retention_days, "l": limit},
+            _PRUNE,
+            {"days": retention_days, "limit": limit},
         ).all()
     )

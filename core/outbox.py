@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Row, text
+from sqlalchemy import Connection, Row
+
+from core import sql
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +30,29 @@ CAPTURE_TOP_UP_TASK = "payguard.capture_top_up"  # core.topups.CAPTURE_TASK
 # A task's positional arguments: JSON values (ids, a carried answer), as the broker carries them.
 TaskArgs = list[Any]
 
+_ENQUEUE = sql.statement(
+    "outbox.enqueue",
+    "INSERT INTO outbox (task, args) VALUES (:task, CAST(:args AS jsonb)) RETURNING id",
+)
+
 
 def enqueue(conn: Connection, task: str, args: TaskArgs) -> int:
     """Queue a task to be published after this transaction commits (by the caller or relay)."""
     outbox_id: int = conn.execute(
-        text("INSERT INTO outbox (task, args) VALUES (:t, CAST(:a AS jsonb)) RETURNING id"),
-        {"t": task, "a": json.dumps(args)},
+        _ENQUEUE,
+        {"task": task, "args": json.dumps(args)},
     ).scalar_one()
     return outbox_id
+
+
+_ENQUEUE_MANY = sql.statement(
+    "outbox.enqueue_many",
+    """
+    INSERT INTO outbox (task, args) SELECT :task, a
+    FROM jsonb_array_elements(CAST(:args AS jsonb)) WITH ORDINALITY AS u(a, n)
+    ORDER BY n RETURNING id
+    """,
+)
 
 
 def enqueue_many(conn: Connection, task: str, args: list[TaskArgs]) -> list[int]:
@@ -43,14 +60,23 @@ def enqueue_many(conn: Connection, task: str, args: list[TaskArgs]) -> list[int]
     # Ids come from one sequence in insertion order, so sorted they follow `args`.
     return sorted(
         conn.execute(
-            text(
-                "INSERT INTO outbox (task, args) SELECT :t, a "
-                "FROM jsonb_array_elements(CAST(:a AS jsonb)) WITH ORDINALITY AS u(a, n) "
-                "ORDER BY n RETURNING id"
-            ),
-            {"t": task, "a": json.dumps(args)},
+            _ENQUEUE_MANY,
+            {"task": task, "args": json.dumps(args)},
         ).scalars()
     )
+
+
+# Losing a publish mark in a crash only makes the relay publish again: no WAL flush wait.
+_ASYNC_COMMIT = sql.statement("outbox.async_commit", "SET LOCAL synchronous_commit = off")
+
+_MARK_PUBLISHED = sql.statement(
+    "outbox.mark_published",
+    """
+    UPDATE outbox SET published_at = coalesce(to_timestamp(m.at), now()), attempts = attempts + 1
+    FROM unnest(CAST(:outbox_ids AS bigint[]), CAST(:published_at AS float8[])) AS m(id, at)
+    WHERE outbox.id = m.id
+    """,
+)
 
 
 def mark_published(
@@ -67,27 +93,55 @@ def mark_published(
     if not outbox_ids:
         return
     if not durable:
-        conn.execute(text("SET LOCAL synchronous_commit = off"))
+        conn.execute(_ASYNC_COMMIT)
     conn.execute(
-        text(
-            "UPDATE outbox SET published_at = coalesce(to_timestamp(m.at), now()), "
-            "attempts = attempts + 1 "
-            "FROM unnest(CAST(:ids AS bigint[]), CAST(:ats AS float8[])) AS m(id, at) "
-            "WHERE outbox.id = m.id"
-        ),
-        {"ids": list(outbox_ids), "ats": list(at) if at is not None else [None] * len(outbox_ids)},
+        _MARK_PUBLISHED,
+        {
+            "outbox_ids": list(outbox_ids),
+            "published_at": list(at) if at is not None else [None] * len(outbox_ids),
+        },
     )
+
+
+_MARK_TASK_PUBLISHED = sql.statement(
+    "outbox.mark_task_published",
+    """
+    UPDATE outbox SET published_at = now(), attempts = attempts + 1
+    WHERE task = :task AND args = CAST(:args AS jsonb) AND published_at IS NULL
+    """,
+)
 
 
 def mark_task_published(conn: Connection, task: str, args: TaskArgs) -> None:
     """Mark the unpublished outbox rows of this task and arguments published."""
     conn.execute(
-        text(
-            "UPDATE outbox SET published_at = now(), attempts = attempts + 1 "
-            "WHERE task = :t AND args = CAST(:a AS jsonb) AND published_at IS NULL"
-        ),
-        {"t": task, "a": json.dumps(args)},
+        _MARK_TASK_PUBLISHED,
+        {"task": task, "args": json.dumps(args)},
     )
+
+
+_CLAIM_FOR_RELAY = sql.statement(
+    "outbox.claim_for_relay",
+    """
+    SELECT o.id, o.task, o.args FROM outbox o
+    LEFT JOIN webhook_events e
+           -- CASE, not AND: PostgreSQL may evaluate the cast first, and a send task's argument
+           -- ('msg_...') is no number.
+           ON e.id = CASE WHEN o.task = :process_event_task THEN (o.args->>0)::bigint END
+    LEFT JOIN messages m
+           ON m.message_id = CASE WHEN o.task = :send_message_task THEN o.args->>0 END
+    LEFT JOIN top_ups t
+           ON t.top_up_id = CASE WHEN o.task = :capture_top_up_task THEN o.args->>0 END
+    WHERE (o.published_at IS NULL AND o.created_at < now() - make_interval(secs => :grace_seconds))
+       OR (o.published_at < now() - make_interval(secs => :redeliver_seconds)
+           AND (e.status = 'received' OR m.status IN ('queued', 'retrying')
+                OR (m.status = 'sending' AND m.send_lease_until < now())
+                OR t.status = 'approved'))
+    ORDER BY o.id
+    LIMIT :limit
+    FOR UPDATE OF o SKIP LOCKED
+    """,
+)
 
 
 def claim_for_relay(
@@ -103,67 +157,66 @@ def claim_for_relay(
     A duplicate delivery is harmless: both tasks check the row's state under a lock."""
     return list(
         conn.execute(
-            text("""
-SELECT o.id, o.task, o.args FROM outbox o
-LEFT JOIN webhook_events e
-       -- CASE, not AND: PostgreSQL may evaluate the cast first, and a send task's argument
-       -- ('msg_...') is no number.
-       ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
-LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
-LEFT JOIN top_ups t ON t.top_up_id = CASE WHEN o.task = :capture THEN o.args->>0 END
-WHERE (o.published_at IS NULL AND o.created_at < now() - make_interval(secs => :grace))
-   OR (o.published_at < now() - make_interval(secs => :redeliver)
-       AND (e.status = 'received' OR m.status IN ('queued', 'retrying')
-            OR (m.status = 'sending' AND m.send_lease_until < now())
-            OR t.status = 'approved'))
-ORDER BY o.id
-LIMIT :limit
-FOR UPDATE OF o SKIP LOCKED
-"""),
+            _CLAIM_FOR_RELAY,
             {
-                "pe": PROCESS_EVENT_TASK,
-                "send": SEND_MESSAGE_TASK,
-                "capture": CAPTURE_TOP_UP_TASK,
-                "grace": grace_seconds,
-                "redeliver": redeliver_seconds,
+                "process_event_task": PROCESS_EVENT_TASK,
+                "send_message_task": SEND_MESSAGE_TASK,
+                "capture_top_up_task": CAPTURE_TOP_UP_TASK,
+                "grace_seconds": grace_seconds,
+                "redeliver_seconds": redeliver_seconds,
                 "limit": limit,
             },
         )
     )
 
 
+_PRUNE_PUBLISHED = sql.statement(
+    "outbox.prune_published",
+    """
+    DELETE FROM outbox WHERE id IN (
+        SELECT o.id FROM outbox o
+        LEFT JOIN webhook_events e
+               ON e.id = CASE WHEN o.task = :process_event_task THEN (o.args->>0)::bigint END
+        LEFT JOIN messages m
+               ON m.message_id = CASE WHEN o.task = :send_message_task THEN o.args->>0 END
+        LEFT JOIN top_ups t
+               ON t.top_up_id = CASE WHEN o.task = :capture_top_up_task THEN o.args->>0 END
+        WHERE o.published_at < now() - make_interval(secs => :older_than_seconds)
+          AND e.status IS DISTINCT FROM 'received'
+          AND t.status IS DISTINCT FROM 'approved'
+          AND m.status IS DISTINCT FROM 'queued' AND m.status IS DISTINCT FROM 'retrying'
+          AND m.status IS DISTINCT FROM 'sending'
+        ORDER BY o.id LIMIT :limit
+        FOR UPDATE OF o SKIP LOCKED)
+    """,
+)
+
+
 def prune_published(conn: Connection, *, older_than_seconds: float, limit: int) -> int:
     """Forget outbox rows published long ago whose work is done, so the relay's scan of
     published rows stays small. Rows whose event or message is still pending stay."""
     return conn.execute(
-        text("""
-DELETE FROM outbox WHERE id IN (
-    SELECT o.id FROM outbox o
-    LEFT JOIN webhook_events e ON e.id = CASE WHEN o.task = :pe THEN (o.args->>0)::bigint END
-    LEFT JOIN messages m ON m.message_id = CASE WHEN o.task = :send THEN o.args->>0 END
-    LEFT JOIN top_ups t ON t.top_up_id = CASE WHEN o.task = :capture THEN o.args->>0 END
-    WHERE o.published_at < now() - make_interval(secs => :age)
-      AND e.status IS DISTINCT FROM 'received'
-      AND t.status IS DISTINCT FROM 'approved'
-      AND m.status IS DISTINCT FROM 'queued' AND m.status IS DISTINCT FROM 'retrying'
-      AND m.status IS DISTINCT FROM 'sending'
-    ORDER BY o.id LIMIT :limit
-    FOR UPDATE OF o SKIP LOCKED)
-"""),
+        _PRUNE_PUBLISHED,
         {
-            "pe": PROCESS_EVENT_TASK,
-            "send": SEND_MESSAGE_TASK,
-            "capture": CAPTURE_TOP_UP_TASK,
-            "age": older_than_seconds,
+            "process_event_task": PROCESS_EVENT_TASK,
+            "send_message_task": SEND_MESSAGE_TASK,
+            "capture_top_up_task": CAPTURE_TOP_UP_TASK,
+            "older_than_seconds": older_than_seconds,
             "limit": limit,
         },
     ).rowcount
 
 
+_RECORD_PUBLISH_FAILURE = sql.statement(
+    "outbox.record_publish_failure",
+    "UPDATE outbox SET attempts = attempts + 1, last_error = :error WHERE id = :outbox_id",
+)
+
+
 def record_publish_failure(conn: Connection, outbox_id: int, error: str) -> None:
     conn.execute(
-        text("UPDATE outbox SET attempts = attempts + 1, last_error = :e WHERE id = :id"),
-        {"e": error[:1000], "id": outbox_id},
+        _RECORD_PUBLISH_FAILURE,
+        {"error": error[:1000], "outbox_id": outbox_id},
     )
 
 

@@ -28,9 +28,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from sqlalchemy import Connection, Row, text
+from sqlalchemy import Connection, Row
 
-from core import messages, outbound, sending
+from core import messages, outbound, sending, sql
 from core.errors import RetryableConflict
 from core.messages import CAMPAIGN_PAUSED, Plan, hold_reference
 from core.providers.ports import SendOutcome, SendResult
@@ -77,116 +77,148 @@ class _SettleRow(TypedDict):
     n: int | None  # segments Twilio billed
 
 
-_TO_SEND = text("""
-SELECT m.message_id, m.org_id, m.campaign_id, m.to_number, m.body, m.status, m.price_cents,
-       m.send_tries
-FROM messages m
-WHERE m.org_id = :o AND m.status IN ('queued', 'retrying')
-ORDER BY m.created_at, m.queue_seq
-LIMIT :n
-FOR UPDATE SKIP LOCKED
-""")
-
-_OWNED_SENDING = text("""
-SELECT message_id, org_id, price_cents, status,
-       extract(epoch FROM send_lease_until - now()) AS lease_left
-FROM messages
-WHERE org_id = :o AND status = 'sending' AND send_attempt = :owner
-ORDER BY message_id
-FOR UPDATE SKIP LOCKED
-""")
-
-_HOLD_MANY = text("""
-WITH w AS (
-    UPDATE wallets SET held_cents = held_cents + :total, updated_at = now()
-    WHERE org_id = :o AND active_freezes = 0 AND balance_cents - held_cents >= :total
-    RETURNING org_id
-), h AS (
-    INSERT INTO holds (org_id, reference, amount_cents)
-    SELECT w.org_id, u.r, u.a FROM w, jsonb_to_recordset(CAST(:rows AS jsonb)) AS u(r text, a bigint)
-    ON CONFLICT ON CONSTRAINT hold_reference_once DO NOTHING
-    RETURNING reference
+_TO_SEND = sql.statement(
+    "send_batch.to_send",
+    """
+    SELECT m.message_id, m.org_id, m.campaign_id, m.to_number, m.body, m.status, m.price_cents,
+           m.send_tries
+    FROM messages m
+    WHERE m.org_id = :org_id AND m.status IN ('queued', 'retrying')
+    ORDER BY m.created_at, m.queue_seq
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+    """,
 )
-SELECT (SELECT count(*) FROM w) AS updated, (SELECT count(*) FROM h) AS held
-""")
 
-_RELEASE_MANY = text("""
-WITH h AS (
-    UPDATE holds SET status = 'released', settled_at = now(), captured_cents = 0
-    WHERE org_id = :o AND reference = ANY(CAST(:refs AS text[])) AND status = 'open'
-    RETURNING amount_cents
+_OWNED_SENDING = sql.statement(
+    "send_batch.owned_sending",
+    """
+    SELECT message_id, org_id, price_cents, status,
+           extract(epoch FROM send_lease_until - now()) AS lease_left
+    FROM messages
+    WHERE org_id = :org_id AND status = 'sending' AND send_attempt = :send_attempt
+    ORDER BY message_id
+    FOR UPDATE SKIP LOCKED
+    """,
 )
-UPDATE wallets SET held_cents = held_cents - (SELECT coalesce(sum(amount_cents), 0) FROM h),
-    updated_at = now()
-WHERE org_id = :o
-RETURNING (SELECT count(*) FROM h) AS released
-""")
+
+_HOLD_MANY = sql.statement(
+    "send_batch.hold_many",
+    """
+    WITH w AS (
+        UPDATE wallets SET held_cents = held_cents + :total_cents, updated_at = now()
+        WHERE org_id = :org_id AND active_freezes = 0 AND balance_cents - held_cents >= :total_cents
+        RETURNING org_id
+    ), h AS (
+        INSERT INTO holds (org_id, reference, amount_cents)
+        SELECT w.org_id, u.r, u.a FROM w, jsonb_to_recordset(CAST(:rows AS jsonb)) AS u(r text, a bigint)
+        ON CONFLICT ON CONSTRAINT hold_reference_once DO NOTHING
+        RETURNING reference
+    )
+    SELECT (SELECT count(*) FROM w) AS updated, (SELECT count(*) FROM h) AS held
+    """,
+)
+
+_RELEASE_MANY = sql.statement(
+    "send_batch.release_many",
+    """
+    WITH h AS (
+        UPDATE holds SET status = 'released', settled_at = now(), captured_cents = 0
+        WHERE org_id = :org_id AND reference = ANY(CAST(:references AS text[])) AND status = 'open'
+        RETURNING amount_cents
+    )
+    UPDATE wallets SET held_cents = held_cents - (SELECT coalesce(sum(amount_cents), 0) FROM h),
+        updated_at = now()
+    WHERE org_id = :org_id
+    RETURNING (SELECT count(*) FROM h) AS released
+    """,
+)
 
 # Every hold captured whole, each with its journal row; balance_after follows the rows' order.
-_CAPTURE_MANY = text("""
-WITH h AS (
-    UPDATE holds SET status = 'captured', settled_at = now(), captured_cents = amount_cents
-    WHERE org_id = :o AND reference = ANY(CAST(:refs AS text[])) AND status = 'open'
-    RETURNING reference, amount_cents
-), total AS (
-    SELECT coalesce(sum(amount_cents), 0) AS s FROM h
-), w AS (
-    UPDATE wallets SET held_cents = held_cents - total.s,
-        balance_cents = balance_cents - total.s, updated_at = now()
-    FROM total WHERE wallets.org_id = :o
-    RETURNING wallets.balance_cents, wallets.debt_cents, total.s
-), j AS (
-    INSERT INTO journal (org_id, kind, amount_cents, requested_cents, reference,
-                         balance_after_cents, debt_after_cents, actor, reason)
-    SELECT :o, 'capture', -h.amount_cents, h.amount_cents, 'hold:' || h.reference,
-           w.balance_cents + w.s - sum(h.amount_cents) OVER (ORDER BY h.reference),
-           w.debt_cents, 'system', NULL
-    FROM h, w WHERE h.amount_cents > 0
-    ORDER BY h.reference
-    RETURNING id
+_CAPTURE_MANY = sql.statement(
+    "send_batch.capture_many",
+    """
+    WITH h AS (
+        UPDATE holds SET status = 'captured', settled_at = now(), captured_cents = amount_cents
+        WHERE org_id = :org_id AND reference = ANY(CAST(:references AS text[])) AND status = 'open'
+        RETURNING reference, amount_cents
+    ), total AS (
+        SELECT coalesce(sum(amount_cents), 0) AS s FROM h
+    ), w AS (
+        UPDATE wallets SET held_cents = held_cents - total.s,
+            balance_cents = balance_cents - total.s, updated_at = now()
+        FROM total WHERE wallets.org_id = :org_id
+        RETURNING wallets.balance_cents, wallets.debt_cents, total.s
+    ), j AS (
+        INSERT INTO journal (org_id, kind, amount_cents, requested_cents, reference,
+                             balance_after_cents, debt_after_cents, actor, reason)
+        SELECT :org_id, 'capture', -h.amount_cents, h.amount_cents, 'hold:' || h.reference,
+               w.balance_cents + w.s - sum(h.amount_cents) OVER (ORDER BY h.reference),
+               w.debt_cents, 'system', NULL
+        FROM h, w WHERE h.amount_cents > 0
+        ORDER BY h.reference
+        RETURNING id
+    )
+    SELECT h.reference, h.amount_cents, (SELECT count(*) FROM j) AS journaled FROM h
+    """,
 )
-SELECT h.reference, h.amount_cents, (SELECT count(*) FROM j) AS journaled FROM h
-""")
 
-_MARK = text("""
-UPDATE messages m SET status = u.s, block_reasons = coalesce(u.r, m.block_reasons),
-    send_attempt = coalesce(u.a, m.send_attempt),
-    send_tries = m.send_tries + u.t,
-    send_lease_until = CASE WHEN u.s = 'sending'
-                            THEN now() + make_interval(secs => :lease) END,
-    twilio_subaccount_sid = CASE WHEN u.s = 'sending' THEN :sub
-                                 ELSE m.twilio_subaccount_sid END,
-    updated_at = now()
-FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS u(m text, s text, r jsonb, a text, t int)
-WHERE m.message_id = u.m
-""")
+_MARK = sql.statement(
+    "send_batch.mark",
+    """
+    UPDATE messages m SET status = u.s, block_reasons = coalesce(u.r, m.block_reasons),
+        send_attempt = coalesce(u.a, m.send_attempt),
+        send_tries = m.send_tries + u.t,
+        send_lease_until = CASE WHEN u.s = 'sending'
+                                THEN now() + make_interval(secs => :lease_seconds) END,
+        twilio_subaccount_sid = CASE WHEN u.s = 'sending' THEN :twilio_subaccount_sid
+                                     ELSE m.twilio_subaccount_sid END,
+        updated_at = now()
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS u(m text, s text, r jsonb, a text, t int)
+    WHERE m.message_id = u.m
+    """,
+)
 
-_SETTLE = text("""
-UPDATE messages m SET status = u.s, error = u.e, twilio_sid = coalesce(u.sid, m.twilio_sid),
-    charged_cents = m.charged_cents + u.c, send_lease_until = NULL,
-    twilio_price = coalesce(u.p, m.twilio_price),
-    twilio_price_unit = CASE WHEN u.p IS NULL THEN m.twilio_price_unit
-                             ELSE coalesce(u.pu, m.twilio_price_unit) END,
-    twilio_num_segments = coalesce(u.n, m.twilio_num_segments),
-    updated_at = now()
-FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-     AS u(m text, s text, e text, sid text, c bigint, p text, pu text, n int)
-WHERE m.message_id = u.m
-""")
+_SETTLE = sql.statement(
+    "send_batch.settle",
+    """
+    UPDATE messages m SET status = u.s, error = u.e, twilio_sid = coalesce(u.sid, m.twilio_sid),
+        charged_cents = m.charged_cents + u.c, send_lease_until = NULL,
+        twilio_price = coalesce(u.p, m.twilio_price),
+        twilio_price_unit = CASE WHEN u.p IS NULL THEN m.twilio_price_unit
+                                 ELSE coalesce(u.pu, m.twilio_price_unit) END,
+        twilio_num_segments = coalesce(u.n, m.twilio_num_segments),
+        updated_at = now()
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS u(m text, s text, e text, sid text, c bigint, p text, pu text, n int)
+    WHERE m.message_id = u.m
+    """,
+)
+
+
+_WALLET_AVAILABLE = sql.statement(
+    "send_batch.wallet_available",
+    "SELECT balance_cents - held_cents FROM wallets WHERE org_id = :org_id FOR UPDATE",
+)
+
+_ORG_SENDER = sql.statement(
+    "send_batch.org_sender",
+    "SELECT twilio_subaccount_sid, sender FROM organizations WHERE org_id = :org_id",
+)
 
 
 def claim(conn: Connection, org_id: str, limit: int, policy: sending.Policy, owner: str) -> Claim:
     """Claim, decide and hold up to `limit` of the organization's messages (see the module)."""
     settled_unknown, lease_left = _settle_orphans(conn, org_id, owner, policy)
-    rows = conn.execute(_TO_SEND, {"o": org_id, "n": limit}).all() if limit > 0 else []
+    rows = conn.execute(_TO_SEND, {"org_id": org_id, "limit": limit}).all() if limit > 0 else []
     if not rows:
         if settled_unknown:
             sending.reconcile(conn, org_id, policy)
         return Claim(settled_unknown=settled_unknown, owner_lease_left=lease_left)
     # The wallet row first: the decision below and the holds read one available balance.
     available = conn.execute(
-        text("SELECT balance_cents - held_cents FROM wallets WHERE org_id = :o FOR UPDATE"),
-        {"o": org_id},
+        _WALLET_AVAILABLE,
+        {"org_id": org_id},
     ).scalar_one()
     org_reasons = [
         r
@@ -216,17 +248,17 @@ def claim(conn: Connection, org_id: str, limit: int, policy: sending.Policy, own
         send.append(row)
     _hold_many(conn, org_id, to_hold)
     if to_release:
-        conn.execute(_RELEASE_MANY, {"o": org_id, "refs": to_release})
+        conn.execute(_RELEASE_MANY, {"org_id": org_id, "references": to_release})
     org = conn.execute(
-        text("SELECT twilio_subaccount_sid, sender FROM organizations WHERE org_id = :o"),
-        {"o": org_id},
+        _ORG_SENDER,
+        {"org_id": org_id},
     ).one()
     conn.execute(
         _MARK,
         {
             "rows": json.dumps(marks),
-            "lease": policy.send_lease.total_seconds(),
-            "sub": org.twilio_subaccount_sid,
+            "lease_seconds": policy.send_lease.total_seconds(),
+            "twilio_subaccount_sid": org.twilio_subaccount_sid,
         },
     )
     blocked = [m["m"] for m in marks if m["s"] == "blocked"]
@@ -252,11 +284,22 @@ def _hold_many(conn: Connection, org_id: str, holds: list[_HoldRow]) -> None:
     if not holds:
         return
     total = sum(h["a"] for h in holds)
-    row = conn.execute(_HOLD_MANY, {"o": org_id, "total": total, "rows": json.dumps(holds)}).one()
+    row = conn.execute(
+        _HOLD_MANY, {"org_id": org_id, "total_cents": total, "rows": json.dumps(holds)}
+    ).one()
     if not row.updated or row.held != len(holds):
         # The wallet row is locked and was read in this transaction, and queued messages hold
         # nothing yet: only a concurrent writer breaking those rules gets here. Start over.
         raise RetryableConflict(f"batch hold of {total} cents for {org_id!r} did not apply")
+
+
+_PAUSED_CAMPAIGNS = sql.statement(
+    "send_batch.paused_campaigns",
+    """
+    SELECT campaign_id FROM campaigns WHERE org_id = :org_id AND status = 'paused'
+    AND campaign_id = ANY(CAST(:campaign_ids AS text[]))
+    """,
+)
 
 
 def _paused_campaigns(conn: Connection, org_id: str, campaign_ids: set[str]) -> set[str]:
@@ -264,11 +307,8 @@ def _paused_campaigns(conn: Connection, org_id: str, campaign_ids: set[str]) -> 
         return set()
     return set(
         conn.execute(
-            text(
-                "SELECT campaign_id FROM campaigns WHERE org_id = :o AND status = 'paused' "
-                "AND campaign_id = ANY(CAST(:c AS text[]))"
-            ),
-            {"o": org_id, "c": sorted(campaign_ids)},
+            _PAUSED_CAMPAIGNS,
+            {"org_id": org_id, "campaign_ids": sorted(campaign_ids)},
         ).scalars()
     )
 
@@ -279,7 +319,7 @@ def _settle_orphans(
     """Messages an earlier run of this very task left `sending`: that run died, during or
     right after its Twilio calls. Once the lease is over each may have gone out, so it is
     `unknown` and captured; while it lasts, (0, seconds left) tells the task to come back."""
-    rows = conn.execute(_OWNED_SENDING, {"o": org_id, "owner": owner}).all()
+    rows = conn.execute(_OWNED_SENDING, {"org_id": org_id, "send_attempt": owner}).all()
     over = [r for r in rows if r.lease_left is None or r.lease_left <= 0]
     left = max((float(r.lease_left) for r in rows if r not in over), default=0.0)
     for row in over:
@@ -297,6 +337,28 @@ class Answer:
     result: SendResult
 
 
+_LOCK_ANSWERED = sql.statement(
+    "send_batch.lock_answered",
+    """
+    SELECT message_id, status, price_cents, segments FROM messages
+    WHERE message_id = ANY(CAST(:message_ids AS text[])) ORDER BY message_id FOR UPDATE
+    """,
+)
+
+_LOCK_SIDS = sql.statement(
+    "send_batch.lock_sids",
+    """
+    SELECT pg_advisory_xact_lock(hashtext('twilio-sid:' || s))
+    FROM unnest(CAST(:twilio_sids AS text[])) AS s ORDER BY s
+    """,
+)
+
+_SIDS_WITH_EARLY_CALLBACKS = sql.statement(
+    "send_batch.sids_with_early_callbacks",
+    "SELECT DISTINCT twilio_sid FROM early_callbacks WHERE twilio_sid = ANY(:twilio_sids)",
+)
+
+
 def record(
     conn: Connection, org_id: str, answers: list[Answer], policy: sending.Policy
 ) -> dict[str, str]:
@@ -307,11 +369,8 @@ def record(
     rows = {
         r.message_id: r
         for r in conn.execute(
-            text(
-                "SELECT message_id, status, price_cents, segments FROM messages "
-                "WHERE message_id = ANY(CAST(:ids AS text[])) ORDER BY message_id FOR UPDATE"
-            ),
-            {"ids": sorted(by_id)},
+            _LOCK_ANSWERED,
+            {"message_ids": sorted(by_id)},
         )
     }
     sids = sorted(r.sid for r in by_id.values() if r.outcome == SendOutcome.ACCEPTED and r.sid)
@@ -319,16 +378,13 @@ def record(
         # The order record_result takes them in: message rows, then SIDs (a callback for one
         # of these SIDs waits for this commit, or has been kept as an early callback).
         conn.execute(
-            text(
-                "SELECT pg_advisory_xact_lock(hashtext('twilio-sid:' || s)) "
-                "FROM unnest(CAST(:sids AS text[])) AS s ORDER BY s"
-            ),
-            {"sids": sids},
+            _LOCK_SIDS,
+            {"twilio_sids": sids},
         )
     waiting = set(
         conn.execute(
-            text("SELECT DISTINCT twilio_sid FROM early_callbacks WHERE twilio_sid = ANY(:s)"),
-            {"s": sids},
+            _SIDS_WITH_EARLY_CALLBACKS,
+            {"twilio_sids": sids},
         ).scalars()
         if sids
         else ()
@@ -373,10 +429,10 @@ def _settle_plain(
     ]
     captured: dict[str, int] = {}
     if capture:
-        for c in conn.execute(_CAPTURE_MANY, {"o": org_id, "refs": capture}):
+        for c in conn.execute(_CAPTURE_MANY, {"org_id": org_id, "references": capture}):
             captured[c.reference] = c.amount_cents
     if release:
-        conn.execute(_RELEASE_MANY, {"o": org_id, "refs": release})
+        conn.execute(_RELEASE_MANY, {"org_id": org_id, "references": release})
     if capture or release:
         outbound.note_balance(conn, org_id)
     settle: list[_SettleRow] = []

@@ -18,11 +18,12 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
-from core import outbound, outbox
+from core import outbound, outbox, sql
 from core.errors import NotFound
 from core.settings import Settings
+from core.statuses import AccountStatus, Billing, PausedBy
 from core.subscriptions import allows_sending
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Decision:
     available_cents: int
     segment_price_cents: int
     freeze_reasons: tuple[str, ...] = field(default=())
-    billing: str = "subscription"
+    billing: str = Billing.SUBSCRIPTION
 
     @property
     def can_send(self) -> bool:
@@ -73,7 +74,7 @@ class Decision:
     def service_paid_for(self) -> bool:
         """Whether the Twilio subaccount should be active: a prepaid organization's always is
         (its money is held per message), a subscription-billed one's while it is paid up."""
-        return self.billing == "prepaid" or self.subscription_allows
+        return self.billing == Billing.PREPAID or self.subscription_allows
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -163,9 +164,9 @@ def _decision(
     reasons = []
     # Under subscription billing, never having had a subscription is having none active; a
     # prepaid organization's money alone decides, and its subscriptions are only reported.
-    if row["billing"] == "subscription" and not sub_allows:
+    if row["billing"] == Billing.SUBSCRIPTION and not sub_allows:
         reasons.append(SUBSCRIPTION_INACTIVE)
-    if "suspended" in (row["twilio_status"], row["twilio_desired_status"]):
+    if AccountStatus.SUSPENDED in (row["twilio_status"], row["twilio_desired_status"]):
         reasons.append(TWILIO_SUSPENDED)
     if row["active_freezes"]:
         reasons.append(WALLET_FROZEN)
@@ -194,19 +195,49 @@ class Reconciled:
     twilio_desired_changed: bool
 
 
+_SET_DESIRED_STATUS = sql.statement(
+    "sending.set_desired_status",
+    """
+    UPDATE organizations SET twilio_desired_status = :desired_status
+    WHERE org_id = :org_id AND twilio_desired_status <> :desired_status RETURNING org_id
+    """,
+)
+
+_RESUME_SYSTEM_PAUSED = sql.statement(
+    "sending.resume_system_paused",
+    """
+    UPDATE campaigns SET status = 'running', paused_by = NULL,
+        pause_reason = NULL, updated_at = now()
+    WHERE org_id = :org_id AND status = 'paused' AND paused_by = 'system'
+    RETURNING campaign_id
+    """,
+)
+
+_PAUSE_RUNNING = sql.statement(
+    "sending.pause_running",
+    """
+    UPDATE campaigns c SET status = 'paused', paused_by = 'system',
+        pause_reason = :reason, updated_at = now()
+    FROM (SELECT campaign_id, status FROM campaigns WHERE org_id = :org_id
+          AND (status = 'running'
+               OR (paused_by = 'system' AND pause_reason IS DISTINCT FROM :reason))
+          FOR UPDATE) before
+    WHERE c.org_id = :org_id AND c.campaign_id = before.campaign_id
+    RETURNING c.campaign_id, before.status = 'running' AS newly
+    """,
+)
+
+
 def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
     """Bring campaigns and the subaccount's desired status in line with the decision."""
     decision = decide(conn, org_id, policy)
     # The subaccount first: its desired status is itself a reason, and campaigns paused below
     # must carry every reason, or the next reconcile would rewrite them all again.
-    desired = "active" if decision.service_paid_for else "suspended"
+    desired = AccountStatus.ACTIVE if decision.service_paid_for else AccountStatus.SUSPENDED
     changed = (
         conn.execute(
-            text(
-                "UPDATE organizations SET twilio_desired_status = :d "
-                "WHERE org_id = :o AND twilio_desired_status <> :d RETURNING org_id"
-            ),
-            {"o": org_id, "d": desired},
+            _SET_DESIRED_STATUS,
+            {"org_id": org_id, "desired_status": desired},
         ).first()
         is not None
     )
@@ -218,13 +249,8 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
     if decision.can_send:
         resumed = tuple(
             conn.execute(
-                text(
-                    "UPDATE campaigns SET status = 'running', paused_by = NULL, "
-                    "pause_reason = NULL, updated_at = now() "
-                    "WHERE org_id = :o AND status = 'paused' AND paused_by = 'system' "
-                    "RETURNING campaign_id"
-                ),
-                {"o": org_id},
+                _RESUME_SYSTEM_PAUSED,
+                {"org_id": org_id},
             ).scalars()
         )
         paused: tuple[str, ...] = ()
@@ -234,16 +260,8 @@ def reconcile(conn: Connection, org_id: str, policy: Policy) -> Reconciled:
         # A system pause whose reasons changed is updated too, but only a campaign that was
         # running is newly paused: the host hears of that one alone.
         rows = conn.execute(
-            text(
-                "UPDATE campaigns c SET status = 'paused', paused_by = 'system', "
-                "pause_reason = :r, updated_at = now() "
-                "FROM (SELECT campaign_id, status FROM campaigns WHERE org_id = :o AND "
-                "(status = 'running' OR (paused_by = 'system' AND pause_reason IS DISTINCT "
-                "FROM :r)) FOR UPDATE) before "
-                "WHERE c.org_id = :o AND c.campaign_id = before.campaign_id "
-                "RETURNING c.campaign_id, before.status = 'running' AS newly"
-            ),
-            {"o": org_id, "r": reason},
+            _PAUSE_RUNNING,
+            {"org_id": org_id, "reason": reason},
         ).all()
         paused = tuple(r.campaign_id for r in rows)
         newly_paused = tuple(r.campaign_id for r in rows if r.newly)
@@ -268,6 +286,6 @@ def _report(
 ) -> None:
     """Events to the host: the campaigns Payguard paused or resumed."""
     for campaign_id in paused:
-        outbound.note_campaign(conn, org_id, campaign_id, "system", ",".join(d.reasons))
+        outbound.note_campaign(conn, org_id, campaign_id, PausedBy.SYSTEM, ",".join(d.reasons))
     for campaign_id in resumed:
         outbound.note_campaign(conn, org_id, campaign_id, None, None)

@@ -18,6 +18,7 @@ from core.errors import MalformedEvent
 from core.money import normalize_currency, to_minor_units
 from core.providers.events import PaymentCaptured
 from core.providers.ports import ProviderRefused
+from core.statuses import TopUpStatus
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def capture(engine: Engine, api: Any, top_up_id: str) -> str:
     PayPal is called with no transaction open. ProviderUnavailable propagates (the task
     retries with the same PayPal-Request-Id); a refusal fails the top-up."""
     top_up = run_in_transaction(engine, lambda c: topups.by_id(c, top_up_id))
-    if top_up is None or top_up.status != "approved":
+    if top_up is None or top_up.status != TopUpStatus.APPROVED:
         return top_up.status if top_up else "unknown"
     try:
         answer = api.capture_order(
@@ -41,8 +42,10 @@ def capture(engine: Engine, api: Any, top_up_id: str) -> str:
         )
     except ProviderRefused as exc:
         reason = f"PayPal refused the capture: {exc}"
-        run_in_transaction(engine, lambda c: topups.finish(c, top_up_id, "failed", reason=reason))
-        return "failed"
+        run_in_transaction(
+            engine, lambda c: topups.finish(c, top_up_id, TopUpStatus.FAILED, reason=reason)
+        )
+        return TopUpStatus.FAILED
     return run_in_transaction(engine, lambda c: record_capture(c, top_up_id, answer))
 
 
@@ -54,22 +57,26 @@ def record_capture(conn: Connection, top_up_id: str, answer: Any) -> str:
     try:
         captured = _completed_capture(answer, top_up.provider_reference)
     except MalformedEvent as exc:
-        topups.finish(conn, top_up_id, "failed", reason=f"capture answer unusable: {exc}")
-        return "failed"
+        topups.finish(conn, top_up_id, TopUpStatus.FAILED, reason=f"capture answer unusable: {exc}")
+        return TopUpStatus.FAILED
     if captured is None:  # PENDING: PAYMENT.CAPTURE.COMPLETED will credit it
         return top_up.status
     capture_id, org_id, amount_cents, currency, status = captured
     if status in ("DECLINED", "FAILED"):
-        topups.finish(conn, top_up_id, "failed", reason=f"PayPal capture {capture_id} {status}")
-        return "failed"
+        topups.finish(
+            conn, top_up_id, TopUpStatus.FAILED, reason=f"PayPal capture {capture_id} {status}"
+        )
+        return TopUpStatus.FAILED
     if org_id is not None and org_id != top_up.org_id:
         # Never credit an organization from another's top-up: the order was made for ours.
         log.error(
             "capture names another organization",
             extra={"top_up_id": top_up_id, "org_id": top_up.org_id, "named": org_id},
         )
-        topups.finish(conn, top_up_id, "failed", reason="capture names another organization")
-        return "failed"
+        topups.finish(
+            conn, top_up_id, TopUpStatus.FAILED, reason="capture names another organization"
+        )
+        return TopUpStatus.FAILED
     handlers.credit_payment(
         conn,
         PaymentCaptured(
@@ -78,7 +85,7 @@ def record_capture(conn: Connection, top_up_id: str, answer: Any) -> str:
             checkout_id=top_up.provider_reference,
         ),
     )  # fmt: skip
-    return "completed"
+    return TopUpStatus.COMPLETED
 
 
 def _completed_capture(answer: Any, order_id: str) -> tuple[str, str | None, int, str, str] | None:

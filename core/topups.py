@@ -24,18 +24,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
-from core import orgs, outbound, outbox
+from core import orgs, outbound, outbox, sql
 from core.errors import InvalidInput, NotFound, ParkEvent
 from core.providers.ports import TopUpApi
+from core.statuses import TopUpStatus
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("paypal", "stripe")
 CAPTURE_TASK = outbox.CAPTURE_TOP_UP_TASK
-OPEN = ("created", "approved")
-FINAL = ("completed", "failed", "expired")
+OPEN = (TopUpStatus.CREATED, TopUpStatus.APPROVED)
+FINAL = (TopUpStatus.COMPLETED, TopUpStatus.FAILED, TopUpStatus.EXPIRED)
 _COLUMNS = (
     "top_up_id, org_id, provider, provider_reference, amount_cents, currency, approval_url, "
     "status, failure_reason, payment_id, credited_cents, created_at, updated_at"
@@ -97,6 +98,18 @@ def provider_key(org_id: str, idempotency_key: str, request_digest: bytes) -> st
     return f"payguard-topup-{digest[:48]}"
 
 
+_CREATE = sql.statement(
+    "topups.create",
+    f"""
+    INSERT INTO top_ups (top_up_id, org_id, provider, provider_reference, amount_cents,
+                         currency, approval_url)
+    VALUES (:top_up_id, :org_id, :provider, :provider_reference, :amount_cents, :currency,
+            :approval_url)
+    RETURNING {_COLUMNS}
+    """,
+)
+
+
 def create(
     conn: Connection,
     api: TopUpApi,
@@ -120,47 +133,66 @@ def create(
         cancel_url=cancel_url, idempotency_key=provider_idempotency_key,
     )  # fmt: skip
     row = conn.execute(
-        text(
-            "INSERT INTO top_ups (top_up_id, org_id, provider, provider_reference, amount_cents, "
-            "currency, approval_url) VALUES (:id, :o, :p, :r, :a, :c, :u) "
-            f"RETURNING {_COLUMNS}"
-        ),
+        _CREATE,
         {
-            "id": "tu_" + secrets.token_hex(16),
-            "o": org_id,
-            "p": provider,
-            "r": checkout.reference,
-            "a": amount_cents,
-            "c": currency,
-            "u": checkout.approval_url,
+            "top_up_id": "tu_" + secrets.token_hex(16),
+            "org_id": org_id,
+            "provider": provider,
+            "provider_reference": checkout.reference,
+            "amount_cents": amount_cents,
+            "currency": currency,
+            "approval_url": checkout.approval_url,
         },
     ).one()
     log.info(
         "top-up created",
-        extra={"org_id": org_id, "provider": provider, "reference": checkout.reference},
+        extra={"org_id": org_id, "provider": provider, "provider_reference": checkout.reference},
     )
     return _row(row)
 
 
+_GET = sql.statement(
+    "topups.get",
+    f"SELECT {_COLUMNS} FROM top_ups WHERE top_up_id = :top_up_id AND org_id = :org_id",
+)
+
+
 def get(conn: Connection, org_id: str, top_up_id: str) -> TopUp:
     row = conn.execute(
-        text(f"SELECT {_COLUMNS} FROM top_ups WHERE top_up_id = :id AND org_id = :o"),
-        {"id": top_up_id, "o": org_id},
+        _GET,
+        {"top_up_id": top_up_id, "org_id": org_id},
     ).first()
     if row is None:
         raise NotFound(f"no top-up {top_up_id!r}")
     return _row(row)
 
 
+_BY_REFERENCE = f"""
+    SELECT {_COLUMNS} FROM top_ups
+    WHERE provider = :provider AND provider_reference = :provider_reference
+"""
+_FIND_BY_REFERENCE = sql.statement("topups.find_by_reference", _BY_REFERENCE)
+_LOCK_BY_REFERENCE = sql.statement("topups.lock_by_reference", _BY_REFERENCE + "    FOR UPDATE\n")
+
+
 def _by_reference(conn: Connection, provider: str, reference: str, *, lock: bool) -> TopUp | None:
     row = conn.execute(
-        text(
-            f"SELECT {_COLUMNS} FROM top_ups WHERE provider = :p AND provider_reference = :r"
-            + (" FOR UPDATE" if lock else "")
-        ),
-        {"p": provider, "r": reference},
+        _LOCK_BY_REFERENCE if lock else _FIND_BY_REFERENCE,
+        {"provider": provider, "provider_reference": reference},
     ).first()
     return None if row is None else _row(row)
+
+
+_FINISH = sql.statement(
+    "topups.finish",
+    """
+    UPDATE top_ups SET status = :status, failure_reason = :failure_reason,
+        payment_id = COALESCE(:payment_id, payment_id),
+        credited_cents = COALESCE(:credited_cents, credited_cents), updated_at = now()
+    WHERE top_up_id = :top_up_id AND status = ANY(:allowed_statuses)
+    RETURNING org_id, amount_cents, credited_cents
+    """,
+)
 
 
 def finish(
@@ -179,26 +211,20 @@ def finish(
     A top-up that expired can still complete: money the provider took late is credited all
     the same, and the top-up says so."""
     assert status in FINAL, status
-    allowed = (*OPEN, "expired") if status == "completed" else OPEN
+    allowed = (*OPEN, TopUpStatus.EXPIRED) if status == TopUpStatus.COMPLETED else OPEN
     changed = conn.execute(
-        text(
-            "UPDATE top_ups SET status = :s, failure_reason = :why, "
-            "payment_id = COALESCE(:pid, payment_id), "
-            "credited_cents = COALESCE(:cc, credited_cents), updated_at = now() "
-            "WHERE top_up_id = :id AND status = ANY(:allowed) "
-            "RETURNING org_id, amount_cents, credited_cents"
-        ),
+        _FINISH,
         {
-            "s": status,
-            "why": reason,
-            "pid": payment_id,
-            "cc": credited_cents,
-            "id": top_up_id,
-            "allowed": list(allowed),
+            "status": status,
+            "failure_reason": reason,
+            "payment_id": payment_id,
+            "credited_cents": credited_cents,
+            "top_up_id": top_up_id,
+            "allowed_statuses": list(allowed),
         },
     ).first()
     if changed is not None:
-        completed = status == "completed"
+        completed = status == TopUpStatus.COMPLETED
         outbound.record(
             conn,
             "top_up.completed" if completed else "top_up.failed",
@@ -230,6 +256,15 @@ def finish(
 # ---------------------------------------------------------------- PayPal: approve, capture
 
 
+_APPROVE = sql.statement(
+    "topups.approve",
+    """
+    UPDATE top_ups SET status = 'approved', updated_at = now()
+    WHERE top_up_id = :top_up_id AND status IN ('created', 'expired')
+    """,
+)
+
+
 def approve(conn: Connection, provider: str, order_id: str, org_hint: str | None) -> str | None:
     """The buyer approved the order: `approved`, and a capture task queued (again, if this
     approval arrives twice: the capture carries one PayPal-Request-Id, so it captures once).
@@ -239,22 +274,23 @@ def approve(conn: Connection, provider: str, order_id: str, org_hint: str | None
         return None
     if org_hint is not None and org_hint != top_up.org_id:
         raise ParkEvent(f"order {order_id} names {org_hint!r} but is a top-up of {top_up.org_id!r}")
-    if top_up.status in ("created", "expired", "approved"):
+    if top_up.status in (TopUpStatus.CREATED, TopUpStatus.EXPIRED, TopUpStatus.APPROVED):
         conn.execute(
-            text(
-                "UPDATE top_ups SET status = 'approved', updated_at = now() "
-                "WHERE top_up_id = :id AND status IN ('created', 'expired')"
-            ),
-            {"id": top_up.top_up_id},
+            _APPROVE,
+            {"top_up_id": top_up.top_up_id},
         )
         outbox.enqueue(conn, CAPTURE_TASK, [top_up.top_up_id])
     return top_up.org_id
 
 
+_BY_ID = sql.statement(
+    "topups.by_id",
+    f"SELECT {_COLUMNS} FROM top_ups WHERE top_up_id = :top_up_id",
+)
+
+
 def by_id(conn: Connection, top_up_id: str) -> TopUp | None:
-    row = conn.execute(
-        text(f"SELECT {_COLUMNS} FROM top_ups WHERE top_up_id = :id"), {"id": top_up_id}
-    ).first()
+    row = conn.execute(_BY_ID, {"top_up_id": top_up_id}).first()
     return None if row is None else _row(row)
 
 
@@ -274,24 +310,34 @@ def payment_credited(
             extra={"top_up_id": top_up.top_up_id, "org_id": top_up.org_id, "credited": org_id},
         )
         return
-    finish(conn, top_up.top_up_id, "completed", payment_id=payment_id, credited_cents=cents)
+    finish(
+        conn, top_up.top_up_id, TopUpStatus.COMPLETED, payment_id=payment_id, credited_cents=cents
+    )
 
 
 # ---------------------------------------------------------------- expiry
+
+
+_STALE = sql.statement(
+    "topups.stale",
+    """
+    SELECT top_up_id FROM top_ups WHERE status = 'created' AND provider = :provider
+    AND created_at < now() - make_interval(secs => :older_than_seconds)
+    ORDER BY created_at LIMIT :limit FOR UPDATE SKIP LOCKED
+    """,
+)
 
 
 def expire_stale(conn: Connection, provider: str, older_than_seconds: float, limit: int) -> int:
     """`created` top-ups of `provider` older than its approval window become `expired`;
     SKIP LOCKED, so two beats share the work."""
     ids = conn.execute(
-        text(
-            "SELECT top_up_id FROM top_ups WHERE status = 'created' AND provider = :p "
-            "AND created_at < now() - make_interval(secs => :age) "
-            "ORDER BY created_at LIMIT :limit FOR UPDATE SKIP LOCKED"
-        ),
-        {"p": provider, "age": older_than_seconds, "limit": limit},
+        _STALE,
+        {"provider": provider, "older_than_seconds": older_than_seconds, "limit": limit},
     ).scalars()
-    return sum(finish(conn, i, "expired", reason="not approved in time") for i in list(ids))
+    return sum(
+        finish(conn, i, TopUpStatus.EXPIRED, reason="not approved in time") for i in list(ids)
+    )
 
 
 def provider_of(value: str) -> str:

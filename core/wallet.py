@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
-from sqlalchemy import ColumnClause, Connection, Executable, Row, column, text
+from sqlalchemy import ColumnClause, Connection, Executable, Row, column
 
-from core import outbound
+from core import outbound, sql
 from core.errors import Conflict, InvalidInput, NotFound, Refused, RetryableConflict
+from core.statuses import HoldStatus
 
 log = logging.getLogger(__name__)
 
@@ -172,235 +173,288 @@ _ENTRY_COLUMNS = (
 _MONEY_RESULT: list[ColumnClause[Any]] = [
     column("updated"),
     *(column(c) for c in _ENTRY_COLUMNS.split(", ")),
+    # Whether the move leaves the wallet's low-balance flag to flip (outbound.note_balance):
+    # computed in the money statement from the row it updated and locked, so the common case,
+    # no flip, costs no second statement while the wallet's row lock is held.
     column("low_balance_flips"),
 ]
 
-# Whether the move leaves the wallet's low-balance flag to flip (outbound.note_balance): computed
-# in the money statement from the row it updated and locked, so the common case, no flip, costs
-# no second statement while the wallet's row lock is held.
-_LOW_BALANCE_FLIPS = """(
-    SELECT w.low_balance_reported IS DISTINCT FROM (w.balance_cents - w.held_cents < o.low_balance_cents)
-    FROM w JOIN organizations o ON o.org_id = :org WHERE o.low_balance_cents IS NOT NULL
-) AS low_balance_flips"""
 
-_CREDIT = text(f"""
-WITH prev AS (
-    SELECT 1 FROM journal WHERE org_id = :org AND reference = :ref
-), cur AS (
-    SELECT org_id, debt_cents FROM wallets
-    WHERE org_id = :org AND (CAST(:cur AS text) IS NULL OR currency = CAST(:cur AS text))
-      AND NOT EXISTS (SELECT 1 FROM prev)
-    FOR UPDATE
-), w AS (
-    UPDATE wallets SET
-        balance_cents = wallets.balance_cents + greatest(:amt - cur.debt_cents, 0),
-        debt_cents = greatest(cur.debt_cents - :amt, 0),
-        updated_at = now()
-    FROM cur WHERE wallets.org_id = cur.org_id
-    RETURNING wallets.balance_cents, wallets.debt_cents, least(cur.debt_cents, :amt) AS paid,
-              wallets.held_cents, wallets.low_balance_reported
-), p AS (
-    -- Money given back to a payment (a failed refund) may be taken back again later.
-    UPDATE payments SET refunded_cents = greatest(payments.refunded_cents - :amt, 0)
-    FROM w WHERE payments.provider = CAST(:pp AS text) AND payments.payment_id = CAST(:pid AS text)
-      AND payments.org_id = :org
-    RETURNING 1
-), j AS (
-    INSERT INTO journal (org_id, kind, amount_cents, debt_delta_cents, requested_cents,
-                         reference, balance_after_cents, debt_after_cents, actor, reason)
-    SELECT :org, :kind, :amt - w.paid, -w.paid, :amt, :ref, w.balance_cents, w.debt_cents,
-           :actor, :reason
-    FROM w
-    ON CONFLICT ON CONSTRAINT journal_reference_once DO NOTHING
-    RETURNING {_ENTRY_COLUMNS}
-)
-SELECT (SELECT count(*) FROM w) AS updated, j.*, {_LOW_BALANCE_FLIPS}
-FROM (SELECT 1) AS one LEFT JOIN j ON true
-""").columns(*_MONEY_RESULT)
+_CREDIT = sql.statement(
+    "wallet.credit",
+    f"""
+    WITH prev AS (
+        SELECT 1 FROM journal WHERE org_id = :org_id AND reference = :reference
+    ), cur AS (
+        SELECT org_id, debt_cents FROM wallets
+        WHERE org_id = :org_id
+          AND (CAST(:currency AS text) IS NULL OR currency = CAST(:currency AS text))
+          AND NOT EXISTS (SELECT 1 FROM prev)
+        FOR UPDATE
+    ), w AS (
+        UPDATE wallets SET
+            balance_cents = wallets.balance_cents + greatest(:amount_cents - cur.debt_cents, 0),
+            debt_cents = greatest(cur.debt_cents - :amount_cents, 0),
+            updated_at = now()
+        FROM cur WHERE wallets.org_id = cur.org_id
+        RETURNING wallets.balance_cents, wallets.debt_cents,
+                  least(cur.debt_cents, :amount_cents) AS paid,
+                  wallets.held_cents, wallets.low_balance_reported
+    ), p AS (
+        -- Money given back to a payment (a failed refund) may be taken back again later.
+        UPDATE payments SET refunded_cents = greatest(payments.refunded_cents - :amount_cents, 0)
+        FROM w WHERE payments.provider = CAST(:payment_provider AS text)
+          AND payments.payment_id = CAST(:payment_id AS text) AND payments.org_id = :org_id
+        RETURNING 1
+    ), j AS (
+        INSERT INTO journal (org_id, kind, amount_cents, debt_delta_cents, requested_cents,
+                             reference, balance_after_cents, debt_after_cents, actor, reason)
+        SELECT :org_id, :kind, :amount_cents - w.paid, -w.paid, :amount_cents, :reference,
+               w.balance_cents, w.debt_cents, :actor, :reason
+        FROM w
+        ON CONFLICT ON CONSTRAINT journal_reference_once DO NOTHING
+        RETURNING {_ENTRY_COLUMNS}
+    )
+    SELECT (SELECT count(*) FROM w) AS updated, j.*,
+           -- whether the low-balance flag is left to flip (outbound.note_balance; see _MONEY_RESULT)
+           (SELECT w.low_balance_reported
+                   IS DISTINCT FROM (w.balance_cents - w.held_cents < o.low_balance_cents)
+            FROM w JOIN organizations o ON o.org_id = :org_id
+            WHERE o.low_balance_cents IS NOT NULL) AS low_balance_flips
+    FROM (SELECT 1) AS one LEFT JOIN j ON true
+    """,
+).columns(*_MONEY_RESULT)
 
-_DEBIT = text(f"""
-WITH prev AS (
-    SELECT 1 FROM journal WHERE org_id = :org AND reference = :ref
-), w AS (
-    UPDATE wallets SET balance_cents = balance_cents - :amt, updated_at = now()
-    WHERE org_id = :org
-      AND (CAST(:check_freeze AS boolean) IS FALSE OR active_freezes = 0)
-      AND balance_cents - held_cents >= :amt
-      AND NOT EXISTS (SELECT 1 FROM prev)
-    RETURNING balance_cents, debt_cents, held_cents, low_balance_reported
-), j AS (
-    INSERT INTO journal (org_id, kind, amount_cents, requested_cents, reference,
-                         balance_after_cents, debt_after_cents, actor, reason)
-    SELECT :org, :kind, -:amt, :amt, :ref, w.balance_cents, w.debt_cents, :actor, :reason
-    FROM w
-    ON CONFLICT ON CONSTRAINT journal_reference_once DO NOTHING
-    RETURNING {_ENTRY_COLUMNS}
-)
-SELECT (SELECT count(*) FROM w) AS updated, j.*, {_LOW_BALANCE_FLIPS}
-FROM (SELECT 1) AS one LEFT JOIN j ON true
-""").columns(*_MONEY_RESULT)
+_DEBIT = sql.statement(
+    "wallet.debit",
+    f"""
+    WITH prev AS (
+        SELECT 1 FROM journal WHERE org_id = :org_id AND reference = :reference
+    ), w AS (
+        UPDATE wallets SET balance_cents = balance_cents - :amount_cents, updated_at = now()
+        WHERE org_id = :org_id
+          AND (CAST(:check_freeze AS boolean) IS FALSE OR active_freezes = 0)
+          AND balance_cents - held_cents >= :amount_cents
+          AND NOT EXISTS (SELECT 1 FROM prev)
+        RETURNING balance_cents, debt_cents, held_cents, low_balance_reported
+    ), j AS (
+        INSERT INTO journal (org_id, kind, amount_cents, requested_cents, reference,
+                             balance_after_cents, debt_after_cents, actor, reason)
+        SELECT :org_id, :kind, -:amount_cents, :amount_cents, :reference, w.balance_cents,
+               w.debt_cents, :actor, :reason
+        FROM w
+        ON CONFLICT ON CONSTRAINT journal_reference_once DO NOTHING
+        RETURNING {_ENTRY_COLUMNS}
+    )
+    SELECT (SELECT count(*) FROM w) AS updated, j.*,
+           -- whether the low-balance flag is left to flip (outbound.note_balance; see _MONEY_RESULT)
+           (SELECT w.low_balance_reported
+                   IS DISTINCT FROM (w.balance_cents - w.held_cents < o.low_balance_cents)
+            FROM w JOIN organizations o ON o.org_id = :org_id
+            WHERE o.low_balance_cents IS NOT NULL) AS low_balance_flips
+    FROM (SELECT 1) AS one LEFT JOIN j ON true
+    """,
+).columns(*_MONEY_RESULT)
 
-_CLAWBACK = text(f"""
-WITH prev AS (
-    SELECT 1 FROM journal WHERE org_id = :org AND reference = :ref
-), pay AS (
-    -- The payment taken back from, when one is named: what it credited and not yet given back
-    -- bounds what this takes (a refund or chargeback takes back at most its own payment).
-    SELECT greatest(amount_cents - refunded_cents, 0) AS room FROM payments
-    WHERE provider = CAST(:pp AS text) AND payment_id = CAST(:pid AS text) AND org_id = :org
-    FOR UPDATE
-), cur AS (
-    SELECT org_id, balance_cents - held_cents AS available,
-           CASE WHEN CAST(:pid AS text) IS NULL THEN CAST(:amt AS bigint)
-                ELSE least(:amt, coalesce((SELECT room FROM pay), 0)) END AS owed
-    FROM wallets
-    WHERE org_id = :org AND (CAST(:cur AS text) IS NULL OR currency = CAST(:cur AS text))
-      AND NOT EXISTS (SELECT 1 FROM prev)
-    FOR UPDATE
-), w AS (
-    UPDATE wallets SET
-        balance_cents = wallets.balance_cents - least(cur.owed, cur.available),
-        debt_cents = wallets.debt_cents + (cur.owed - least(cur.owed, cur.available)),
-        updated_at = now()
-    FROM cur WHERE wallets.org_id = cur.org_id
-    RETURNING wallets.balance_cents, wallets.debt_cents, least(cur.owed, cur.available) AS taken,
-              cur.owed, wallets.held_cents, wallets.low_balance_reported
-), p AS (
-    UPDATE payments SET refunded_cents = payments.refunded_cents + w.owed
-    FROM w WHERE payments.provider = CAST(:pp AS text) AND payments.payment_id = CAST(:pid AS text)
-      AND payments.org_id = :org
-    RETURNING 1
-), j AS (
-    INSERT INTO journal (org_id, kind, amount_cents, debt_delta_cents, requested_cents,
-                         reference, balance_after_cents, debt_after_cents, actor, reason)
-    SELECT :org, :kind, -w.taken, w.owed - w.taken, :amt, :ref, w.balance_cents, w.debt_cents,
-           :actor, :reason
-    FROM w
-    ON CONFLICT ON CONSTRAINT journal_reference_once DO NOTHING
-    RETURNING {_ENTRY_COLUMNS}
-)
-SELECT (SELECT count(*) FROM w) AS updated, j.*, {_LOW_BALANCE_FLIPS}
-FROM (SELECT 1) AS one LEFT JOIN j ON true
-""").columns(*_MONEY_RESULT)
+_CLAWBACK = sql.statement(
+    "wallet.clawback",
+    f"""
+    WITH prev AS (
+        SELECT 1 FROM journal WHERE org_id = :org_id AND reference = :reference
+    ), pay AS (
+        -- The payment taken back from, when one is named: what it credited and not yet given
+        -- back bounds what this takes (a refund or chargeback takes back at most its payment).
+        SELECT greatest(amount_cents - refunded_cents, 0) AS room FROM payments
+        WHERE provider = CAST(:payment_provider AS text)
+          AND payment_id = CAST(:payment_id AS text) AND org_id = :org_id
+        FOR UPDATE
+    ), cur AS (
+        SELECT org_id, balance_cents - held_cents AS available,
+               CASE WHEN CAST(:payment_id AS text) IS NULL THEN CAST(:amount_cents AS bigint)
+                    ELSE least(:amount_cents, coalesce((SELECT room FROM pay), 0)) END AS owed
+        FROM wallets
+        WHERE org_id = :org_id
+          AND (CAST(:currency AS text) IS NULL OR currency = CAST(:currency AS text))
+          AND NOT EXISTS (SELECT 1 FROM prev)
+        FOR UPDATE
+    ), w AS (
+        UPDATE wallets SET
+            balance_cents = wallets.balance_cents - least(cur.owed, cur.available),
+            debt_cents = wallets.debt_cents + (cur.owed - least(cur.owed, cur.available)),
+            updated_at = now()
+        FROM cur WHERE wallets.org_id = cur.org_id
+        RETURNING wallets.balance_cents, wallets.debt_cents, least(cur.owed, cur.available) AS taken,
+                  cur.owed, wallets.held_cents,
+                  wallets.low_balance_reported
+    ), p AS (
+        UPDATE payments SET refunded_cents = payments.refunded_cents + w.owed
+        FROM w WHERE payments.provider = CAST(:payment_provider AS text)
+          AND payments.payment_id = CAST(:payment_id AS text) AND payments.org_id = :org_id
+        RETURNING 1
+    ), j AS (
+        INSERT INTO journal (org_id, kind, amount_cents, debt_delta_cents, requested_cents,
+                             reference, balance_after_cents, debt_after_cents, actor, reason)
+        SELECT :org_id, :kind, -w.taken, w.owed - w.taken, :amount_cents, :reference,
+               w.balance_cents, w.debt_cents, :actor, :reason
+        FROM w
+        ON CONFLICT ON CONSTRAINT journal_reference_once DO NOTHING
+        RETURNING {_ENTRY_COLUMNS}
+    )
+    SELECT (SELECT count(*) FROM w) AS updated, j.*,
+           -- whether the low-balance flag is left to flip (outbound.note_balance; see _MONEY_RESULT)
+           (SELECT w.low_balance_reported
+                   IS DISTINCT FROM (w.balance_cents - w.held_cents < o.low_balance_cents)
+            FROM w JOIN organizations o ON o.org_id = :org_id
+            WHERE o.low_balance_cents IS NOT NULL) AS low_balance_flips
+    FROM (SELECT 1) AS one LEFT JOIN j ON true
+    """,
+).columns(*_MONEY_RESULT)
 
-_ENTRY_BY_REF = text(
-    f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE org_id = :org AND reference = :ref"
+_ENTRY_BY_REF = sql.statement(
+    "wallet.entry_by_ref",
+    f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE org_id = :org_id AND reference = :reference",
 )
 
 _HOLD_COLUMNS = "id, org_id, reference, amount_cents, status, captured_cents, created_at"
 
-_HOLD = text(f"""
-WITH prev AS (
-    SELECT 1 FROM holds WHERE org_id = :org AND reference = :ref
-), w AS (
-    UPDATE wallets SET held_cents = held_cents + :amt, updated_at = now()
-    WHERE org_id = :org AND active_freezes = 0 AND balance_cents - held_cents >= :amt
-      AND NOT EXISTS (SELECT 1 FROM prev)
-    RETURNING org_id
-), h AS (
-    INSERT INTO holds (org_id, reference, amount_cents)
-    SELECT :org, :ref, :amt FROM w
-    ON CONFLICT ON CONSTRAINT hold_reference_once DO NOTHING
-    RETURNING {_HOLD_COLUMNS}
+_HOLD = sql.statement(
+    "wallet.hold",
+    f"""
+    WITH prev AS (
+        SELECT 1 FROM holds WHERE org_id = :org_id AND reference = :reference
+    ), w AS (
+        UPDATE wallets SET held_cents = held_cents + :amount_cents, updated_at = now()
+        WHERE org_id = :org_id AND active_freezes = 0
+          AND balance_cents - held_cents >= :amount_cents
+          AND NOT EXISTS (SELECT 1 FROM prev)
+        RETURNING org_id
+    ), h AS (
+        INSERT INTO holds (org_id, reference, amount_cents)
+        SELECT :org_id, :reference, :amount_cents FROM w
+        ON CONFLICT ON CONSTRAINT hold_reference_once DO NOTHING
+        RETURNING {_HOLD_COLUMNS}
+    )
+    SELECT (SELECT count(*) FROM w) AS updated, h.* FROM (SELECT 1) AS one LEFT JOIN h ON true
+    """,
 )
-SELECT (SELECT count(*) FROM w) AS updated, h.* FROM (SELECT 1) AS one LEFT JOIN h ON true
-""")
 
-_HOLD_BY_REF = text(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE org_id = :org AND reference = :ref")
-
-_CAPTURE = text(f"""
-WITH h AS (
-    UPDATE holds SET status = 'captured', settled_at = now(),
-        captured_cents = coalesce(CAST(:cap AS bigint), amount_cents)
-    WHERE org_id = :org AND reference = :ref AND status = 'open'
-      AND amount_cents >= coalesce(CAST(:cap AS bigint), amount_cents)
-    RETURNING {_HOLD_COLUMNS}
-), w AS (
-    UPDATE wallets SET held_cents = held_cents - h.amount_cents,
-        balance_cents = balance_cents - h.captured_cents, updated_at = now()
-    FROM h WHERE wallets.org_id = h.org_id
-    RETURNING wallets.balance_cents, wallets.debt_cents
-), j AS (
-    INSERT INTO journal (org_id, kind, amount_cents, requested_cents, reference,
-                         balance_after_cents, debt_after_cents, actor, reason)
-    SELECT h.org_id, 'capture', -h.captured_cents, h.captured_cents, 'hold:' || h.reference,
-           w.balance_cents, w.debt_cents, 'system', :reason
-    FROM h, w WHERE h.captured_cents > 0
-    RETURNING id
+_HOLD_BY_REF = sql.statement(
+    "wallet.hold_by_ref",
+    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE org_id = :org_id AND reference = :reference",
 )
-SELECT h.*, (SELECT count(*) FROM j) AS journaled FROM h
-""")
 
-_RELEASE = text(f"""
-WITH h AS (
-    UPDATE holds SET status = 'released', settled_at = now(), captured_cents = 0
-    WHERE org_id = :org AND reference = :ref AND status = 'open'
-    RETURNING {_HOLD_COLUMNS}
-), w AS (
-    UPDATE wallets SET held_cents = held_cents - h.amount_cents, updated_at = now()
-    FROM h WHERE wallets.org_id = h.org_id
-    RETURNING wallets.org_id
+_CAPTURE = sql.statement(
+    "wallet.capture",
+    f"""
+    WITH h AS (
+        UPDATE holds SET status = 'captured', settled_at = now(),
+            captured_cents = coalesce(CAST(:capture_cents AS bigint), amount_cents)
+        WHERE org_id = :org_id AND reference = :reference AND status = 'open'
+          AND amount_cents >= coalesce(CAST(:capture_cents AS bigint), amount_cents)
+        RETURNING {_HOLD_COLUMNS}
+    ), w AS (
+        UPDATE wallets SET held_cents = held_cents - h.amount_cents,
+            balance_cents = balance_cents - h.captured_cents, updated_at = now()
+        FROM h WHERE wallets.org_id = h.org_id
+        RETURNING wallets.balance_cents, wallets.debt_cents
+    ), j AS (
+        INSERT INTO journal (org_id, kind, amount_cents, requested_cents, reference,
+                             balance_after_cents, debt_after_cents, actor, reason)
+        SELECT h.org_id, 'capture', -h.captured_cents, h.captured_cents, 'hold:' || h.reference,
+               w.balance_cents, w.debt_cents, 'system', :reason
+        FROM h, w WHERE h.captured_cents > 0
+        RETURNING id
+    )
+    SELECT h.*, (SELECT count(*) FROM j) AS journaled FROM h
+    """,
 )
-SELECT h.* FROM h, w
-""")
 
-_FREEZE = text("""
-WITH f AS (
-    INSERT INTO wallet_freezes (org_id, reason, actor, note)
-    SELECT :org, :reason, :actor, :note WHERE EXISTS (SELECT 1 FROM wallets WHERE org_id = :org)
-    ON CONFLICT (org_id, reason) WHERE lifted_at IS NULL DO NOTHING
-    RETURNING id
+_RELEASE = sql.statement(
+    "wallet.release",
+    f"""
+    WITH h AS (
+        UPDATE holds SET status = 'released', settled_at = now(), captured_cents = 0
+        WHERE org_id = :org_id AND reference = :reference AND status = 'open'
+        RETURNING {_HOLD_COLUMNS}
+    ), w AS (
+        UPDATE wallets SET held_cents = held_cents - h.amount_cents, updated_at = now()
+        FROM h WHERE wallets.org_id = h.org_id
+        RETURNING wallets.org_id
+    )
+    SELECT h.* FROM h, w
+    """,
 )
-UPDATE wallets SET active_freezes = active_freezes + 1, updated_at = now()
-FROM f WHERE wallets.org_id = :org
-RETURNING active_freezes
-""")
 
-_UNFREEZE = text("""
-WITH f AS (
-    UPDATE wallet_freezes SET lifted_at = now(), lifted_by = :actor, lift_note = :note
-    WHERE org_id = :org AND reason = :reason AND lifted_at IS NULL
-    RETURNING id
+_FREEZE = sql.statement(
+    "wallet.freeze",
+    """
+    WITH f AS (
+        INSERT INTO wallet_freezes (org_id, reason, actor, note)
+        SELECT :org_id, :reason, :actor, :note
+        WHERE EXISTS (SELECT 1 FROM wallets WHERE org_id = :org_id)
+        ON CONFLICT (org_id, reason) WHERE lifted_at IS NULL DO NOTHING
+        RETURNING id
+    )
+    UPDATE wallets SET active_freezes = active_freezes + 1, updated_at = now()
+    FROM f WHERE wallets.org_id = :org_id
+    RETURNING active_freezes
+    """,
 )
-UPDATE wallets SET active_freezes = active_freezes - 1, updated_at = now()
-FROM f WHERE wallets.org_id = :org
-RETURNING active_freezes
-""")
 
-_WALLET = text("""
-SELECT w.org_id, w.currency, w.balance_cents, w.held_cents, w.debt_cents,
-       coalesce(array_agg(f.reason ORDER BY f.created_at, f.id)
-                FILTER (WHERE f.id IS NOT NULL), '{}') AS reasons
-FROM wallets w
-LEFT JOIN wallet_freezes f ON f.org_id = w.org_id AND f.lifted_at IS NULL
-WHERE w.org_id = :org
-GROUP BY w.org_id
-""")
-
-_VERIFY = text("""
-WITH scope AS (
-    SELECT org_id FROM wallets
-    WHERE CAST(:ids AS text[]) IS NULL OR org_id = ANY(CAST(:ids AS text[]))
+_UNFREEZE = sql.statement(
+    "wallet.unfreeze",
+    """
+    WITH f AS (
+        UPDATE wallet_freezes SET lifted_at = now(), lifted_by = :actor, lift_note = :note
+        WHERE org_id = :org_id AND reason = :reason AND lifted_at IS NULL
+        RETURNING id
+    )
+    UPDATE wallets SET active_freezes = active_freezes - 1, updated_at = now()
+    FROM f WHERE wallets.org_id = :org_id
+    RETURNING active_freezes
+    """,
 )
-SELECT w.org_id, w.balance_cents, coalesce(j.total, 0) AS journal_balance,
-       w.debt_cents, coalesce(j.debt, 0) AS journal_debt,
-       w.held_cents, coalesce(h.total, 0) AS open_holds,
-       w.active_freezes, coalesce(f.n, 0) AS freezes
-FROM wallets w
-JOIN scope ON scope.org_id = w.org_id
-LEFT JOIN (SELECT org_id, sum(amount_cents) AS total, sum(debt_delta_cents) AS debt
-           FROM journal WHERE org_id IN (SELECT org_id FROM scope) GROUP BY org_id) j
-       ON j.org_id = w.org_id
-LEFT JOIN (SELECT org_id, sum(amount_cents) AS total FROM holds
-           WHERE status = 'open' AND org_id IN (SELECT org_id FROM scope) GROUP BY org_id) h
-       ON h.org_id = w.org_id
-LEFT JOIN (SELECT org_id, count(*) AS n FROM wallet_freezes
-           WHERE lifted_at IS NULL AND org_id IN (SELECT org_id FROM scope) GROUP BY org_id) f
-       ON f.org_id = w.org_id
-WHERE w.balance_cents <> coalesce(j.total, 0) OR w.debt_cents <> coalesce(j.debt, 0)
-   OR w.held_cents <> coalesce(h.total, 0) OR w.active_freezes <> coalesce(f.n, 0)
-ORDER BY w.org_id
-""")
+
+_SHOW = sql.statement(
+    "wallet.show",
+    """
+    SELECT w.org_id, w.currency, w.balance_cents, w.held_cents, w.debt_cents,
+           coalesce(array_agg(f.reason ORDER BY f.created_at, f.id)
+                    FILTER (WHERE f.id IS NOT NULL), '{}') AS reasons
+    FROM wallets w
+    LEFT JOIN wallet_freezes f ON f.org_id = w.org_id AND f.lifted_at IS NULL
+    WHERE w.org_id = :org_id
+    GROUP BY w.org_id
+    """,
+)
+
+_VERIFY = sql.statement(
+    "wallet.verify",
+    """
+    WITH scope AS (
+        SELECT org_id FROM wallets
+        WHERE CAST(:org_ids AS text[]) IS NULL OR org_id = ANY(CAST(:org_ids AS text[]))
+    )
+    SELECT w.org_id, w.balance_cents, coalesce(j.total, 0) AS journal_balance,
+           w.debt_cents, coalesce(j.debt, 0) AS journal_debt,
+           w.held_cents, coalesce(h.total, 0) AS open_holds,
+           w.active_freezes, coalesce(f.n, 0) AS freezes
+    FROM wallets w
+    JOIN scope ON scope.org_id = w.org_id
+    LEFT JOIN (SELECT org_id, sum(amount_cents) AS total, sum(debt_delta_cents) AS debt
+               FROM journal WHERE org_id IN (SELECT org_id FROM scope) GROUP BY org_id) j
+           ON j.org_id = w.org_id
+    LEFT JOIN (SELECT org_id, sum(amount_cents) AS total FROM holds
+               WHERE status = 'open' AND org_id IN (SELECT org_id FROM scope) GROUP BY org_id) h
+           ON h.org_id = w.org_id
+    LEFT JOIN (SELECT org_id, count(*) AS n FROM wallet_freezes
+               WHERE lifted_at IS NULL AND org_id IN (SELECT org_id FROM scope) GROUP BY org_id) f
+           ON f.org_id = w.org_id
+    WHERE w.balance_cents <> coalesce(j.total, 0) OR w.debt_cents <> coalesce(j.debt, 0)
+       OR w.held_cents <> coalesce(h.total, 0) OR w.active_freezes <> coalesce(f.n, 0)
+    ORDER BY w.org_id
+    """,
+)
 
 
 # ---------------------------------------------------------------- helpers
@@ -437,13 +491,19 @@ def _hold(row: Row[Any], duplicate: bool = False) -> Hold:
     )
 
 
+_WALLET_ROW = sql.statement(
+    "wallet.wallet_row",
+    """
+    SELECT currency, balance_cents, held_cents, active_freezes FROM wallets
+    WHERE org_id = :org_id
+    """,
+)
+
+
 def _wallet_row(conn: Connection, org_id: str) -> Row[Any]:
     row = conn.execute(
-        text(
-            "SELECT currency, balance_cents, held_cents, active_freezes FROM wallets "
-            "WHERE org_id = :org"
-        ),
-        {"org": org_id},
+        _WALLET_ROW,
+        {"org_id": org_id},
     ).first()
     if row is None:
         raise NotFound(f"unknown organization {org_id!r}")
@@ -457,7 +517,7 @@ def _existing_entry(
 
     `takes` is the direction: a reference first used to add money (a credit, a positive
     adjustment) and then to take the same amount is a different operation, not a repeat."""
-    row = conn.execute(_ENTRY_BY_REF, {"org": org_id, "ref": ref}).first()
+    row = conn.execute(_ENTRY_BY_REF, {"org_id": org_id, "reference": ref}).first()
     if row is None:
         return None
     took = row.amount_cents < 0 or row.debt_delta_cents > 0
@@ -497,8 +557,10 @@ def _apply(
     if row.updated:
         # The wallet moved but the journal insert lost a race with the same reference:
         # undo the whole unit of work and run it again, when the winner will be visible.
-        raise RetryableConflict(f"reference {params['ref']!r} applied concurrently")
-    existing = _existing_entry(conn, params["org"], params["ref"], kinds, params["amt"], takes)
+        raise RetryableConflict(f"reference {params['reference']!r} applied concurrently")
+    existing = _existing_entry(
+        conn, params["org_id"], params["reference"], kinds, params["amount_cents"], takes
+    )
     return existing, "duplicate" if existing else "refused"
 
 
@@ -515,14 +577,14 @@ def _params(
     if isinstance(reference, str) and reference.startswith(CAPTURE_PREFIX):
         raise InvalidInput(f"references starting {CAPTURE_PREFIX!r} are the ledger's own")
     return {
-        "org": org_id,
-        "amt": _amount(amount_cents),
-        "ref": _reference(reference),
+        "org_id": org_id,
+        "amount_cents": _amount(amount_cents),
+        "reference": _reference(reference),
         "kind": kind,
         "actor": actor,
         "reason": reason,
-        "pp": None,
-        "pid": None,
+        "payment_provider": None,
+        "payment_id": None,
         **extra,
     }
 
@@ -532,12 +594,12 @@ def _payment(payment: tuple[str, str] | None) -> dict[str, str]:
     if payment is None:
         return {}
     provider, payment_id = payment
-    return {"pp": provider, "pid": payment_id}
+    return {"payment_provider": provider, "payment_id": payment_id}
 
 
 def _currency_matches(conn: Connection, org_id: str, params: dict[str, Any]) -> bool:
     """A repeat names the wallet's currency too (checked only on the rare duplicate path)."""
-    return params["cur"] is None or _wallet_row(conn, org_id).currency == params["cur"]
+    return params["currency"] is None or _wallet_row(conn, org_id).currency == params["currency"]
 
 
 def _refuse_currency(conn: Connection, org_id: str, currency: str | None) -> NoReturn:
@@ -579,11 +641,11 @@ def credit(
     refunds may take back again."""
     params = _params(
         org_id, amount_cents, reference, kind, actor, reason,
-        cur=_currency(currency), **_payment(payment),
+        currency=_currency(currency), **_payment(payment),
     )  # fmt: skip
     entry, why = _apply(conn, _CREDIT, params, (kind,), takes=False)
     if entry is None or (why == "duplicate" and not _currency_matches(conn, org_id, params)):
-        _refuse_currency(conn, org_id, params["cur"])
+        _refuse_currency(conn, org_id, params["currency"])
     if why is None:
         _note_credited(conn, entry)
     if why is None and entry.debt_delta_cents < 0 and entry.debt_after_cents == 0:
@@ -637,11 +699,11 @@ def clawback(
     Any debt freezes the wallet with reason `debt` until credits have paid it."""
     params = _params(
         org_id, amount_cents, reference, kind, actor, reason,
-        cur=_currency(currency), **_payment(payment),
+        currency=_currency(currency), **_payment(payment),
     )  # fmt: skip
     entry, why = _apply(conn, _CLAWBACK, params, (kind,), takes=True)
     if entry is None or (why == "duplicate" and not _currency_matches(conn, org_id, params)):
-        _refuse_currency(conn, org_id, params["cur"])
+        _refuse_currency(conn, org_id, params["currency"])
     if why is None and entry.debt_delta_cents > 0:
         freeze(conn, org_id, DEBT_FREEZE, actor="system", note=f"debt from {reference}")
     return entry
@@ -711,13 +773,17 @@ def give_back(
 
 def entry(conn: Connection, org_id: str, reference: str) -> Entry | None:
     """The journal row of a reference, if it was applied."""
-    row = conn.execute(_ENTRY_BY_REF, {"org": org_id, "ref": reference}).first()
+    row = conn.execute(_ENTRY_BY_REF, {"org_id": org_id, "reference": reference}).first()
     return None if row is None else _entry(row)
 
 
 def hold(conn: Connection, org_id: str, amount_cents: int, reference: str) -> Hold:
     """Set money aside for a send; refused when frozen or short. Idempotent by reference."""
-    params = {"org": org_id, "amt": _amount(amount_cents), "ref": _reference(reference)}
+    params = {
+        "org_id": org_id,
+        "amount_cents": _amount(amount_cents),
+        "reference": _reference(reference),
+    }
     row = conn.execute(_HOLD, params).one()
     if row.id is not None:
         outbound.note_balance(conn, org_id)
@@ -747,7 +813,12 @@ def capture(
         isinstance(amount_cents, bool) or not isinstance(amount_cents, int) or amount_cents < 0
     ):
         raise InvalidInput("capture amount must be a whole number of cents, zero or more")
-    params = {"org": org_id, "ref": _reference(reference), "cap": amount_cents, "reason": reason}
+    params = {
+        "org_id": org_id,
+        "reference": _reference(reference),
+        "capture_cents": amount_cents,
+        "reason": reason,
+    }
     row = conn.execute(_CAPTURE, params).first()
     if row is not None:
         outbound.note_balance(conn, org_id)
@@ -755,9 +826,9 @@ def capture(
     existing = conn.execute(_HOLD_BY_REF, params).first()
     if existing is None:
         raise NotFound(f"no hold {reference!r} for {org_id!r}")
-    if existing.status == "captured":
+    if existing.status == HoldStatus.CAPTURED:
         return _hold(existing, duplicate=True)
-    if existing.status == "released":
+    if existing.status == HoldStatus.RELEASED:
         raise Conflict(f"hold {reference!r} was already released")
     raise InvalidInput(
         f"cannot capture {amount_cents} cents from a hold of {existing.amount_cents}"
@@ -766,7 +837,7 @@ def capture(
 
 def release(conn: Connection, org_id: str, reference: str) -> Hold:
     """Give a hold back to the available balance, once."""
-    params = {"org": org_id, "ref": _reference(reference)}
+    params = {"org_id": org_id, "reference": _reference(reference)}
     row = conn.execute(_RELEASE, params).first()
     if row is not None:
         outbound.note_balance(conn, org_id)
@@ -774,7 +845,7 @@ def release(conn: Connection, org_id: str, reference: str) -> Hold:
     existing = conn.execute(_HOLD_BY_REF, params).first()
     if existing is None:
         raise NotFound(f"no hold {reference!r} for {org_id!r}")
-    if existing.status == "released":
+    if existing.status == HoldStatus.RELEASED:
         return _hold(existing, duplicate=True)
     raise Conflict(f"hold {reference!r} was already captured")
 
@@ -786,13 +857,19 @@ def freeze(
     _text("reason", reason, 200)
     _text("actor", actor, 200)
     row = conn.execute(
-        _FREEZE, {"org": org_id, "reason": reason, "actor": actor, "note": note}
+        _FREEZE, {"org_id": org_id, "reason": reason, "actor": actor, "note": note}
     ).first()
     if row is None:
         _wallet_row(conn, org_id)
         return False
     outbound.record(conn, "wallet.frozen", org_id, {"org_id": org_id, "reason": reason})
     return True
+
+
+_LOCK_DEBT = sql.statement(
+    "wallet.lock_debt",
+    "SELECT debt_cents FROM wallets WHERE org_id = :org_id FOR UPDATE",
+)
 
 
 def unfreeze(
@@ -805,13 +882,11 @@ def unfreeze(
     _text("actor", actor, 200)
     if reason == DEBT_FREEZE:
         # Locked: a clawback adding debt meanwhile must wait, or its freeze would be lifted.
-        debt = conn.execute(
-            text("SELECT debt_cents FROM wallets WHERE org_id = :o FOR UPDATE"), {"o": org_id}
-        ).scalar()
+        debt = conn.execute(_LOCK_DEBT, {"org_id": org_id}).scalar()
         if debt:
             raise Refused(f"the debt freeze stays until the debt of {debt} cents is paid")
     row = conn.execute(
-        _UNFREEZE, {"org": org_id, "reason": reason, "actor": actor, "note": note}
+        _UNFREEZE, {"org_id": org_id, "reason": reason, "actor": actor, "note": note}
     ).first()
     if row is None:
         _wallet_row(conn, org_id)
@@ -820,30 +895,43 @@ def unfreeze(
     return True
 
 
+_LOCK = sql.statement("wallet.lock", "SELECT 1 FROM wallets WHERE org_id = :org_id FOR UPDATE")
+
+
 def lock(conn: Connection, org_id: str) -> None:
     """Hold the wallet row until the transaction ends: decisions that read freeze history
     and then act on it (a dispute's open and close) must not interleave."""
-    if (
-        conn.execute(
-            text("SELECT 1 FROM wallets WHERE org_id = :o FOR UPDATE"), {"o": org_id}
-        ).first()
-        is None
-    ):
+    if conn.execute(_LOCK, {"org_id": org_id}).first() is None:
         raise NotFound(f"unknown organization {org_id!r}")
+
+
+_EVER_LIFTED = sql.statement(
+    "wallet.ever_lifted",
+    """
+    SELECT 1 FROM wallet_freezes WHERE org_id = :org_id AND reason = :reason
+    AND lifted_at IS NOT NULL LIMIT 1
+    """,
+)
 
 
 def ever_lifted(conn: Connection, org_id: str, reason: str) -> bool:
     """Whether a freeze with this reason was ever lifted (or closed before it was opened)."""
     return (
         conn.execute(
-            text(
-                "SELECT 1 FROM wallet_freezes WHERE org_id = :org AND reason = :reason "
-                "AND lifted_at IS NOT NULL LIMIT 1"
-            ),
-            {"org": org_id, "reason": reason},
+            _EVER_LIFTED,
+            {"org_id": org_id, "reason": reason},
         ).first()
         is not None
     )
+
+
+_RECORD_LIFTED = sql.statement(
+    "wallet.record_lifted",
+    """
+    INSERT INTO wallet_freezes (org_id, reason, actor, note, lifted_at, lifted_by,
+        lift_note) VALUES (:org_id, :reason, :actor, :note, now(), :actor, :note)
+    """,
+)
 
 
 def record_lifted(conn: Connection, org_id: str, reason: str, *, actor: str, note: str) -> None:
@@ -851,16 +939,13 @@ def record_lifted(conn: Connection, org_id: str, reason: str, *, actor: str, not
     (a dispute closed before its opening arrived)."""
     _wallet_row(conn, org_id)
     conn.execute(
-        text(
-            "INSERT INTO wallet_freezes (org_id, reason, actor, note, lifted_at, lifted_by, "
-            "lift_note) VALUES (:org, :reason, :actor, :note, now(), :actor, :note)"
-        ),
-        {"org": org_id, "reason": reason, "actor": actor, "note": note},
+        _RECORD_LIFTED,
+        {"org_id": org_id, "reason": reason, "actor": actor, "note": note},
     )
 
 
 def show(conn: Connection, org_id: str) -> WalletState:
-    row = conn.execute(_WALLET, {"org": org_id}).first()
+    row = conn.execute(_SHOW, {"org_id": org_id}).first()
     if row is None:
         raise NotFound(f"unknown organization {org_id!r}")
     return WalletState(
@@ -873,6 +958,16 @@ def show(conn: Connection, org_id: str) -> WalletState:
     )
 
 
+_HISTORY = sql.statement(
+    "wallet.history",
+    f"""
+    SELECT {_ENTRY_COLUMNS} FROM journal WHERE org_id = :org_id
+    AND (CAST(:before_id AS bigint) IS NULL OR id < :before_id)
+    ORDER BY id DESC LIMIT :limit
+    """,
+)
+
+
 def history(
     conn: Connection, org_id: str, limit: int = 50, *, before_id: int | None = None
 ) -> list[Entry]:
@@ -882,12 +977,8 @@ def history(
         raise InvalidInput("limit must be between 1 and 10000")
     _wallet_row(conn, org_id)
     rows = conn.execute(
-        text(
-            f"SELECT {_ENTRY_COLUMNS} FROM journal WHERE org_id = :org "
-            "AND (CAST(:before AS bigint) IS NULL OR id < :before) "
-            "ORDER BY id DESC LIMIT :limit"
-        ),
-        {"org": org_id, "limit": limit, "before": before_id},
+        _HISTORY,
+        {"org_id": org_id, "limit": limit, "before_id": before_id},
     )
     return [_entry(r) for r in rows]
 
@@ -901,7 +992,7 @@ def verify(
         _wallet_row(conn, org_id)
         org_ids = [org_id]
     mismatches = []
-    for r in conn.execute(_VERIFY, {"ids": org_ids}):
+    for r in conn.execute(_VERIFY, {"org_ids": org_ids}):
         pairs = (
             ("balance_cents", r.balance_cents, r.journal_balance),
             ("debt_cents", r.debt_cents, r.journal_debt),
@@ -912,14 +1003,20 @@ def verify(
     return mismatches
 
 
+_ORG_ID_BATCHES = sql.statement(
+    "wallet.org_id_batches",
+    "SELECT org_id FROM wallets WHERE org_id > :after ORDER BY org_id LIMIT :size",
+)
+
+
 def org_id_batches(conn: Connection, size: int = 1000) -> Iterator[list[str]]:
     """Every wallet's organization id, in batches (keyset pages), for long runs with progress."""
     after = ""
     while True:
         batch = list(
             conn.execute(
-                text("SELECT org_id FROM wallets WHERE org_id > :after ORDER BY org_id LIMIT :n"),
-                {"after": after, "n": size},
+                _ORG_ID_BATCHES,
+                {"after": after, "size": size},
             ).scalars()
         )
         if not batch:
@@ -943,31 +1040,46 @@ class LedgerCheck:
     twilio_mismatches: int = 0
 
 
+_RECORD_CHECK = sql.statement(
+    "wallet.record_check",
+    """
+    INSERT INTO ledger_checks (wallets_checked, mismatches, twilio_mismatches)
+    SELECT count(*), :mismatches, :twilio_mismatches FROM wallets
+    RETURNING checked_at, wallets_checked, mismatches, twilio_mismatches
+    """,
+)
+
+_PRUNE_CHECKS = sql.statement(
+    "wallet.prune_checks",
+    "DELETE FROM ledger_checks WHERE checked_at < now() - CAST(:kept AS interval)",
+)
+
+
 def record_check(conn: Connection, mismatches: int, twilio_mismatches: int = 0) -> LedgerCheck:
     """Record that every wallet was just verified and how many figures disagreed (and how
     many messages Twilio billed otherwise than charged), in the caller's transaction (the
     one that verified, so the counts match that snapshot)."""
     row = conn.execute(
-        text(
-            "INSERT INTO ledger_checks (wallets_checked, mismatches, twilio_mismatches) "
-            "SELECT count(*), :m, :t FROM wallets "
-            "RETURNING checked_at, wallets_checked, mismatches, twilio_mismatches"
-        ),
-        {"m": mismatches, "t": twilio_mismatches},
+        _RECORD_CHECK,
+        {"mismatches": mismatches, "twilio_mismatches": twilio_mismatches},
     ).one()
     conn.execute(
-        text("DELETE FROM ledger_checks WHERE checked_at < now() - :kept"),
+        _PRUNE_CHECKS,
         {"kept": CHECKS_KEPT},
     )
     return LedgerCheck(*row)
 
 
+_LAST_CHECK = sql.statement(
+    "wallet.last_check",
+    """
+    SELECT checked_at, wallets_checked, mismatches, twilio_mismatches FROM ledger_checks
+    ORDER BY checked_at DESC, id DESC LIMIT 1
+    """,
+)
+
+
 def last_check(conn: Connection) -> LedgerCheck | None:
     """The newest recorded verification; None before the first one."""
-    row = conn.execute(
-        text(
-            "SELECT checked_at, wallets_checked, mismatches, twilio_mismatches FROM ledger_checks "
-            "ORDER BY checked_at DESC, id DESC LIMIT 1"
-        )
-    ).first()
+    row = conn.execute(_LAST_CHECK).first()
     return LedgerCheck(*row) if row is not None else None

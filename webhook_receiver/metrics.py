@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Connection, Engine, text
 
 from core import wallet
+from core.statuses import EventStatus, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +49,8 @@ VERIFY_FAILURES = Counter(
 
 # Per statement: a slow or locked table must not hold the scrape past Prometheus' timeout.
 STATEMENT_TIMEOUT = "2s"
-EVENT_STATUSES = ("received", "processed", "ignored", "parked", "failed")
-MESSAGE_STATUSES = (
-    "queued",
-    "sending",
-    "retrying",
-    "blocked",
-    "accepted",
-    "rejected",
-    "unknown",
-    "not_sent",
-    "sent",
-    "delivered",
-    "undelivered",
-    "failed",
-    "read",
-)
+EVENT_STATUSES = tuple(EventStatus)
+MESSAGE_STATUSES = tuple(MessageStatus)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 import migrations
-from core import orgs, wallet
+from core import orgs, statuses, wallet
 from core.db import make_engine, run_in_transaction
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -235,5 +235,38 @@ def test_0008_ties_messages_already_sent_to_their_subaccount(empty_database_url)
             ).scalar_one()  # fmt: skip
         assert tied == {"m-sent": sub, "m-lost": sub, "m-queued": None}
         assert check == "0"
+    finally:
+        engine.dispose()
+
+
+def test_0013_checks_statuses_every_message_already_had_and_comes_down_again(empty_database_url):
+    # Every status the code writes is one 0013 allows: a database of before keeps its rows.
+    migrations.upgrade(empty_database_url, "0012")
+    engine = make_engine(empty_database_url)
+    try:
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO organizations (org_id, currency) VALUES ('acme', 'USD')"))
+            for n, status in enumerate(statuses.MessageStatus):
+                c.execute(
+                    text(
+                        "INSERT INTO messages (message_id, org_id, to_number, body, segments, "
+                        "encoding, price_cents, status) "
+                        "VALUES (:message_id, 'acme', '+15005550010', 'hi', 1, 'GSM-7', 1, :status)"
+                    ),
+                    {"message_id": f"m{n}", "status": status},
+                )
+            for status in statuses.CallbackStatus:
+                c.execute(
+                    text(
+                        "INSERT INTO early_callbacks (twilio_sid, status) VALUES ('SM1', :status)"
+                    ),
+                    {"status": status},
+                )
+        assert migrations.upgrade(empty_database_url, "0013") == "0013"
+        with pytest.raises(DBAPIError, match="messages_status_known"), engine.begin() as c:
+            c.execute(text("UPDATE messages SET status = 'lost' WHERE message_id = 'm0'"))
+        migrations.downgrade(empty_database_url, "0012")
+        with engine.begin() as c:
+            c.execute(text("UPDATE messages SET status = 'lost' WHERE message_id = 'm0'"))
     finally:
         engine.dispose()

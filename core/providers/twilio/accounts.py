@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, Row, text
+from sqlalchemy import Connection, Engine, Row
 
+from core import sql
 from core.db import run_in_transaction
 from core.sending import Policy, reconcile
 
@@ -19,16 +20,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+_LOCK_ORG = sql.statement(
+    "twilio.accounts.lock_org",
+    """
+    SELECT twilio_subaccount_sid, twilio_desired_status, twilio_status
+    FROM organizations WHERE org_id = :org_id
+    """,
+)
+
+_RECORD_SYNCED = sql.statement(
+    "twilio.accounts.record_synced",
+    """
+    UPDATE organizations SET twilio_status = :desired_status, twilio_synced_at = now()
+    WHERE org_id = :org_id AND twilio_desired_status = :desired_status RETURNING org_id
+    """,
+)
+
+
 def converge_one(engine: Engine, gateway: SmsGateway, org_id: str, policy: Policy) -> str:
     """'in_sync', 'changed', 'retry' or 'failed'. No transaction is held during the call."""
     row = run_in_transaction(
         engine,
         lambda c: c.execute(
-            text(
-                "SELECT twilio_subaccount_sid, twilio_desired_status, twilio_status "
-                "FROM organizations WHERE org_id = :o"
-            ),
-            {"o": org_id},
+            _LOCK_ORG,
+            {"org_id": org_id},
         ).first(),
     )
     if row is None:
@@ -43,21 +58,20 @@ def converge_one(engine: Engine, gateway: SmsGateway, org_id: str, policy: Polic
         if result.outcome == AccountOutcome.RETRY:
             log.warning(
                 "twilio account update will be retried",
-                extra={"org_id": org_id, "desired": desired},
+                extra={"org_id": org_id, "desired_status": desired},
             )
             return "retry"
         if result.outcome != AccountOutcome.OK:
-            log.error("twilio refused account update", extra={"org_id": org_id, "desired": desired})
+            log.error(
+                "twilio refused account update", extra={"org_id": org_id, "desired_status": desired}
+            )
             return "failed"
 
     # Only record what Twilio confirmed, and only if nobody changed the desire meanwhile.
     def record(conn: Connection) -> Row[Any] | None:
         done = conn.execute(
-            text(
-                "UPDATE organizations SET twilio_status = :d, twilio_synced_at = now() "
-                "WHERE org_id = :o AND twilio_desired_status = :d RETURNING org_id"
-            ),
-            {"o": org_id, "d": desired},
+            _RECORD_SYNCED,
+            {"org_id": org_id, "desired_status": desired},
         ).first()
         if done is not None:
             reconcile(conn, org_id, policy)  # a reactivated account may resume campaigns
@@ -70,14 +84,20 @@ def converge_one(engine: Engine, gateway: SmsGateway, org_id: str, policy: Polic
     return "retry"
 
 
+_OUT_OF_SYNC = sql.statement(
+    "twilio.accounts.out_of_sync",
+    """
+    SELECT org_id FROM organizations WHERE twilio_desired_status <> twilio_status
+    ORDER BY org_id LIMIT :limit
+    """,
+)
+
+
 def out_of_sync(conn: Connection, limit: int) -> list[str]:
     """Organizations whose subaccount status is not yet the desired one."""
     return list(
         conn.execute(
-            text(
-                "SELECT org_id FROM organizations WHERE twilio_desired_status <> twilio_status "
-                "ORDER BY org_id LIMIT :l"
-            ),
-            {"l": limit},
+            _OUT_OF_SYNC,
+            {"limit": limit},
         ).scalars()
     )

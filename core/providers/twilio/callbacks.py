@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
-from core import messages, sending
+from core import messages, sending, sql
 from core.db import run_in_transaction
 from core.errors import InvalidInput
 from core.providers.twilio.gateway import build_gateway, validate_status_callback
@@ -21,6 +21,15 @@ TOKEN_FAILURE_CACHE_SECONDS = 10.0
 
 # subaccount SID → (its token or None, until when that answer holds, by the caller's clock)
 TokenCache = dict[str, tuple[str | None, float]]
+
+
+_SUBACCOUNT_TOKEN = sql.statement(
+    "twilio.callbacks.subaccount_token",
+    """
+    SELECT 1 FROM organizations WHERE twilio_subaccount_sid = :subaccount_sid
+    UNION ALL SELECT 1 FROM messages WHERE twilio_subaccount_sid = :subaccount_sid LIMIT 1
+    """,
+)
 
 
 def subaccount_token(
@@ -41,11 +50,8 @@ def subaccount_token(
         return cached[0]
     with engine.connect() as conn:
         ours = conn.execute(
-            text(
-                "SELECT 1 FROM organizations WHERE twilio_subaccount_sid = :s "
-                "UNION ALL SELECT 1 FROM messages WHERE twilio_subaccount_sid = :s LIMIT 1"
-            ),
-            {"s": subaccount_sid},
+            _SUBACCOUNT_TOKEN,
+            {"subaccount_sid": subaccount_sid},
         ).first()
     if ours is None or not settings.twilio_configured:
         return None
