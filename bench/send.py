@@ -62,6 +62,22 @@ SETTLED = ("accepted", "rejected", "unknown", "blocked", "not_sent")
 PER_REQUEST = 1000  # messages one POST /v1/messages/batch queues, and publishes one task for
 
 
+def seed(engine) -> None:
+    """The benchmark's organization: a subaccount, a sender and money for every run."""
+
+    def create(conn):
+        orgs.create(
+            conn,
+            ORG,
+            twilio_subaccount_sid=SUBACCOUNT,
+            sender="+15005550006",
+            billing="prepaid",
+        )
+        wallet.credit(conn, ORG, 10**9, "bench-seed")
+
+    run_in_transaction(engine, create)
+
+
 def broker_idle(client: redis.Redis) -> bool:
     """No task waiting in a queue and none delivered but unacknowledged."""
     waiting = sum(client.llen(q) for q in QUEUES)
@@ -161,17 +177,7 @@ def main() -> int:
         stack.callback(engine.dispose)
         policy = Policy()
 
-        def create(conn):
-            orgs.create(
-                conn,
-                ORG,
-                twilio_subaccount_sid=SUBACCOUNT,
-                sender="+15005550006",
-                billing="prepaid",
-            )
-            wallet.credit(conn, ORG, 10**9, "bench-seed")
-
-        run_in_transaction(engine, create)
+        seed(engine)
 
         fake = stack.enter_context(FakeTwilio(credentials=(PARENT, "bench-token"), keep_alive=True))
         fake.set_default("messages", Reply(201, delay=args.twilio_latency_ms / 1000))

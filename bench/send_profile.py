@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.scratch import prepare_database  # noqa: E402
-from bench.send import ORG, PARENT, SUBACCOUNT  # noqa: E402
-from core import messages, orgs, wallet  # noqa: E402
+from bench.send import ORG, PARENT, seed  # noqa: E402
+from core import messages  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
 from core.sending import Policy  # noqa: E402
 from devtools.devstack import start_redis  # noqa: E402
@@ -91,17 +91,7 @@ def main() -> int:
         stack.callback(engine.dispose)
         policy = Policy()
 
-        def create(conn):
-            orgs.create(
-                conn,
-                ORG,
-                twilio_subaccount_sid=SUBACCOUNT,
-                sender="+15005550006",
-                billing="prepaid",
-            )
-            wallet.credit(conn, ORG, 10**9, "bench-seed")
-
-        run_in_transaction(engine, create)
+        seed(engine)
 
         from worker import runtime, send_tasks
 
