@@ -141,10 +141,10 @@ def run_cell(mode: str, url: str, layout: str, threads: int, seconds: float) -> 
                 if stop.is_set():
                     break
                 org, ref = targets[(t + i * threads) % len(targets)], f"{tag}-{t}-{i}"
-                params = {
-                    "org": org,
-                    "amt": 1,
-                    "ref": ref,
+                params = {  # wallet.debit's own binds (wallet._params), without its checks
+                    "org_id": org,
+                    "amount_cents": 1,
+                    "reference": ref,
                     "kind": "debit",
                     "actor": "system",
                     "reason": None,
