@@ -86,10 +86,14 @@ def run_batch_cell(url: str, threads: int, seconds: float, size: int) -> float:
             warm = engine.connect()
             barrier.wait(timeout=60)
             warm.close()
-            while not stop.is_set():
+            for i in itertools.count():
+                if stop.is_set():
+                    break
+                # A run's own owner, as each send_batch task has (its task id): an owner's
+                # earlier claims still `sending` are looked over again by its next claim.
                 claim = run_in_transaction(
                     engine,
-                    lambda c: send_batch.claim(c, BATCH_ORG, size, policy, f"bench-{t}"),
+                    lambda c, o=f"bench-{t}-{i}": send_batch.claim(c, BATCH_ORG, size, policy, o),
                 )
                 if not claim.plans:
                     raise RuntimeError("the queued messages ran out: raise --batch-messages")
