@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from cli import output
@@ -201,13 +201,6 @@ def _engine(settings: Settings) -> Engine:
         max_overflow=0,
         prepare_threshold=settings.DATABASE_PREPARE_THRESHOLD,
     )
-
-
-def _wallet_count(conn: Connection, org_id: str | None) -> int:
-    return conn.execute(
-        text("SELECT count(*) FROM wallets WHERE CAST(:o AS text) IS NULL OR org_id = :o"),
-        {"o": org_id},
-    ).scalar_one()
 
 
 # ---------------------------------------------------------------- commands
@@ -439,7 +432,7 @@ def wallet_unfreeze(ctx: Context, args: argparse.Namespace) -> Result:
     exit_status=lambda result: EXIT_OK if result["ok"] else EXIT_REFUSED,
 )
 def ledger_verify(ctx: Context, args: argparse.Namespace) -> Result:
-    count = _wallet_count(ctx.conn, args.org_id)
+    count = wallet.count(ctx.conn, args.org_id)
     if args.org_id is not None:
         mismatches = wallet.verify(ctx.conn, args.org_id)
     else:

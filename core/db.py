@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.exc import DBAPIError
 
+from core import sql
 from core.errors import RetryableConflict
 
 T = TypeVar("T")
@@ -118,3 +120,25 @@ def run_in_transaction(engine: Engine, fn: Callable[[Connection], T], *, attempt
                 raise
             time.sleep(random.uniform(0, 0.002 * attempt))
     raise AssertionError("unreachable")
+
+
+_PING = sql.statement("db.ping", "SELECT 1")
+
+
+def ping(conn: Connection) -> None:
+    """One round trip to the database; raises when it does not answer."""
+    conn.execute(_PING)
+
+
+_TRY_LOCK = sql.statement("db.try_lock", "SELECT pg_try_advisory_xact_lock(:lock_key)")
+
+
+def try_lock(conn: Connection, name: str) -> bool:
+    """The advisory lock called `name`, held until the end of the transaction; False, and
+    nothing held, when another transaction holds it.
+
+    Transaction-scoped only, never a session lock: behind PgBouncer in transaction mode a
+    session lock stays on whichever server connection took it, and the unlock can run on
+    another one, leaving the lock taken for good."""
+    lock_key = zlib.crc32(name.encode())
+    return bool(conn.execute(_TRY_LOCK, {"lock_key": lock_key}).scalar())

@@ -261,6 +261,18 @@ def exists(conn: Connection, org_id: str) -> bool:
     return conn.execute(_EXISTS, {"org_id": org_id}).first() is not None
 
 
+_SUBACCOUNT_SID = sql.statement(
+    "orgs.subaccount_sid",
+    "SELECT twilio_subaccount_sid FROM organizations WHERE org_id = :org_id",
+)
+
+
+def subaccount_sid(conn: Connection, org_id: str) -> str | None:
+    """The organization's Twilio subaccount; None without one, or for an unknown organization."""
+    sid: str | None = conn.execute(_SUBACCOUNT_SID, {"org_id": org_id}).scalar()
+    return sid
+
+
 _IDS_AFTER = sql.statement(
     "orgs.ids_after",
     "SELECT org_id FROM organizations WHERE org_id > :after ORDER BY org_id LIMIT :limit",

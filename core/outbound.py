@@ -470,6 +470,17 @@ _LIST_ENDPOINTS = sql.statement(
 )
 
 
+_HAS_ENDPOINTS = sql.statement(
+    "outbound.has_endpoints",
+    "SELECT 1 FROM outbound_endpoints WHERE deleted_at IS NULL LIMIT 1",
+)
+
+
+def has_endpoints(conn: Connection) -> bool:
+    """Whether any live endpoint exists (whose secret needs PAYGUARD_SECRET_KEY to be read)."""
+    return conn.execute(_HAS_ENDPOINTS).first() is not None
+
+
 def list_endpoints(conn: Connection, org_ids: list[str] | None = None) -> list[Endpoint]:
     """Live endpoints, all or those confined to the given organizations."""
     rows = conn.execute(

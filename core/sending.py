@@ -105,6 +105,9 @@ SELECT o.org_id, o.billing, o.segment_price_cents, o.twilio_desired_status, o.tw
 FROM organizations o JOIN wallets w ON w.org_id = o.org_id
 WHERE o.org_id = %(org)s
 """
+# Never run: _STATE in the house style, registered so that the EXPLAIN test
+# (tests/integration/test_sql_statements.py) plans the very text decide() runs.
+_STATE_NAMED = sql.statement("sending.state", _STATE.replace("%(org)s", ":org_id"))
 
 
 def _parse_ts(value: str) -> datetime:

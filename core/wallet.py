@@ -1003,6 +1003,18 @@ def verify(
     return mismatches
 
 
+_COUNT = sql.statement(
+    "wallet.count",
+    "SELECT count(*) FROM wallets WHERE CAST(:org_id AS text) IS NULL OR org_id = :org_id",
+)
+
+
+def count(conn: Connection, org_id: str | None = None) -> int:
+    """How many wallets there are (0 or 1 with `org_id`): the total a long run's progress
+    counts towards."""
+    return int(conn.execute(_COUNT, {"org_id": org_id}).scalar_one())
+
+
 _ORG_ID_BATCHES = sql.statement(
     "wallet.org_id_batches",
     "SELECT org_id FROM wallets WHERE org_id > :after ORDER BY org_id LIMIT :size",

@@ -6,11 +6,12 @@ worker's /metrics adds up (webhook_receiver/gunicorn_conf.py sets the directory 
 first fork: prometheus_client picks files or memory when it is first imported).
 
 The gauges (events by status, open holds, frozen wallets, messages) are the database's state,
-read at scrape time by DatabaseCollector; the ledger's figure is the last result beat's
-verify_ledger recorded (ledger_checks), so no scrape scans the journal. They are the same whichever worker
-answers, so the collector is registered in the registry built for each scrape, never in the
-multiprocess files. A query that fails or runs past its statement timeout drops its gauges and
-sets payguard_metrics_scrape_error to 1; the scrape itself still answers.
+read at scrape time by DatabaseCollector through core/gauges.py; the ledger's figure is the
+last result beat's verify_ledger recorded (ledger_checks), so no scrape scans the journal.
+They are the same whichever worker answers, so the collector is registered in the registry
+built for each scrape, never in the multiprocess files. A query that fails or runs past its
+statement timeout drops its gauges and sets payguard_metrics_scrape_error to 1; the scrape
+itself still answers.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 
-from core import wallet
+from core import gauges, wallet
 from core.statuses import EventStatus, MessageStatus
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,6 @@ VERIFY_FAILURES = Counter(
     ["provider", "cause"],
 )
 
-# Per statement: a slow or locked table must not hold the scrape past Prometheus' timeout.
-STATEMENT_TIMEOUT = "2s"
 EVENT_STATUSES = tuple(EventStatus)
 MESSAGE_STATUSES = tuple(MessageStatus)
 
@@ -67,20 +66,13 @@ def _by_status(
     return family
 
 
-def _status_counts(conn: Connection, table: str) -> dict[str, int]:
-    rows = conn.execute(text(f"SELECT status, count(*) FROM {table} GROUP BY status"))
-    return {status: count for status, count in rows}
-
-
 def _events(conn: Connection) -> list[Metric]:
-    counts = _status_counts(conn, "webhook_events")
+    counts = gauges.events_by_status(conn)
     return [_by_status("payguard_events", "Webhook events by status", counts, EVENT_STATUSES)]
 
 
 def _holds(conn: Connection) -> list[Metric]:
-    count, cents = conn.execute(
-        text("SELECT count(*), coalesce(sum(amount_cents), 0) FROM holds WHERE status = 'open'")
-    ).one()
+    count, cents = gauges.open_holds(conn)
     return [
         _gauge("payguard_open_holds", "Holds not yet captured or released", count),
         _gauge("payguard_open_holds_cents", "Money set aside by open holds, in cents", cents),
@@ -88,13 +80,12 @@ def _holds(conn: Connection) -> list[Metric]:
 
 
 def _frozen(conn: Connection) -> list[Metric]:
-    count = conn.execute(text("SELECT count(*) FROM wallets WHERE active_freezes > 0")).scalar()
-    return [_gauge("payguard_frozen_wallets", "Wallets with at least one freeze", count or 0)]
+    count = gauges.frozen_wallets(conn)
+    return [_gauge("payguard_frozen_wallets", "Wallets with at least one freeze", count)]
 
 
 def _messages(conn: Connection) -> list[Metric]:
-    # A scan of the whole table: fine while messages are kept in the millions, not beyond.
-    counts = _status_counts(conn, "messages")
+    counts = gauges.messages_by_status(conn)
     return [
         _by_status("payguard_messages", "Messages by status", counts, MESSAGE_STATUSES),
         _gauge(
@@ -165,8 +156,7 @@ class DatabaseCollector(Collector):
         failed = False
         try:
             with self.engine.connect() as conn, conn.begin():
-                conn.execute(text("SET TRANSACTION READ ONLY"))
-                conn.execute(text(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'"))
+                gauges.begin_snapshot(conn)  # read-only, with a statement timeout
                 for read in READERS:
                     try:
                         # A savepoint each: one timed-out query costs only its own gauges.

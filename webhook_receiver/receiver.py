@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from flask import Response, jsonify, request
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from core import inbox, outbox
+from core import db, inbox, outbox
 from core.db import run_in_transaction
 from core.errors import InvalidInput
 from core.publish_marks import PublishMarks
@@ -143,7 +143,7 @@ def readiness(receiver: Receiver) -> tuple[bool, dict[str, str]]:
     checks: dict[str, str] = {}
     try:
         with receiver.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+            db.ping(conn)
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"

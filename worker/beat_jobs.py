@@ -5,13 +5,12 @@ advisory lock that the second run fails to take and so does nothing)."""
 from __future__ import annotations
 
 import logging
-import zlib
 from functools import partial
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
 from bus.publisher import Publisher
-from core import idempotency, messages, orgs, outbox, sending, topups, wallet
+from core import db, idempotency, messages, orgs, outbox, sending, topups, wallet
 from core.db import run_in_transaction
 from core.providers.twilio import accounts as twilio_accounts
 from worker import runtime
@@ -24,19 +23,9 @@ BATCH = 500
 RECONCILE_PAGE = 500
 
 
-def _lock_key(job: str) -> int:
-    return zlib.crc32(f"payguard.beat.{job}".encode())
-
-
 def _try_lock(conn: Connection, job: str) -> bool:
-    """The job's advisory lock, released at the end of the transaction.
-
-    Transaction-scoped only, never a session lock: behind PgBouncer in transaction mode a
-    session lock stays on whichever server connection took it, and the unlock can run on
-    another one, leaving the job locked out for good."""
-    return bool(
-        conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_key(job)}).scalar()
-    )
+    """The job's advisory lock, released at the end of the transaction (core.db.try_lock)."""
+    return db.try_lock(conn, f"payguard.beat.{job}")
 
 
 _publisher: dict[str, Publisher] = {}

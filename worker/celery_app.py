@@ -89,17 +89,14 @@ def _require_twilio(options: dict | None = None, **_: object) -> None:
 
 def _require_secret_key() -> None:
     """Once an endpoint exists, its secret can be read only with PAYGUARD_SECRET_KEY."""
-    from sqlalchemy import text
-
+    from core import outbound
     from core.settings import ConfigError
 
     if runtime.settings().PAYGUARD_SECRET_KEY:
         return
     try:
         with runtime.engine().connect() as conn:
-            exists = conn.execute(
-                text("SELECT 1 FROM outbound_endpoints WHERE deleted_at IS NULL LIMIT 1")
-            ).first()
+            exists = outbound.has_endpoints(conn)
     except Exception:  # no database yet, or not migrated: the tasks will say so themselves
         return
     if exists:

@@ -29,7 +29,7 @@ from typing import Any
 
 from celery import Task
 
-from core import messages, send_batch
+from core import messages, orgs, send_batch
 from core.db import run_in_transaction
 from worker import metrics, runtime
 from worker.celery_app import app
@@ -135,9 +135,7 @@ def _publish_next(org_id: str) -> None:
 
 def _account(engine, org_id: str) -> str | None:
     with engine.connect() as conn:
-        return conn.exec_driver_sql(
-            "SELECT twilio_subaccount_sid FROM organizations WHERE org_id = %(o)s", {"o": org_id}
-        ).scalar()
+        return orgs.subaccount_sid(conn, org_id)
 
 
 def _send_all(plans: list[messages.Plan], lease_ends: float) -> list[send_batch.Answer]:

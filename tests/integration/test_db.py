@@ -7,6 +7,7 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
+from core import db
 from core.db import driver_autocommit
 from core.errors import NotFound
 
@@ -61,3 +62,13 @@ def test_after_the_database_dropped_its_connections_one_read_fails_and_none_afte
             assert conn.execute("SELECT 1").fetchone() == (1,)
         pid, autocommit = backend_pid(engine)
         assert pid not in pooled and autocommit is False
+
+
+def test_a_lock_is_refused_to_another_transaction_until_the_one_holding_it_ends(engine):
+    with engine.connect() as first, engine.connect() as second:
+        assert db.try_lock(first, "payguard.test.lock") is True
+        assert db.try_lock(second, "payguard.test.lock") is False
+        assert db.try_lock(second, "payguard.test.other") is True
+        first.rollback()
+        assert db.try_lock(second, "payguard.test.lock") is True
+        second.rollback()

@@ -208,6 +208,17 @@ def test_a_deleted_endpoint_gets_nothing_more(engine):
     assert [r.status for r in delivery_rows(engine, ep.endpoint_id)] == ["cancelled"]
 
 
+def test_only_a_live_endpoint_counts_as_one(engine):
+    with engine.connect() as c:  # never committed: other tests' endpoints stay as they are
+        c.execute(text("UPDATE outbound_endpoints SET deleted_at = now() WHERE deleted_at IS NULL"))
+        assert outbound.has_endpoints(c) is False
+        ep, _ = outbound.create_endpoint(c, "http://127.0.0.1:9/x", None, None, "t", policy=POLICY)
+        assert outbound.has_endpoints(c) is True
+        outbound.delete_endpoint(c, ep.endpoint_id, "ops")
+        assert outbound.has_endpoints(c) is False
+        c.rollback()
+
+
 def test_low_balance_fires_once_per_crossing(engine):
     org = tx(engine, new_org, balance=1000, low=500, billing="prepaid")
     tx(engine, lambda c: wallet.debit(c, org, 600, "d1"))  # 400: below

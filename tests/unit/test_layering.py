@@ -146,3 +146,71 @@ def test_the_module_that_applies_events_names_no_provider():
         and any(p in node.value.lower() for p in ("paypal", "stripe", "twilio"))
     ]
     assert named == []
+
+
+# What an entrypoint must not do to run SQL of its own: SQL lives in core, as named statements
+# (core/sql.py), and the entrypoints call the functions that run them.
+RAW_SQL_CALLS = {"exec_driver_sql", "text"}
+
+
+def _raw_sql(module: str, path: Path) -> list[str]:
+    """Each way `module` runs SQL of its own, in the order of its lines: an import of
+    sqlalchemy's `text`, a call of `text(` (or `sqlalchemy.text(`) or of `exec_driver_sql(`."""
+    found: list[tuple[int, str]] = []
+    tree = ast.parse(path.read_text(), str(path))
+    sqlalchemy_names = {"sqlalchemy"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            sqlalchemy_names.update(
+                alias.asname or alias.name for alias in node.names if alias.name == "sqlalchemy"
+            )
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and _top(node.module or "") == "sqlalchemy":
+            if any(alias.name == "text" for alias in node.names):
+                found.append((node.lineno, "imports sqlalchemy's text"))
+        elif isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name) and func.id in RAW_SQL_CALLS:
+                found.append((node.lineno, f"calls {func.id}("))
+            elif isinstance(func, ast.Attribute) and (
+                func.attr == "exec_driver_sql"
+                or (
+                    func.attr == "text"
+                    and isinstance(func.value, ast.Name)
+                    and func.value.id in sqlalchemy_names
+                )
+            ):
+                found.append((node.lineno, f"calls {func.attr}("))
+    return [f"{module}:{line} {what}" for line, what in sorted(found)]
+
+
+def test_entrypoints_run_no_sql_of_their_own():
+    """The receiver, the worker, the CLI and bus parse, call core and render: a statement
+    they need is a function of core with a named statement, which the EXPLAIN test
+    (tests/integration/test_sql_statements.py) plans against the schema."""
+    offenders = [
+        line
+        for package in (*ENTRYPOINTS, "bus")
+        for module, path in _modules(package).items()
+        for line in _raw_sql(module, path)
+    ]
+    assert offenders == []
+
+
+def test_the_raw_sql_check_sees_each_way_of_running_sql(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text(
+        "import sqlalchemy as sa\n"
+        "from sqlalchemy import Connection, text\n"
+        "def f(conn):\n"
+        "    conn.execute(text('SELECT 1'))\n"
+        "    conn.execute(sa.text('SELECT 1'))\n"
+        "    conn.exec_driver_sql('SELECT 1')\n"
+        "    return response.text()\n"  # not SQL: another object's text
+    )
+    assert _raw_sql("m", path) == [
+        "m:2 imports sqlalchemy's text",
+        "m:4 calls text(",
+        "m:5 calls text(",
+        "m:6 calls exec_driver_sql(",
+    ]
