@@ -385,11 +385,17 @@ OPS_WITH_AMOUNT = {
 }
 
 
-@pytest.mark.parametrize("op", OPS_WITH_AMOUNT)
-@pytest.mark.parametrize("amount", BAD_AMOUNTS, ids=repr)
+# Every operation with every bad amount, but for a negative adjustment: that is a valid debit.
+BAD_AMOUNT_CASES = [
+    pytest.param(op, amount, id=f"{amount!r}-{op}")
+    for op in OPS_WITH_AMOUNT
+    for amount in BAD_AMOUNTS
+    if not (op == "adjust" and amount == -5)
+]
+
+
+@pytest.mark.parametrize(("op", "amount"), BAD_AMOUNT_CASES)
 def test_bad_amount_is_refused_and_writes_nothing(engine, op, amount):
-    if op == "adjust" and amount == -5:
-        pytest.skip("a negative adjustment is a valid debit")
     org = tx(engine, new_org, balance=1000)
     refused_and_nothing_written(engine, InvalidInput, lambda c: OPS_WITH_AMOUNT[op](c, org, amount))
 
