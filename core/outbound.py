@@ -125,50 +125,6 @@ _INFLIGHT_FLOOR = sql.statement(
 )
 
 
-_RECORD = sql.statement(
-    "outbound.record",
-    """
-    WITH e AS (
-        INSERT INTO outbound_events (sequence, event_id, type, org_id, body)
-        VALUES (:sequence, :event_id, :type, :org_id, :body) RETURNING sequence
-    )
-    INSERT INTO outbound_deliveries (sequence, endpoint_id)
-    SELECT e.sequence, ep.endpoint_id FROM e, outbound_endpoints ep
-    WHERE ep.deleted_at IS NULL
-      AND (ep.org_id IS NULL OR ep.org_id = CAST(:org_id AS text))
-      AND (ep.events IS NULL OR CAST(:type AS text) = ANY(ep.events))
-    """,
-)
-
-
-def record(conn: Connection, type_: str, org_id: str | None, data: dict[str, Any]) -> int:
-    """Record one event and its deliveries in the caller's transaction; its sequence."""
-    if type_ not in EVENT_TYPES:
-        raise InvalidInput(f"unknown event type {type_!r}")
-    seq = conn.execute(_NEXT_SEQUENCE, {"lock_class": _INFLIGHT_LOCKS}).scalar_one()
-    body = json.dumps(
-        {
-            "type": type_,
-            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "sequence": seq,
-            "data": data,
-        },
-        separators=(",", ":"),
-        sort_keys=True,
-    )
-    conn.execute(
-        _RECORD,
-        {
-            "sequence": seq,
-            "event_id": f"msg_{uuid.uuid4().hex}",
-            "type": type_,
-            "org_id": org_id,
-            "body": body,
-        },
-    )
-    return int(seq)
-
-
 _NEXT_SEQUENCES = sql.statement(
     "outbound.next_sequences",
     """
@@ -197,15 +153,17 @@ _RECORD_MANY = sql.statement(
 def record_many(
     conn: Connection, events: list[tuple[str, str | None, dict[str, Any]]]
 ) -> list[int]:
-    """Record (type, org_id, data) events as `record` records each, in the order given, in
-    three statements whatever their number: a batch's hundred `message.updated` cost its
-    transaction three round trips instead of two hundred."""
+    """Record (type, org_id, data) events and their deliveries in the caller's transaction, in
+    the order given, in three statements whatever their number (two for one event): a batch's
+    hundred `message.updated` cost its transaction three round trips instead of two hundred.
+    Their sequences."""
     if not events:
         return []
     for type_, _, _ in events:
         if type_ not in EVENT_TYPES:
             raise InvalidInput(f"unknown event type {type_!r}")
-    # The first sequence takes the in-flight lock as `record`'s does; the rest follow it.
+    # The first sequence takes the transaction's in-flight lock (if it holds none yet); the
+    # rest are above it, so events_after holds them back with it.
     sequences = [conn.execute(_NEXT_SEQUENCE, {"lock_class": _INFLIGHT_LOCKS}).scalar_one()]
     if len(events) > 1:
         sequences += conn.execute(_NEXT_SEQUENCES, {"count": len(events) - 1}).scalars()
@@ -226,6 +184,11 @@ def record_many(
     ]
     conn.execute(_RECORD_MANY, {"rows": json.dumps(rows)})
     return [int(seq) for seq in sequences]
+
+
+def record(conn: Connection, type_: str, org_id: str | None, data: dict[str, Any]) -> int:
+    """Record one event and its deliveries in the caller's transaction; its sequence."""
+    return record_many(conn, [(type_, org_id, data)])[0]
 
 
 _NOTE_MAY_SEND = sql.statement(
@@ -263,31 +226,6 @@ def note_campaign(
     )
 
 
-_NOTE_MESSAGE = sql.statement(
-    "outbound.note_message",
-    "SELECT org_id, status, charged_cents FROM messages WHERE message_id = :message_id",
-)
-
-
-def note_message(conn: Connection, message_id: str) -> None:
-    """message.updated with the message's status as it now stands."""
-    row = conn.execute(
-        _NOTE_MESSAGE,
-        {"message_id": message_id},
-    ).one()
-    record(
-        conn,
-        "message.updated",
-        row.org_id,
-        {
-            "message_id": message_id,
-            "org_id": row.org_id,
-            "status": row.status,
-            "charged_cents": row.charged_cents,
-        },
-    )
-
-
 _MESSAGES_UPDATED = sql.statement(
     "outbound.messages_updated",
     """
@@ -298,8 +236,8 @@ _MESSAGES_UPDATED = sql.statement(
 
 
 def note_messages(conn: Connection, message_ids: list[str]) -> None:
-    """message.updated for each message, in the order given, as `note_message` (one event
-    each), recorded together (`record_many`)."""
+    """message.updated for each message, in the order given, with its status as it now
+    stands: one event each, recorded together (`record_many`)."""
     if not message_ids:
         return
     rows = {
@@ -325,6 +263,11 @@ def note_messages(conn: Connection, message_ids: list[str]) -> None:
             for m in message_ids
         ],
     )
+
+
+def note_message(conn: Connection, message_id: str) -> None:
+    """message.updated with the message's status as it now stands."""
+    note_messages(conn, [message_id])
 
 
 _LOW_BALANCE = sql.statement(
