@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     SEND_BATCH_THREADS: int = Field(default=100, ge=1, le=1000)
     # Concurrent requests to Twilio per account, shared by every worker through REDIS_URL.
     TWILIO_MAX_CONCURRENCY: int = Field(default=100, ge=1)
+    # How long an account is left alone after Twilio answered 429 (Twilio sends no Retry-After).
+    TWILIO_RATE_LIMIT_BACKOFF_SECONDS: float = Field(default=1.0, gt=0, le=60)
     HOLD_MAX_AGE_SECONDS: int = 3600
     SUBSCRIPTION_STALE_SECONDS: int = 86400
     LOG_FORMAT: Literal["json", "text"] = "json"

@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 
 SEND_BATCH_TASK = send_batch.SEND_BATCH_TASK
 MAX_CLAIMS = 20
-# How long an account is left alone after Twilio answered 429 (Twilio sends no Retry-After).
-RATE_LIMIT_BACKOFF_SECONDS = 1.0
 # Kept free at the end of a lease: the longest Twilio call (3.05 s connect + 15 s read) and a
 # margin, so a call never starts that could outlast the lease claimed for it.
 _CALL_SECONDS = 18.05 + 1.0
@@ -240,7 +238,7 @@ def _send_one(gateway, slots: _Slots, plan: messages.Plan, callback: str | None,
         slots.give_back(account, token)
     if result.http_status == 429 or result.error_code == RATE_LIMIT_CODE:
         try:
-            slots.limits.back_off(account, RATE_LIMIT_BACKOFF_SECONDS)
+            slots.limits.back_off(account, runtime.settings().TWILIO_RATE_LIMIT_BACKOFF_SECONDS)
         except Exception:
             log.warning("could not record Twilio's 429 backoff", extra={"account": account})
         slots.back_off(account)
