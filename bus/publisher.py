@@ -11,7 +11,7 @@ import logging
 
 from celery import Celery
 
-from bus import broker
+from bus import broker, redis_transport
 from core.settings import Settings, is_amqp_url
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ class Publisher:
         self._confirms = is_amqp_url(broker_url)
         self._app = Celery("payguard-publisher", set_as_current=False)
         self._app.conf.update(
+            # One Redis client per channel rather than one per message (bus/redis_transport.py).
+            broker_transport=redis_transport.transport_for(broker_url),
             broker_connection_timeout=timeout,
             broker_connection_retry=False,
             broker_connection_max_retries=0,
