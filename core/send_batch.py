@@ -25,6 +25,8 @@ create is never repeated.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -89,6 +91,35 @@ _TO_SEND = sql.statement(
     FOR UPDATE SKIP LOCKED
     """,
 )
+
+# The backlog's order comes from the messages_to_send index whatever the statistics say. With
+# too few rows estimated (an organization's first big batch before ANALYZE, or any organization
+# outside the statistics' most common values), PostgreSQL read and sorted the whole backlog for
+# every claim, on disk past work_mem: 106 ms for a backlog of 200,000, against 0.1 ms for the
+# 100 index entries. Sorting off for that one statement leaves the index scan its only plan.
+_SORT_OFF = sql.statement("send_batch.sort_off", "SELECT set_config('enable_sort', 'off', true)")
+_SORT_AS_CONFIGURED = sql.statement(
+    "send_batch.sort_as_configured",
+    "SELECT set_config(name, reset_val, true) FROM pg_settings WHERE name = 'enable_sort'",
+)
+
+
+def _to_send(conn: Connection, org_id: str, limit: int) -> list[Row[Any]]:
+    if limit <= 0:
+        return []
+    with index_order(conn):
+        return list(conn.execute(_TO_SEND, {"org_id": org_id, "limit": limit}))
+
+
+@contextmanager
+def index_order(conn: Connection) -> Iterator[None]:
+    """Plan the statements run inside without sorting (see _SORT_OFF), then as configured."""
+    conn.execute(_SORT_OFF)
+    try:
+        yield
+    finally:
+        conn.execute(_SORT_AS_CONFIGURED)
+
 
 _OWNED_SENDING = sql.statement(
     "send_batch.owned_sending",
@@ -210,7 +241,7 @@ _ORG_SENDER = sql.statement(
 def claim(conn: Connection, org_id: str, limit: int, policy: sending.Policy, owner: str) -> Claim:
     """Claim, decide and hold up to `limit` of the organization's messages (see the module)."""
     settled_unknown, lease_left = _settle_orphans(conn, org_id, owner, policy)
-    rows = conn.execute(_TO_SEND, {"org_id": org_id, "limit": limit}).all() if limit > 0 else []
+    rows = _to_send(conn, org_id, limit)
     if not rows:
         if settled_unknown:
             sending.reconcile(conn, org_id, policy)
