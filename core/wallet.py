@@ -168,15 +168,21 @@ _ENTRY_COLUMNS = (
     "balance_after_cents, debt_after_cents, actor, reason, created_at"
 )
 
+# Whether a money move leaves the wallet's low-balance flag to flip (outbound.note_balance),
+# as a column of the money statement itself: each statement's CTE `w` returns the wallet row
+# it updated and locked, so the common case, no flip, costs no second statement while the
+# row lock is held.
+_LOW_BALANCE_FLIPS = """(SELECT w.low_balance_reported
+                   IS DISTINCT FROM (w.balance_cents - w.held_cents < o.low_balance_cents)
+            FROM w JOIN organizations o ON o.org_id = :org_id
+            WHERE o.low_balance_cents IS NOT NULL) AS low_balance_flips"""
+
 # Declaring the result columns lets SQLAlchemy cache the result metadata of these hot
 # statements instead of rebuilding it on every call (measured: about a tenth of a debit's cost).
 _MONEY_RESULT: list[ColumnClause[Any]] = [
     column("updated"),
     *(column(c) for c in _ENTRY_COLUMNS.split(", ")),
-    # Whether the move leaves the wallet's low-balance flag to flip (outbound.note_balance):
-    # computed in the money statement from the row it updated and locked, so the common case,
-    # no flip, costs no second statement while the wallet's row lock is held.
-    column("low_balance_flips"),
+    column("low_balance_flips"),  # _LOW_BALANCE_FLIPS
 ]
 
 
@@ -216,11 +222,7 @@ _CREDIT = sql.statement(
         RETURNING {_ENTRY_COLUMNS}
     )
     SELECT (SELECT count(*) FROM w) AS updated, j.*,
-           -- whether the low-balance flag is left to flip (outbound.note_balance; see _MONEY_RESULT)
-           (SELECT w.low_balance_reported
-                   IS DISTINCT FROM (w.balance_cents - w.held_cents < o.low_balance_cents)
-            FROM w JOIN organizations o ON o.org_id = :org_id
-            WHERE o.low_balance_cents IS NOT NULL) AS low_balance_flips
+           {_LOW_BALANCE_FLIPS}
     FROM (SELECT 1) AS one LEFT JOIN j ON true
     """,
 ).columns(*_MONEY_RESULT)
@@ -247,11 +249,7 @@ _DEBIT = sql.statement(
         RETURNING {_ENTRY_COLUMNS}
     )
     SELECT (SELECT count(*) FROM w) AS updated, j.*,
-           -- whether the low-balance flag is left to flip (outbound.note_balance; see _MONEY_RESULT)
-           (SELECT w.low_balance_reported
-                   IS DISTINCT FROM (w.balance_cents - w.held_cents < o.low_balance_cents)
-            FROM w JOIN organizations o ON o.org_id = :org_id
-            WHERE o.low_balance_cents IS NOT NULL) AS low_balance_flips
+           {_LOW_BALANCE_FLIPS}
     FROM (SELECT 1) AS one LEFT JOIN j ON true
     """,
 ).columns(*_MONEY_RESULT)
@@ -301,11 +299,7 @@ _CLAWBACK = sql.statement(
         RETURNING {_ENTRY_COLUMNS}
     )
     SELECT (SELECT count(*) FROM w) AS updated, j.*,
-           -- whether the low-balance flag is left to flip (outbound.note_balance; see _MONEY_RESULT)
-           (SELECT w.low_balance_reported
-                   IS DISTINCT FROM (w.balance_cents - w.held_cents < o.low_balance_cents)
-            FROM w JOIN organizations o ON o.org_id = :org_id
-            WHERE o.low_balance_cents IS NOT NULL) AS low_balance_flips
+           {_LOW_BALANCE_FLIPS}
     FROM (SELECT 1) AS one LEFT JOIN j ON true
     """,
 ).columns(*_MONEY_RESULT)
@@ -327,14 +321,16 @@ _HOLD = sql.statement(
         WHERE org_id = :org_id AND active_freezes = 0
           AND balance_cents - held_cents >= :amount_cents
           AND NOT EXISTS (SELECT 1 FROM prev)
-        RETURNING org_id
+        RETURNING org_id, balance_cents, held_cents, low_balance_reported
     ), h AS (
         INSERT INTO holds (org_id, reference, amount_cents)
         SELECT :org_id, :reference, :amount_cents FROM w
         ON CONFLICT ON CONSTRAINT hold_reference_once DO NOTHING
         RETURNING {_HOLD_COLUMNS}
     )
-    SELECT (SELECT count(*) FROM w) AS updated, h.* FROM (SELECT 1) AS one LEFT JOIN h ON true
+    SELECT (SELECT count(*) FROM w) AS updated, h.*,
+           {_LOW_BALANCE_FLIPS}
+    FROM (SELECT 1) AS one LEFT JOIN h ON true
     """,
 )
 
@@ -356,7 +352,8 @@ _CAPTURE = sql.statement(
         UPDATE wallets SET held_cents = held_cents - h.amount_cents,
             balance_cents = balance_cents - h.captured_cents, updated_at = now()
         FROM h WHERE wallets.org_id = h.org_id
-        RETURNING wallets.balance_cents, wallets.debt_cents
+        RETURNING wallets.balance_cents, wallets.debt_cents, wallets.held_cents,
+                  wallets.low_balance_reported
     ), j AS (
         INSERT INTO journal (org_id, kind, amount_cents, requested_cents, reference,
                              balance_after_cents, debt_after_cents, actor, reason)
@@ -365,7 +362,9 @@ _CAPTURE = sql.statement(
         FROM h, w WHERE h.captured_cents > 0
         RETURNING id
     )
-    SELECT h.*, (SELECT count(*) FROM j) AS journaled FROM h
+    SELECT h.*, (SELECT count(*) FROM j) AS journaled,
+           {_LOW_BALANCE_FLIPS}
+    FROM h
     """,
 )
 
@@ -379,9 +378,12 @@ _RELEASE = sql.statement(
     ), w AS (
         UPDATE wallets SET held_cents = held_cents - h.amount_cents, updated_at = now()
         FROM h WHERE wallets.org_id = h.org_id
-        RETURNING wallets.org_id
+        RETURNING wallets.org_id, wallets.balance_cents, wallets.held_cents,
+                  wallets.low_balance_reported
     )
-    SELECT h.* FROM h, w
+    SELECT h.*,
+           {_LOW_BALANCE_FLIPS}
+    FROM h, w
     """,
 )
 
@@ -786,7 +788,8 @@ def hold(conn: Connection, org_id: str, amount_cents: int, reference: str) -> Ho
     }
     row = conn.execute(_HOLD, params).one()
     if row.id is not None:
-        outbound.note_balance(conn, org_id)
+        if row.low_balance_flips:
+            outbound.note_balance(conn, org_id)
         return _hold(row)
     if row.updated:
         raise RetryableConflict(f"hold {reference!r} placed concurrently")
@@ -821,7 +824,8 @@ def capture(
     }
     row = conn.execute(_CAPTURE, params).first()
     if row is not None:
-        outbound.note_balance(conn, org_id)
+        if row.low_balance_flips:
+            outbound.note_balance(conn, org_id)
         return _hold(row)
     existing = conn.execute(_HOLD_BY_REF, params).first()
     if existing is None:
@@ -840,7 +844,8 @@ def release(conn: Connection, org_id: str, reference: str) -> Hold:
     params = {"org_id": org_id, "reference": _reference(reference)}
     row = conn.execute(_RELEASE, params).first()
     if row is not None:
-        outbound.note_balance(conn, org_id)
+        if row.low_balance_flips:
+            outbound.note_balance(conn, org_id)
         return _hold(row)
     existing = conn.execute(_HOLD_BY_REF, params).first()
     if existing is None:

@@ -234,6 +234,18 @@ def test_low_balance_fires_once_per_crossing(engine):
     ]
 
 
+def test_a_release_or_a_capture_that_lifts_the_balance_rearms_the_low_balance_event(engine):
+    org = tx(engine, new_org, balance=500, low=500, billing="prepaid")
+    tx(engine, lambda c: wallet.hold(c, org, 1, "h1"))  # 499 available: below
+    tx(engine, lambda c: wallet.release(c, org, "h1"))  # 500: at the threshold again
+    tx(engine, lambda c: wallet.hold(c, org, 1, "h2"))  # 499: below again
+    tx(engine, lambda c: wallet.capture(c, org, "h2", 0))  # nothing charged: 500 again
+    tx(engine, lambda c: wallet.hold(c, org, 1, "h3"))  # 499: below again
+    tx(engine, lambda c: wallet.capture(c, org, "h3"))  # charged: still 499, no new event
+    lows = events_of(engine, "wallet.low_balance")
+    assert [e["data"]["available_cents"] for e in lows] == [499, 499, 499]
+
+
 def test_may_send_events_fire_only_when_the_answer_flips(engine):
     org = tx(engine, new_org, billing="prepaid")
     policy = sending.Policy()
