@@ -32,13 +32,13 @@ from typing import Any, TypedDict
 
 from sqlalchemy import Connection, Row
 
-from core import messages, outbound, sending, sql
+from core import messages, outbound, outbox, sending, sql
 from core.errors import RetryableConflict
 from core.messages import CAMPAIGN_PAUSED, Plan, hold_reference
 from core.providers.ports import SendOutcome, SendResult
 from core.sending import INSUFFICIENT_BALANCE
 
-SEND_BATCH_TASK = "payguard.send_batch"  # its one argument: the organization to drain
+SEND_BATCH_TASK = outbox.SEND_BATCH_TASK  # its one argument: the organization to drain
 
 
 @dataclass(frozen=True)
