@@ -310,6 +310,12 @@ def _mark(item: Pending, conn: Connection) -> None:
 
 _STILL_TO_SEND = (MessageStatus.QUEUED, MessageStatus.RETRYING)
 
+# Rows a relay run may prune for each row it may publish. Every message and webhook leaves a
+# row; the relay's claim reads all the published ones still kept, so they go once their work
+# is done and a redeliver window has passed (until 2026-12-01: after a day, 500 a run, which a
+# day of 250 rows a second outgrew; 200,000 kept rows cost each claim 72 ms).
+PRUNED_PER_ROW = 10
+
 _DRAIN_ALIVE = sql.statement(
     "outbox.drain_alive",
     """
@@ -330,8 +336,9 @@ def relay(
     redeliver_seconds: float,
 ) -> int:
     """Publish the rows nobody published, and again those whose work is still undone (see
-    `claim_for_relay`), in the caller's transaction; forget rows long done. A broker that
-    fails stops the walk, with the failure recorded on its row.
+    `claim_for_relay`), in the caller's transaction; forget rows whose work is done, once
+    published `redeliver_seconds` ago. A broker that fails stops the walk, with the failure
+    recorded on its row.
 
     Messages still to send (`queued` or `retrying`) are not given a single send task each:
     their organization gets one batch drain (core/send_batch.py), and none while a drain of
@@ -365,5 +372,5 @@ def relay(
             break
         published += ids
     mark_published(conn, published)
-    prune_published(conn, older_than_seconds=86400, limit=limit)
+    prune_published(conn, older_than_seconds=redeliver_seconds, limit=PRUNED_PER_ROW * limit)
     return len(published)

@@ -173,3 +173,23 @@ def test_a_send_past_its_lease_still_gets_its_own_task_to_settle_it(engine):
     _age_outbox(engine, 3600)
 
     assert _relay(engine) == [(messages.SEND_TASK, [message_id])]
+
+
+def _outbox_rows(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM outbox")).scalar_one()
+
+
+def test_the_relay_forgets_a_row_once_its_work_is_done_and_a_redeliver_window_has_passed(
+    engine,
+):
+    sent = _queued_message(engine)
+    _queued_message(engine)  # still waiting
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE messages SET status = 'accepted' WHERE message_id = :m"), {"m": sent}
+        )
+    _age_outbox(engine, 601)  # the window of _relay is 600 s
+
+    assert _relay(engine) == [(outbox.SEND_BATCH_TASK, ["acme"])]  # for the waiting one
+    assert _outbox_rows(engine) == 1  # the sent message's row is gone, the waiting one's kept
