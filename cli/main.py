@@ -43,6 +43,7 @@ from core import (
 from core.db import make_engine, run_in_transaction
 from core.errors import InvalidInput, PayguardError, Refused
 from core.settings import ConfigError, Settings, load_settings
+from core.statuses import MessageStatus
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -550,7 +551,7 @@ def message_send(ctx: Context, args: argparse.Namespace) -> Result:
         details={"message_id": message.message_id, "campaign_id": args.campaign_id,
                  "status": message.status},
     )  # fmt: skip
-    if message.status == "queued":  # a message refused at queue time has no send task
+    if message.status == MessageStatus.QUEUED:  # a message refused at queue time has no send task
         _publish_after_commit(ctx, messages.SEND_TASK, [message.message_id], None)
     return message.as_dict()
 

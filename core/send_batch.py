@@ -37,6 +37,7 @@ from core.errors import RetryableConflict
 from core.messages import CAMPAIGN_PAUSED, Plan, hold_reference
 from core.providers.ports import SendOutcome, SendResult
 from core.sending import INSUFFICIENT_BALANCE
+from core.statuses import MessageStatus
 
 SEND_BATCH_TASK = outbox.SEND_BATCH_TASK  # its one argument: the organization to drain
 
@@ -263,16 +264,16 @@ def claim(conn: Connection, org_id: str, limit: int, policy: sending.Policy, own
     send: list[Row[Any]] = []
     for row in rows:
         reasons = list(org_reasons)
-        if row.status == "queued" and available < row.price_cents:
+        if row.status == MessageStatus.QUEUED and available < row.price_cents:
             reasons.append(INSUFFICIENT_BALANCE)
         if row.campaign_id in paused:
             reasons.append(CAMPAIGN_PAUSED)
         if reasons:
-            if row.status == "retrying" and row.price_cents > 0:
+            if row.status == MessageStatus.RETRYING and row.price_cents > 0:
                 to_release.append(hold_reference(row.message_id))
             marks.append({"m": row.message_id, "s": "blocked", "r": reasons, "a": None, "t": 0})
             continue
-        if row.status == "queued" and row.price_cents > 0:
+        if row.status == MessageStatus.QUEUED and row.price_cents > 0:
             available -= row.price_cents
             to_hold.append({"r": hold_reference(row.message_id), "a": row.price_cents})
         marks.append({"m": row.message_id, "s": "sending", "r": None, "a": owner, "t": 1})

@@ -31,6 +31,7 @@ from celery import Task
 
 from core import messages, orgs, send_batch
 from core.db import run_in_transaction
+from core.statuses import MessageStatus
 from worker import metrics, runtime
 from worker.celery_app import app
 from worker.tasks import RECORD_RESULT_MAX_TRIES, backoff
@@ -112,7 +113,7 @@ def send_org_batch(
         results = _send_all(claim.plans, claimed_at + policy.send_lease.total_seconds())
         statuses = _record(self, org_id, results, 0, claim.send_tries)
         sent = len(results)
-        if any(status == "retrying" for status in statuses.values()):
+        if any(status == MessageStatus.RETRYING for status in statuses.values()):
             come_back = max(come_back, backoff(self.request.retries))
         break
     else:
@@ -261,7 +262,10 @@ def _record(
     def unit(conn) -> dict[str, str]:
         statuses = send_batch.record(conn, org_id, answers, policy)
         for message_id, status in statuses.items():
-            if status == "retrying" and send_tries.get(message_id, 0) > s.TASK_MAX_RETRIES:
+            if (
+                status == MessageStatus.RETRYING
+                and send_tries.get(message_id, 0) > s.TASK_MAX_RETRIES
+            ):
                 result: Any = next(a.result for a in answers if a.message_id == message_id)
                 messages.give_up(
                     conn, message_id, policy, f"Twilio unreachable: {result.error_message}"
@@ -294,7 +298,7 @@ def _record(
         extra={
             "org_id": org_id,
             "messages": len(answers),
-            "accepted": sum(1 for v in statuses.values() if v == "accepted"),
+            "accepted": sum(1 for v in statuses.values() if v == MessageStatus.ACCEPTED),
         },
     )
     return statuses

@@ -12,6 +12,7 @@ from core import handlers, inbox
 from core.db import run_in_transaction
 from core.errors import NotYetApplicable, ParkEvent, RetryableConflict, TransientError
 from core.providers.twilio import accounts as twilio_accounts
+from core.statuses import MessageStatus
 from worker import metrics, runtime
 from worker.celery_app import app
 
@@ -143,7 +144,8 @@ def send_message(
     engine, policy, s = runtime.engine(), runtime.policy(), runtime.settings()
     if answer is not None:
         status = _record(self, message_id, SendResult.from_dict(answer), record_tries)
-        if status == "retrying":  # the answer was "nothing reached Twilio": send again later
+        # the answer was "nothing reached Twilio": send again later
+        if status == MessageStatus.RETRYING:
             raise self.retry(args=[message_id], kwargs={}, countdown=backoff(self.request.retries))
         return status
     plan = run_in_transaction(engine, lambda c: messages.prepare(c, message_id, policy))
@@ -171,7 +173,7 @@ def send_message(
         except ValueError as exc:  # refused before any request was made
             result = SendResult(SendOutcome.REJECTED, error_message=str(exc))
     status = _record(self, message_id, result, 0)
-    if status == "retrying":
+    if status == MessageStatus.RETRYING:
         if self.request.retries < s.TASK_MAX_RETRIES:
             raise self.retry(countdown=backoff(self.request.retries))
         run_in_transaction(
