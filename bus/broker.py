@@ -35,6 +35,8 @@ ROUTES = {
     "payguard.send_batch": "payguard.send",
     "payguard.sync_twilio_account": "payguard.twilio",
     "payguard.deliver_event": "payguard.outbound",
+    # Money from a provider, as the events are (until 2026-12-01 it fell to the beat queue).
+    "payguard.capture_top_up": "payguard.events",
 }
 
 

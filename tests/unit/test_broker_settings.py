@@ -3,6 +3,11 @@ tests/integration/test_rabbitmq_broker.py runs them against a real one)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from bus import broker
@@ -50,3 +55,27 @@ def test_prepared_statements_can_be_turned_off_for_pgbouncer():
         is None
     )
     assert Settings(_env_file=None, DATABASE_PREPARE_THRESHOLD="0").DATABASE_PREPARE_THRESHOLD == 0
+
+
+def test_every_task_the_worker_runs_has_its_queue_in_the_one_table_of_routes():
+    # In a process of its own: the worker's Celery app reads its settings when imported.
+    listing = """
+import json
+import worker.beat_jobs, worker.outbound_tasks, worker.send_tasks, worker.tasks
+from worker.celery_app import app
+print(json.dumps(sorted(n for n in app.tasks if n.startswith("payguard."))))
+"""
+    env = {
+        **os.environ,
+        "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+    }
+    env.pop("BROKER_URL", None)
+    out = subprocess.run(
+        [sys.executable, "-c", listing], env=env, capture_output=True, text=True, check=True
+    )
+    tasks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "payguard.capture_top_up" in tasks
+    # beat's jobs go to payguard.beat by their name; every other task is in broker.ROUTES,
+    # which the publishers (bus/publisher.py) route by too.
+    assert [t for t in tasks if not t.startswith("payguard.beat.") and t not in broker.ROUTES] == []
