@@ -10,7 +10,9 @@ so a statement naming a missing column fails a test rather than a request.
 
 from __future__ import annotations
 
-from sqlalchemy import TextClause, text
+import re
+
+from sqlalchemy import TextClause, TextualSelect, text
 
 _STATEMENTS: dict[str, TextClause] = {}
 
@@ -31,3 +33,16 @@ def statement(name: str, sql: str) -> TextClause:
 def statements() -> dict[str, TextClause]:
     """Every statement registered so far, by name (import the modules first)."""
     return dict(_STATEMENTS)
+
+
+# A bind is a colon and a word, not part of a cast (`::bigint`) or of a longer word.
+_BIND = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def for_driver(clause: TextClause | TextualSelect) -> str:
+    """A registered statement's SQL with psycopg's placeholders (`%(org_id)s` for `:org_id`),
+    for the hot statements core runs on the driver connection itself (core/db.py::one_on_driver):
+    the same text, so the EXPLAIN of the registered statement covers it."""
+    element = clause.element if isinstance(clause, TextualSelect) else clause
+    assert isinstance(element, TextClause)
+    return _BIND.sub(r"%(\1)s", element.text.replace("%", "%%"))

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
-from sqlalchemy import ColumnClause, Connection, Executable, Row, column
+from sqlalchemy import ColumnClause, Connection, Row, TextualSelect, column
 
-from core import outbound, sql
+from core import db, outbound, sql
 from core.errors import Conflict, InvalidInput, NotFound, Refused, RetryableConflict
 from core.statuses import HoldStatus
 
@@ -542,16 +542,20 @@ def _existing_entry(
     return _entry(row, duplicate=True)
 
 
+# The money statements as the driver runs them (db.one_on_driver): the same text as registered.
+_ON_DRIVER = {stmt: sql.for_driver(stmt) for stmt in (_CREDIT, _DEBIT, _CLAWBACK)}
+
+
 def _apply(
     conn: Connection,
-    stmt: Executable,
+    stmt: TextualSelect,
     params: dict[str, Any],
     kinds: tuple[str, ...],
     *,
     takes: bool,
 ) -> tuple[Entry | None, str | None]:
     """Run a guarded money statement; return (row, None) or (None, why-nothing-moved)."""
-    row = conn.execute(stmt, params).one()
+    row = db.one_on_driver(conn, _ON_DRIVER[stmt], params)
     if row.id is not None:
         if row.low_balance_flips:
             outbound.note_balance(conn, row.org_id)

@@ -1,10 +1,13 @@
 """core.db.driver_autocommit: a pooled connection lent as psycopg's own, in autocommit, for
-one hot read. It must go back to the pool exactly as it came, and a broken one must not."""
+one hot read. It must go back to the pool exactly as it came, and a broken one must not.
+core.db.one_on_driver: a statement run on the transaction's psycopg connection itself, whose
+errors must reach callers and run_in_transaction exactly as SQLAlchemy's would."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from core import db
@@ -72,3 +75,63 @@ def test_a_lock_is_refused_to_another_transaction_until_the_one_holding_it_ends(
         first.rollback()
         assert db.try_lock(second, "payguard.test.lock") is True
         second.rollback()
+
+
+# --- one_on_driver --------------------------------------------------------------------------
+
+_FAIL = """
+CREATE FUNCTION pg_temp.fail(code text) RETURNS int LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'forced' USING ERRCODE = code; END $$
+"""
+
+
+def test_a_row_on_the_driver_is_read_by_column_name_inside_the_units_transaction(engine):
+    def unit(conn):
+        conn.execute(text("CREATE TEMP TABLE t (n int) ON COMMIT DROP"))
+        conn.execute(text("INSERT INTO t VALUES (41)"))
+        row = db.one_on_driver(conn, "SELECT n + %(one)s AS answer FROM t", {"one": 1})
+        none = db.one_on_driver(conn, "SELECT n FROM t WHERE n < 0", {})
+        return row.answer, none
+
+    assert db.run_in_transaction(engine, unit) == (42, None)
+
+
+def test_a_deadlock_on_the_driver_is_retried_as_sqlalchemys_own_would_be(engine):
+    attempts = []
+
+    def unit(conn):
+        attempts.append(1)
+        conn.execute(text(_FAIL))
+        code = "40P01" if len(attempts) < 3 else "00000"
+        if code == "00000":
+            return "done"
+        return db.one_on_driver(conn, "SELECT pg_temp.fail(%(code)s)", {"code": code})
+
+    assert db.run_in_transaction(engine, unit) == "done"
+    assert len(attempts) == 3
+
+
+def test_other_errors_on_the_driver_are_sqlalchemys_and_not_retried(engine):
+    attempts = []
+
+    def unit(conn):
+        attempts.append(1)
+        conn.execute(text(_FAIL))
+        return db.one_on_driver(conn, "SELECT pg_temp.fail('23505')", {})
+
+    with pytest.raises(sa_exc.IntegrityError) as caught:
+        db.run_in_transaction(engine, unit)
+    assert caught.value.orig.sqlstate == "23505"
+    assert len(attempts) == 1
+
+
+def test_a_connection_that_broke_on_the_driver_is_not_given_out_again(engine):
+    def unit(conn):
+        return db.one_on_driver(conn, "SELECT pg_terminate_backend(pg_backend_pid())", {})
+
+    with pytest.raises(sa_exc.OperationalError) as caught:
+        db.run_in_transaction(engine, unit, attempts=1)
+    assert caught.value.connection_invalidated
+    assert (
+        db.run_in_transaction(engine, lambda c: db.one_on_driver(c, "SELECT 1 AS one", {})).one == 1
+    )

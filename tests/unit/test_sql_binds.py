@@ -42,3 +42,19 @@ def test_literal_parameters_name_exactly_the_statements_binds():
     calls = list(_literal_calls())
     assert len(calls) > 100
     assert [(where, keys, binds) for where, keys, binds in calls if keys != binds] == []
+
+
+def test_a_statement_for_the_driver_has_psycopgs_placeholders_for_exactly_its_binds():
+    import re
+
+    from sqlalchemy import text
+
+    from core import sql, wallet
+
+    for statement in (wallet._CREDIT, wallet._DEBIT, wallet._CLAWBACK):
+        on_driver = sql.for_driver(statement)
+        named = set(statement.element._bindparams)  # what SQLAlchemy binds
+        assert set(re.findall(r"%\((\w+)\)s", on_driver)) == named
+        assert not re.search(r"(?<![:\w]):\w", on_driver)  # no bind left in SQLAlchemy's form
+    cast = text("SELECT CAST(:n AS int)::bigint, '100%'")
+    assert sql.for_driver(cast) == "SELECT CAST(%(n)s AS int)::bigint, '100%%'"
