@@ -110,6 +110,8 @@ def one_on_driver(conn: Connection, statement: str, params: Mapping[str, Any]) -
     as SQLAlchemy raises them (a DBAPIError subclass with the driver's error as `orig`, a
     connection that broke invalidated), so callers and run_in_transaction's retries see the
     same thing either way."""
+    if not conn.in_transaction():
+        conn.begin()  # as SQLAlchemy's own execute would: its commit then ends this work too
     fairy = conn.connection
     driver = fairy.driver_connection
     assert isinstance(driver, psycopg.Connection)

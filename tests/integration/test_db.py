@@ -135,3 +135,17 @@ def test_a_connection_that_broke_on_the_driver_is_not_given_out_again(engine):
     assert (
         db.run_in_transaction(engine, lambda c: db.one_on_driver(c, "SELECT 1 AS one", {})).one == 1
     )
+
+
+def test_a_debit_on_the_driver_is_committed_by_a_connection_used_without_begin(engine):
+    from core import orgs, wallet
+
+    with engine.connect() as conn:  # autobegin, as a caller of core may hold it
+        orgs.create(conn, "driver-org", billing="prepaid")
+        conn.commit()
+        wallet.credit(conn, "driver-org", 250, "driver-credit")
+        conn.commit()
+        wallet.debit(conn, "driver-org", 50, "driver-debit")  # its one statement, on the driver
+        conn.commit()
+    with engine.connect() as conn:
+        assert wallet.show(conn, "driver-org").balance_cents == 200
