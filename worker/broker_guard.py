@@ -39,4 +39,30 @@ def install() -> None:
             )
 
     kombu_redis.Channel.close = close  # type: ignore[method-assign]
+
+    # The same failure one step later: a task that finished while Redis was away is acked
+    # (or rejected) after the reconnect through its old channel, whose connection is gone,
+    # and the worker died with the same AttributeError (seen in bench/soak.py, 2026-12-01).
+    # Its message stays in Redis's unacked set and is delivered again after the visibility
+    # timeout; every task is idempotent, and finds its work done.
+    for name in ("ack", "reject"):
+        setattr(kombu_redis.QoS, name, _unless_gone(getattr(kombu_redis.QoS, name)))
     _installed = True
+
+
+def _unless_gone(settle):  # kombu ships no types
+    def guarded(self, delivery_tag, *args, **kwargs):
+        try:
+            return settle(self, delivery_tag, *args, **kwargs)
+        except AttributeError as exc:
+            transport = self.channel.connection
+            if transport is not None and transport.client is not None:
+                raise
+            log.warning(
+                "broker connection gone before the task's message was settled; it is "
+                "delivered again after the visibility timeout",
+                extra={"delivery_tag": delivery_tag, "error": str(exc)},
+            )
+            return None
+
+    return guarded
