@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import pstats
-import re
 import secrets
 import statistics
 import sys
@@ -44,14 +43,15 @@ from psycopg import sql  # noqa: E402
 import migrations  # noqa: E402
 from core import messages, orgs, send_batch, wallet  # noqa: E402
 from core.db import make_engine, run_in_transaction  # noqa: E402
+from core.sql import for_driver  # noqa: E402
 from devtools.devstack import database_url as url_for  # noqa: E402
 
 SPREAD = 1_000
 BATCH_ORG = "batch-hot"
 START_BALANCE = 10**12
 
-# The statement wallet.debit executes, with psycopg's placeholders instead of SQLAlchemy's.
-RAW_DEBIT = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", wallet._DEBIT.element.text)
+# The very text wallet.debit sends, with psycopg's placeholders (core/db.py::one_on_driver).
+RAW_DEBIT = for_driver(wallet._DEBIT)
 
 
 def org_ids(layout: str) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import TextClause, TextualSelect, text
+from sqlalchemy import TextClause, text
 
 _STATEMENTS: dict[str, TextClause] = {}
 
@@ -39,10 +39,8 @@ def statements() -> dict[str, TextClause]:
 _BIND = re.compile(r"(?<![:\w]):(\w+)")
 
 
-def for_driver(clause: TextClause | TextualSelect) -> str:
+def for_driver(clause: TextClause) -> str:
     """A registered statement's SQL with psycopg's placeholders (`%(org_id)s` for `:org_id`),
     for the hot statements core runs on the driver connection itself (core/db.py::one_on_driver):
     the same text, so the EXPLAIN of the registered statement covers it."""
-    element = clause.element if isinstance(clause, TextualSelect) else clause
-    assert isinstance(element, TextClause)
-    return _BIND.sub(r"%(\1)s", element.text.replace("%", "%%"))
+    return _BIND.sub(r"%(\1)s", clause.text.replace("%", "%%"))

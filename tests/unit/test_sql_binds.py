@@ -53,7 +53,7 @@ def test_a_statement_for_the_driver_has_psycopgs_placeholders_for_exactly_its_bi
 
     for statement in (wallet._CREDIT, wallet._DEBIT, wallet._CLAWBACK):
         on_driver = sql.for_driver(statement)
-        named = set(statement.element._bindparams)  # what SQLAlchemy binds
+        named = set(statement._bindparams)  # what SQLAlchemy binds
         assert set(re.findall(r"%\((\w+)\)s", on_driver)) == named
         assert not re.search(r"(?<![:\w]):\w", on_driver)  # no bind left in SQLAlchemy's form
     cast = text("SELECT CAST(:n AS int)::bigint, '100%'")
