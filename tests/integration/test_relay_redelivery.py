@@ -115,14 +115,7 @@ def test_pending_work_is_never_pruned(engine):
 
 def test_a_send_whose_lease_ended_is_published_again_to_be_settled(engine):
     message_id = _queued_message(engine)
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "UPDATE messages SET status = 'sending', "
-                "send_lease_until = now() - interval '1 minute' WHERE message_id = :m"
-            ),
-            {"m": message_id},
-        )
+    _set_sending(engine, message_id, "-1 minute")
     _age_outbox(engine, 3600)
 
     assert _claim(engine) == [(messages.SEND_TASK, [message_id])]
@@ -130,14 +123,7 @@ def test_a_send_whose_lease_ended_is_published_again_to_be_settled(engine):
 
 def test_a_send_under_a_live_lease_is_left_to_its_owner(engine):
     message_id = _queued_message(engine)
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "UPDATE messages SET status = 'sending', "
-                "send_lease_until = now() + interval '1 minute' WHERE message_id = :m"
-            ),
-            {"m": message_id},
-        )
+    _set_sending(engine, message_id, "1 minute")
     _age_outbox(engine, 3600)
 
     assert _claim(engine) == []
