@@ -91,9 +91,12 @@ class Decision:
         }
 
 
-# psycopg's own placeholder style: the same text runs through SQLAlchemy (exec_driver_sql, in
-# whatever transaction the caller holds) and on the driver's connection (decide_on_driver).
-_STATE = """
+# Run with psycopg's placeholders (_STATE_ON_DRIVER): through SQLAlchemy's exec_driver_sql, in
+# whatever transaction the caller holds, and on the driver's connection (decide_on_driver); the
+# EXPLAIN of the registered statement covers that very text.
+_STATE = sql.statement(
+    "sending.state",
+    """
 SELECT o.org_id, o.billing, o.segment_price_cents, o.twilio_desired_status, o.twilio_status,
        w.balance_cents - w.held_cents AS available, w.active_freezes,
        (SELECT coalesce(array_agg(f.reason ORDER BY f.id), '{}') FROM wallet_freezes f
@@ -103,11 +106,10 @@ SELECT o.org_id, o.billing, o.segment_price_cents, o.twilio_desired_status, o.tw
                                  ORDER BY s.status_since DESC), '[]')
           FROM subscriptions s WHERE s.org_id = o.org_id AND s.status <> 'unknown') AS subs
 FROM organizations o JOIN wallets w ON w.org_id = o.org_id
-WHERE o.org_id = %(org)s
-"""
-# Never run: _STATE in the house style, registered so that the EXPLAIN test
-# (tests/integration/test_sql_statements.py) plans the very text decide() runs.
-_STATE_NAMED = sql.statement("sending.state", _STATE.replace("%(org)s", ":org_id"))
+WHERE o.org_id = :org_id
+""",
+)
+_STATE_ON_DRIVER = sql.for_driver(_STATE)
 
 
 def _parse_ts(value: str) -> datetime:
@@ -124,7 +126,7 @@ def decide(
     now: datetime | None = None,
 ) -> Decision:
     """Every reason that applies; `needed_cents` defaults to the price of one segment."""
-    row = conn.exec_driver_sql(_STATE, {"org": org_id}).first()
+    row = conn.exec_driver_sql(_STATE_ON_DRIVER, {"org_id": org_id}).first()
     state = row._mapping if row is not None else None
     return _decision(org_id, state, policy, needed_cents, now)
 
@@ -134,7 +136,7 @@ def decide_on_driver(driver_conn: psycopg.Connection, org_id: str, policy: Polic
     the same rules, without SQLAlchemy's work around a statement, which is most of a hot
     read's CPU. For a read alone, e.g. `/v1`'s can-send; a send decides inside its transaction."""
     with driver_conn.cursor(row_factory=dict_row) as cur:
-        state = cur.execute(_STATE, {"org": org_id}).fetchone()
+        state = cur.execute(_STATE_ON_DRIVER, {"org_id": org_id}).fetchone()
     return _decision(org_id, state, policy, None, None)
 
 
